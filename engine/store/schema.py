@@ -1,0 +1,111 @@
+"""All DDL of the RankScope cache database, as numbered, append-only migrations.
+
+`SCHEMA_VERSION` is the newest version this code understands. A database is brought up to it by
+applying the missing migrations in order; a database whose version is higher was written by a newer
+RankScope and is refused (see `Store`). Never edit a released migration: append a new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "models, texts, arrays, calibrations, spectra, evaluations",
+        (
+            """CREATE TABLE schema_meta (
+                key VARCHAR PRIMARY KEY,
+                value VARCHAR NOT NULL
+            )""",
+            # Memo of file content hashes, so large weight files are hashed once.
+            """CREATE TABLE file_hashes (
+                path VARCHAR PRIMARY KEY,
+                size BIGINT NOT NULL,
+                mtime_ns BIGINT NOT NULL,
+                sha256 VARCHAR NOT NULL
+            )""",
+            """CREATE TABLE models (
+                fingerprint VARCHAR PRIMARY KEY,
+                model_id VARCHAR NOT NULL,
+                model_type VARCHAR NOT NULL,
+                path VARCHAR NOT NULL,
+                n_layers INTEGER NOT NULL,
+                config_json VARCHAR NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+            )""",
+            """CREATE TABLE texts (
+                fingerprint VARCHAR PRIMARY KEY,
+                name VARCHAR NOT NULL,
+                source VARCHAR NOT NULL,
+                n_chars BIGINT NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+            )""",
+            # Large arrays live in safetensors files under cache/arrays; this is their index.
+            """CREATE TABLE arrays (
+                array_id VARCHAR PRIMARY KEY,
+                kind VARCHAR NOT NULL,
+                relpath VARCHAR NOT NULL,
+                n_bytes BIGINT NOT NULL,
+                sha256 VARCHAR NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+            )""",
+            """CREATE TABLE calibrations (
+                calibration_id VARCHAR PRIMARY KEY,
+                model_fingerprint VARCHAR NOT NULL,
+                text_fingerprint VARCHAR NOT NULL,
+                window_len INTEGER NOT NULL,
+                n_windows INTEGER NOT NULL,
+                n_groups INTEGER NOT NULL,
+                add_bos BOOLEAN NOT NULL,
+                n_tokens BIGINT NOT NULL,
+                array_id VARCHAR NOT NULL,
+                seconds DOUBLE NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+            )""",
+            """CREATE TABLE weight_spectra (
+                model_fingerprint VARCHAR NOT NULL,
+                layer INTEGER NOT NULL,
+                linear_type VARCHAR NOT NULL,
+                d_out INTEGER NOT NULL,
+                d_in INTEGER NOT NULL,
+                singular_values DOUBLE[] NOT NULL,
+                PRIMARY KEY (model_fingerprint, layer, linear_type)
+            )""",
+            """CREATE TABLE feature_spectra (
+                calibration_id VARCHAR NOT NULL,
+                covariance VARCHAR NOT NULL,
+                layer INTEGER NOT NULL,
+                linear_type VARCHAR NOT NULL,
+                d_out INTEGER NOT NULL,
+                d_in INTEGER NOT NULL,
+                eigenvalues DOUBLE[] NOT NULL,
+                PRIMARY KEY (calibration_id, covariance, layer, linear_type)
+            )""",
+            """CREATE TABLE evaluations (
+                evaluation_id VARCHAR PRIMARY KEY,
+                model_fingerprint VARCHAR NOT NULL,
+                text_fingerprint VARCHAR NOT NULL,
+                window_len INTEGER NOT NULL,
+                n_windows INTEGER NOT NULL,
+                add_bos BOOLEAN NOT NULL,
+                perplexity DOUBLE NOT NULL,
+                mean_nll DOUBLE NOT NULL,
+                n_tokens BIGINT NOT NULL,
+                window_nll DOUBLE[] NOT NULL,
+                seconds DOUBLE NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+            )""",
+        ),
+    ),
+)
+
+SCHEMA_VERSION: int = MIGRATIONS[-1].version

@@ -1,0 +1,1 @@
+"""Texts: the corpus interface (built on `datasets`) and fixed-length token windows."""
