@@ -26,9 +26,6 @@ from engine.errors import CorpusError
 from engine.models.adapters import SITES, ArchitectureAdapter
 from engine.progress import ProgressCallback, ProgressTracker
 
-STATISTICS_VERSION = 1  # bump when the definition of a stored statistic changes
-
-
 @dataclass(frozen=True)
 class SiteStatistics:
     """Statistics of one input site; all tensors float64."""

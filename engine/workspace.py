@@ -12,38 +12,20 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from engine.calibration import STATISTICS_VERSION, CalibrationStatistics, collect_statistics
-from engine.hashing import sha256_json
+from engine.cache_keys import Spectra, calibration_key, evaluation_key
+from engine.calibration import CalibrationStatistics, collect_statistics
 from engine.metrics import evaluate_perplexity
 from engine.models.loading import LoadedModel
 from engine.progress import ProgressCallback
 from engine.spectra import compute_feature_spectra, compute_weight_spectra
 from engine.store.arrays import load_arrays, save_arrays
-from engine.store.duckdb_store import CalibrationRecord, EvaluationRecord, SpectrumRow, Store
+from engine.store.duckdb_store import CalibrationRecord, EvaluationRecord, Store
 from engine.texts.corpus import load_corpus, text_fingerprint
 from engine.texts.windows import Windowing, make_windows, tokenizer_adds_bos
 
 DEFAULT_CALIBRATION_WINDOWING = Windowing(window_len=512, n_windows=128)
 DEFAULT_EVALUATION_WINDOWING = Windowing(window_len=512, n_windows=16)  # the first 8,192 tokens
 DEFAULT_GROUPS = 32
-
-
-def calibration_key(model_fingerprint: str, text_fp: str, windowing: Windowing, n_groups: int) -> str:
-    """Cache key of a calibration. The model fingerprint covers the tokenizer, hence BOS handling."""
-    return sha256_json(
-        ["calibration", STATISTICS_VERSION, model_fingerprint, text_fp, windowing.window_len, windowing.n_windows, n_groups]
-    )[:32]
-
-
-def evaluation_key(model_fingerprint: str, text_fp: str, windowing: Windowing) -> str:
-    return sha256_json(["evaluation", model_fingerprint, text_fp, windowing.window_len, windowing.n_windows])[:32]
-
-
-def find_calibration(
-    store: Store, model_fingerprint: str, text_source: str, windowing: Windowing, n_groups: int
-) -> Optional[CalibrationRecord]:
-    """The stored calibration for these settings, without loading the model or the text."""
-    return store.get_calibration(calibration_key(model_fingerprint, text_fingerprint(text_source), windowing, n_groups))
 
 
 @dataclass(frozen=True)
@@ -92,23 +74,6 @@ def ensure_calibration(
     return Calibration(record, statistics, False)
 
 
-@dataclass(frozen=True)
-class Spectra:
-    weight: list[SpectrumRow]
-    feature: list[SpectrumRow]
-    covariance: str
-    calibration_id: str
-
-
-def stored_spectra(store: Store, model_fingerprint: str, calibration_id: str, covariance: str = "pooled") -> Optional[Spectra]:
-    """Spectra already in the store, or None if either kind is missing."""
-    weight = store.get_weight_spectra(model_fingerprint)
-    feature = store.get_feature_spectra(calibration_id, covariance)
-    if not weight or not feature:
-        return None
-    return Spectra(weight, feature, covariance, calibration_id)
-
-
 def ensure_spectra(
     store: Store,
     loaded: LoadedModel,
@@ -127,12 +92,6 @@ def ensure_spectra(
         feature = compute_feature_spectra(loaded.linears(), calibration.statistics, covariance, progress)
         store.put_feature_spectra(cid, covariance, feature)
     return Spectra(weight, feature, covariance, cid)
-
-
-def find_baseline_evaluation(
-    store: Store, model_fingerprint: str, text_source: str, windowing: Windowing
-) -> Optional[EvaluationRecord]:
-    return store.get_evaluation(evaluation_key(model_fingerprint, text_fingerprint(text_source), windowing))
 
 
 def ensure_baseline_evaluation(

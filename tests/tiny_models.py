@@ -28,7 +28,7 @@ def _config(family: str):
 
     common = dict(
         vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
     if family == "llama":
@@ -38,7 +38,7 @@ def _config(family: str):
     if family == "gemma3":
         return Gemma3TextConfig(**common, head_dim=8, sliding_window=64)
     if family == "gpt2":
-        return GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)
+        return GPT2Config(vocab_size=VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=1024, bos_token_id=1, eos_token_id=2)
     raise ValueError(family)
 
 

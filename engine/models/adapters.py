@@ -12,11 +12,12 @@ else raises `UnsupportedArchitectureError` naming the type and the supported lis
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
-
-from torch import nn
+from typing import TYPE_CHECKING, Iterator
 
 from engine.errors import UnsupportedArchitectureError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 LINEAR_TYPES: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
 SITES: tuple[str, ...] = ("attn_in", "o_in", "mlp_in", "down_in")

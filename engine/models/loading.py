@@ -15,9 +15,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
-
-import torch
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from engine import __version__
 from engine.errors import ModelNotFoundError
@@ -27,6 +25,9 @@ from engine.models.registry import REGISTRY
 from engine.paths import cache_subdir
 from engine.progress import ProgressCallback, ProgressTracker
 from engine.store.duckdb_store import Store
+
+if TYPE_CHECKING:
+    import torch
 
 SIDECAR = "rankscope_model.json"
 _FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -39,7 +40,7 @@ class LoadedModel:
     model_id: str
     fingerprint: str
     path: Path
-    model: torch.nn.Module
+    model: "torch.nn.Module"
     tokenizer: object
     adapter: ArchitectureAdapter
 
@@ -103,6 +104,7 @@ def load_model(
 
     Example: `load_model("smollm2-135m", open_store()).num_layers == 30`.
     """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     location = locate_model(reference, store, progress)
@@ -130,6 +132,7 @@ def _converted_gguf(gguf: Path, target: Path, progress: Optional[ProgressCallbac
     if sidecar and sidecar.get("source_size") == stat.st_size and sidecar.get("source") == str(gguf.resolve()):
         return target, sidecar["fingerprint"]
     tracker = ProgressTracker(progress, f"converting {gguf.name}", total=3, unit="steps")
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()

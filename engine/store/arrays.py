@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.hashing import sha256_file
@@ -35,6 +36,14 @@ def save_arrays(
 
 def load_arrays(store: Store, array_id: str, verify: bool = False) -> Optional[dict[str, torch.Tensor]]:
     """The tensors saved under `array_id`, or None when they are not (or no longer) cached."""
+    loaded = load_arrays_with_metadata(store, array_id, verify)
+    return None if loaded is None else loaded[0]
+
+
+def load_arrays_with_metadata(
+    store: Store, array_id: str, verify: bool = False
+) -> Optional[tuple[dict[str, torch.Tensor], dict[str, str]]]:
+    """(tensors, metadata) saved under `array_id`, or None when they are not (or no longer) cached."""
     entry = store.array_entry(array_id)
     if entry is None:
         return None
@@ -45,5 +54,11 @@ def load_arrays(store: Store, array_id: str, verify: bool = False) -> Optional[d
     if verify and sha256_file(path) != entry["sha256"]:
         store.forget_array(array_id)
         return None
-    return load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError):  # damaged in place: recompute rather than fail
+        store.forget_array(array_id)
+        return None
 

@@ -50,6 +50,42 @@ class EvaluationRecord:
 
 
 @dataclass(frozen=True)
+class FactorizationRecord:
+    factorization_id: str
+    model_fingerprint: str
+    method: str
+    calibration_id: str
+    array_id: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ReferenceRecord:
+    reference_id: str
+    model_fingerprint: str
+    text_fingerprint: str
+    window_len: int
+    n_windows: int
+    top_k: int
+    array_id: str
+    perplexity: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class SensitivityPoint:
+    sweep_id: str
+    linear_type: str
+    layer: int  # -1: every layer
+    ratio: float
+    decoder_params: int
+    perplexity: float
+    kl_forward: float
+    kl_reverse: float
+    seconds: float
+
+
+@dataclass(frozen=True)
 class SpectrumRow:
     """Spectrum of one decoder linear: singular values of W, or eigenvalues of W·C·Wᵀ (descending)."""
 
@@ -58,6 +94,11 @@ class SpectrumRow:
     d_out: int
     d_in: int
     values: list[float]
+
+
+# Rows come back in the canonical order q, k, v, o, gate, up, down (as `adapter.linears()` yields
+# them), not alphabetically, so a cached answer lists matrices exactly as a fresh one does.
+_CANONICAL_TYPE_ORDER = "list_position(['q', 'k', 'v', 'o', 'gate', 'up', 'down'], linear_type)"
 
 
 class Store:
@@ -230,7 +271,7 @@ class Store:
     def get_weight_spectra(self, model_fingerprint: str) -> list[SpectrumRow]:
         rows = self._fetchall(
             "SELECT layer, linear_type, d_out, d_in, singular_values FROM weight_spectra "
-            "WHERE model_fingerprint = ? ORDER BY layer, linear_type",
+            f"WHERE model_fingerprint = ? ORDER BY layer, {_CANONICAL_TYPE_ORDER}",
             [model_fingerprint],
         )
         return [SpectrumRow(*row) for row in rows]
@@ -251,7 +292,7 @@ class Store:
     def get_feature_spectra(self, calibration_id: str, covariance: str) -> list[SpectrumRow]:
         rows = self._fetchall(
             "SELECT layer, linear_type, d_out, d_in, eigenvalues FROM feature_spectra "
-            "WHERE calibration_id = ? AND covariance = ? ORDER BY layer, linear_type",
+            f"WHERE calibration_id = ? AND covariance = ? ORDER BY layer, {_CANONICAL_TYPE_ORDER}",
             [calibration_id, covariance],
         )
         return [SpectrumRow(*row) for row in rows]
@@ -262,6 +303,44 @@ class Store:
 
     def get_evaluation(self, evaluation_id: str) -> Optional[EvaluationRecord]:
         return self._get("evaluations", EvaluationRecord, "evaluation_id", evaluation_id)
+
+    # -- factorisations and reference distributions ----------------------------------------------------
+    def put_factorization(self, record: FactorizationRecord) -> None:
+        self._upsert("factorizations", record)
+
+    def get_factorization(self, factorization_id: str) -> Optional[FactorizationRecord]:
+        return self._get("factorizations", FactorizationRecord, "factorization_id", factorization_id)
+
+    def forget_factorization(self, factorization_id: str) -> None:
+        self._execute("DELETE FROM factorizations WHERE factorization_id = ?", [factorization_id])
+
+    def put_reference(self, record: ReferenceRecord) -> None:
+        self._upsert("reference_distributions", record)
+
+    def get_reference(self, reference_id: str) -> Optional[ReferenceRecord]:
+        return self._get("reference_distributions", ReferenceRecord, "reference_id", reference_id)
+
+    def forget_reference(self, reference_id: str) -> None:
+        self._execute("DELETE FROM reference_distributions WHERE reference_id = ?", [reference_id])
+
+    # -- sensitivity sweeps --------------------------------------------------------------------------------
+    def register_sweep(self, sweep_id: str, model_fingerprint: str, method: str, factorization_id: str,
+                       reference_id: str, settings: dict) -> None:
+        self._execute(
+            "INSERT OR IGNORE INTO sweeps (sweep_id, model_fingerprint, method, factorization_id, reference_id, "
+            "settings_json) VALUES (?, ?, ?, ?, ?, ?)",
+            [sweep_id, model_fingerprint, method, factorization_id, reference_id, json.dumps(settings, sort_keys=True)],
+        )
+
+    def put_sensitivity_point(self, point: SensitivityPoint) -> None:
+        self._upsert("sensitivity_points", point)
+
+    def sensitivity_points(self, sweep_id: str) -> list[SensitivityPoint]:
+        names = ", ".join(f.name for f in fields(SensitivityPoint))
+        rows = self._fetchall(
+            f"SELECT {names} FROM sensitivity_points WHERE sweep_id = ? ORDER BY linear_type, layer, ratio", [sweep_id]
+        )
+        return [SensitivityPoint(*row) for row in rows]
 
 
 _OPEN_STORES: dict[Path, Store] = {}

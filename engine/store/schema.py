@@ -106,6 +106,58 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        2,
+        "factorisations, reference distributions, sensitivity points",
+        (
+            # calibration_id is '' for data-free methods
+            """CREATE TABLE factorizations (
+                factorization_id VARCHAR PRIMARY KEY,
+                model_fingerprint VARCHAR NOT NULL,
+                method VARCHAR NOT NULL,
+                calibration_id VARCHAR NOT NULL,
+                array_id VARCHAR NOT NULL,
+                seconds DOUBLE NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+            )""",
+            # the original model's next-token distribution on an evaluation set (top-k + tail mass)
+            """CREATE TABLE reference_distributions (
+                reference_id VARCHAR PRIMARY KEY,
+                model_fingerprint VARCHAR NOT NULL,
+                text_fingerprint VARCHAR NOT NULL,
+                window_len INTEGER NOT NULL,
+                n_windows INTEGER NOT NULL,
+                top_k INTEGER NOT NULL,
+                array_id VARCHAR NOT NULL,
+                perplexity DOUBLE NOT NULL,
+                seconds DOUBLE NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+            )""",
+            # layer = -1 means "this type in every layer"
+            """CREATE TABLE sensitivity_points (
+                sweep_id VARCHAR NOT NULL,
+                linear_type VARCHAR NOT NULL,
+                layer INTEGER NOT NULL,
+                ratio DOUBLE NOT NULL,
+                decoder_params BIGINT NOT NULL,
+                perplexity DOUBLE NOT NULL,
+                kl_forward DOUBLE NOT NULL,
+                kl_reverse DOUBLE NOT NULL,
+                seconds DOUBLE NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+                PRIMARY KEY (sweep_id, linear_type, layer, ratio)
+            )""",
+            """CREATE TABLE sweeps (
+                sweep_id VARCHAR PRIMARY KEY,
+                model_fingerprint VARCHAR NOT NULL,
+                method VARCHAR NOT NULL,
+                factorization_id VARCHAR NOT NULL,
+                reference_id VARCHAR NOT NULL,
+                settings_json VARCHAR NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+            )""",
+        ),
+    ),
 )
 
 SCHEMA_VERSION: int = MIGRATIONS[-1].version

@@ -8,12 +8,13 @@ token to encoded text (Gemma does, SmolLM2 does not), each window starts with BO
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
-import torch
+from typing import TYPE_CHECKING, Optional
 
 from engine.errors import CorpusError
 from engine.texts.corpus import Corpus
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -39,11 +40,13 @@ def tokenizer_adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def make_windows(corpus: Corpus, tokenizer, windowing: Windowing) -> torch.Tensor:
+def make_windows(corpus: Corpus, tokenizer, windowing: Windowing) -> "torch.Tensor":
     """Token windows `[n_windows, window_len]` (int64) from the start of the corpus.
 
     Raises `CorpusError` when the text is shorter than the requested windows.
     """
+    import torch
+
     add_bos = tokenizer_adds_bos(tokenizer)
     body = windowing.window_len - (1 if add_bos else 0)
     needed = None if windowing.n_windows is None else windowing.n_windows * body

@@ -1,42 +1,13 @@
-"""The `rankscope` command line: prepare models, calibrate, and inspect spectra from a terminal.
-
-Every command takes `--model` (default: the embedded SmolLM2-135M), shows progress bars on stderr,
-and prints errors as one readable message (exit code 2) rather than a traceback. Commands that
-produce data take `--json` for machine-readable output on stdout.
-"""
+"""Analysis commands: prepare a model, list models, calibrate, and inspect spectra."""
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from engine.cli import ModelOption, app, echo_json, fail
 from engine.errors import RankScopeError
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="RankScope: low-rank compression workbench for causal LMs.")
-
-ModelOption = typer.Option("smollm2-135m", "--model", "-m", help="Registry name, model directory, .gguf file or hub id.")
-
-
-@app.callback()
-def _main(
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder (default: $RANKSCOPE_CACHE or ./cache)."),
-):
-    if cache is not None:
-        os.environ["RANKSCOPE_CACHE"] = str(cache)
-
-
-def _fail(exc: RankScopeError) -> None:
-    typer.secho(f"Error: {exc}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=2)
-
-
-def _echo_json(value) -> None:
-    typer.echo(json.dumps(value, indent=2, default=str))
 
 
 @app.command()
@@ -49,7 +20,7 @@ def prepare(model: str = ModelOption):
     try:
         location = locate_model(model, open_store(), TerminalProgress())
     except RankScopeError as exc:
-        _fail(exc)
+        fail(exc)
     typer.echo(f"{location.model_id}: ready at {location.path} (fingerprint {location.fingerprint[:12]})")
 
 
@@ -110,9 +81,9 @@ def models(
                 }
             results.append(entry)
     except RankScopeError as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
-        _echo_json(results)
+        echo_json(results)
         return
     for entry in results:
         typer.echo(f"{entry['model']}: {entry.get('title', '')} [{entry['status']}]")
@@ -156,7 +127,7 @@ def calibrate(
         loaded = load_model(model, store, TerminalProgress())
         calibration = ensure_calibration(store, loaded, text, Windowing(window_len, windows), groups, TerminalProgress())
     except RankScopeError as exc:
-        _fail(exc)
+        fail(exc)
     record = calibration.record
     summary = {
         "model": model,
@@ -172,7 +143,7 @@ def calibrate(
         "compute_seconds": round(record.seconds, 1),
     }
     if as_json:
-        _echo_json(summary)
+        echo_json(summary)
     else:
         source = "from cache" if calibration.from_cache else f"computed in {record.seconds:.1f} s"
         typer.echo(
@@ -196,16 +167,18 @@ def spectra(
 
     Answers from the store when these spectra were computed before (no model load).
     """
+    from engine.cache_keys import find_calibration, stored_spectra
+    from engine.energy import rank_table, summarise_by_type
     from engine.models.loading import load_model, locate_model
     from engine.progress import TerminalProgress
-    from engine.spectra import COVARIANCES, rank_table, summarise_by_type
     from engine.store import open_store
     from engine.texts.windows import Windowing
-    from engine.workspace import ensure_calibration, ensure_spectra, find_calibration, stored_spectra
+
+    covariances = ("pooled", "sample")
 
     try:
-        if covariance not in COVARIANCES:
-            raise RankScopeError(f"--covariance must be one of {', '.join(COVARIANCES)}, got '{covariance}'.")
+        if covariance not in covariances:
+            raise RankScopeError(f"--covariance must be one of {', '.join(covariances)}, got '{covariance}'.")
         if any(not 0 < level <= 1 for level in energy):
             raise RankScopeError(f"--energy levels must be in (0, 1], got {energy}.")
         store = open_store()
@@ -214,15 +187,17 @@ def spectra(
         record = find_calibration(store, location.fingerprint, text, windowing, groups)
         result = stored_spectra(store, location.fingerprint, record.calibration_id, covariance) if record else None
         from_cache = result is not None
-        if result is None:
+        if result is None:  # compute what is missing (imports torch only now)
+            from engine.workspace import ensure_calibration, ensure_spectra
+
             loaded = load_model(model, store, TerminalProgress())
             calibration = ensure_calibration(store, loaded, text, windowing, groups, TerminalProgress())
             result = ensure_spectra(store, loaded, calibration, covariance, TerminalProgress())
     except RankScopeError as exc:
-        _fail(exc)
+        fail(exc)
     table = rank_table(result.weight, result.feature, energy)
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "model": model,
                 "fingerprint": location.fingerprint,
@@ -251,11 +226,3 @@ def spectra(
             for lv in energy
         ]
         typer.echo(f"{linear_type:>6} {summaries[energy[0]][linear_type]['full_rank']:>6}  " + "  ".join(cells))
-
-
-def main() -> None:  # pragma: no cover - console entry point
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

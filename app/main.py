@@ -1,0 +1,13 @@
+"""RankScope app entry point: only routes to the pages in `pages/` with `st.navigation`."""
+
+from pathlib import Path
+
+import streamlit as st
+
+PAGES = Path(__file__).resolve().parent.parent / "pages"
+
+st.set_page_config(page_title="RankScope", page_icon=":material/compress:", layout="wide")
+navigation = st.navigation(
+    [st.Page(PAGES / "model.py", title="Model & texts", icon=":material/memory:", default=True)]
+)
+navigation.run()

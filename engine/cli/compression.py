@@ -1,0 +1,192 @@
+"""Compression commands: compress with a method and a plan, evaluate a plan, sweep sensitivities."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from engine.cli import ModelOption, app, echo_json, fail
+from engine.errors import RankScopeError
+
+MethodOption = typer.Option("feature-pca", "--method", help="Decomposition method: svd, joint-svd, awsvd, feature-pca, feature-pca-sample, whiten.")
+CalibrationText = typer.Option("war-and-peace", "--calibration-text", help="Calibration text (built-in name, file, or hf:...).")
+CalibrationWindows = typer.Option(128, "--calibration-windows", help="Calibration windows.")
+EvaluationText = typer.Option("sherlock-holmes", "--eval-text", help="Evaluation text (built-in name, file, or hf:...).")
+EvaluationWindows = typer.Option(16, "--eval-windows", help="Evaluation windows (16 x 512 = the first 8,192 tokens).")
+WindowLen = typer.Option(512, "--window-len", help="Tokens per window, for calibration and evaluation.")
+Groups = typer.Option(32, "--groups", help="Groups of calibration windows for the pooled covariance.")
+JsonOption = typer.Option(False, "--json", help="Print JSON.")
+
+
+def _open_session(model: str, method: str, calibration_text: str, calibration_windows: int, eval_text: str,
+                  eval_windows: int, window_len: int, groups: int):
+    from engine.compression.session import CompressionSession, TextSettings
+    from engine.models.loading import load_model
+    from engine.progress import TerminalProgress
+    from engine.store import open_store
+    from engine.texts.windows import Windowing
+
+    store = open_store()
+    loaded = load_model(model, store, TerminalProgress())
+    texts = TextSettings(calibration_text, Windowing(window_len, calibration_windows), groups,
+                         eval_text, Windowing(window_len, eval_windows))
+    return CompressionSession.open(store, loaded, method, texts, TerminalProgress())
+
+
+def _quality_line(label: str, metrics: dict) -> str:
+    return (f"{label:>10}: perplexity {metrics['perplexity']:9.3f}   KL(P_orig||P_comp) {metrics['kl_forward']:.4f}   "
+            f"KL(P_comp||P_orig) {metrics['kl_reverse']:.4f}")
+
+
+def _parameters_lines(parameters: dict) -> list[str]:
+    dec, tot = parameters["decoder_linear"], parameters["total"]
+    return [f"decoder linears: {dec['compressed']:,} of {dec['dense']:,} parameters ({dec['reduction']:.2%} removed)",
+            f"whole model:     {tot['compressed']:,} of {tot['dense']:,} parameters ({tot['reduction']:.2%} removed)"]
+
+
+@app.command()
+def compress(
+    model: str = ModelOption,
+    method: str = MethodOption,
+    uniform: Optional[float] = typer.Option(None, "--uniform", help="Remove this share of decoder-linear parameters, same ratio everywhere (e.g. 0.2)."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="A rank plan JSON (rankscope.plan/v1); its method is used."),
+    save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="Write the evaluated plan here."),
+    calibration_text: str = CalibrationText,
+    calibration_windows: int = CalibrationWindows,
+    eval_text: str = EvaluationText,
+    eval_windows: int = EvaluationWindows,
+    window_len: int = WindowLen,
+    groups: int = Groups,
+    as_json: bool = JsonOption,
+):
+    """Compress with a uniform ratio or a plan, and report parameters, perplexity and both KLs."""
+    from engine.compression.plan import RankPlan
+    from engine.progress import TerminalProgress
+
+    try:
+        if (uniform is None) == (plan is None):
+            raise RankScopeError("Give exactly one of --uniform RATIO or --plan FILE.")
+        given = RankPlan.load(plan) if plan is not None else None
+        session = _open_session(model, given.method if given else method, calibration_text, calibration_windows,
+                                eval_text, eval_windows, window_len, groups)
+        candidate = given if given is not None else session.uniform_plan(uniform)
+        evaluated = session.evaluate(candidate, TerminalProgress())
+        if save_plan is not None:
+            evaluated.save(save_plan)
+    except RankScopeError as exc:
+        fail(exc)
+    original = session.original_quality()
+    metrics = {k: evaluated.metrics[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")}
+    if as_json:
+        echo_json({"model": model, "method": evaluated.method, "parameters": evaluated.parameters,
+                   "original": original, "compressed": metrics, "plan_file": str(save_plan) if save_plan else None})
+        return
+    typer.echo(f"{model} compressed with {evaluated.method}:")
+    for line in _parameters_lines(evaluated.parameters):
+        typer.echo("  " + line)
+    typer.echo(_quality_line("original", original))
+    typer.echo(_quality_line("compressed", metrics))
+    if save_plan is not None:
+        typer.echo(f"Plan written to {save_plan}")
+
+
+@app.command()
+def evaluate(
+    model: str = ModelOption,
+    plan: Optional[Path] = typer.Option(None, "--plan", help="Evaluate this plan; without it, the original model."),
+    calibration_text: str = CalibrationText,
+    calibration_windows: int = CalibrationWindows,
+    eval_text: str = EvaluationText,
+    eval_windows: int = EvaluationWindows,
+    window_len: int = WindowLen,
+    groups: int = Groups,
+    as_json: bool = JsonOption,
+):
+    """Perplexity and KL of the original model, or of a plan, on the evaluation text."""
+    from engine.compression.plan import RankPlan
+    from engine.progress import TerminalProgress
+    from engine.texts.windows import Windowing
+
+    try:
+        if plan is not None:
+            given = RankPlan.load(plan)
+            session = _open_session(model, given.method, calibration_text, calibration_windows, eval_text,
+                                    eval_windows, window_len, groups)
+            metrics = session.evaluate(given, TerminalProgress()).metrics
+        else:
+            metrics = _original_metrics(model, eval_text, Windowing(window_len, eval_windows))
+    except RankScopeError as exc:
+        fail(exc)
+    result = {"model": model, "plan": str(plan) if plan else None, "evaluation_text": eval_text,
+              "windows": eval_windows, "window_len": window_len,
+              **{k: metrics[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")}}
+    if as_json:
+        echo_json(result)
+    else:
+        typer.echo(_quality_line("plan" if plan else "original", metrics) + f"   ({metrics['tokens']:,} predicted tokens)")
+
+
+def _original_metrics(model: str, eval_text: str, windowing) -> dict:
+    """Perplexity of the original model (KL against itself is 0), from the store when cached."""
+    from engine.models.loading import load_model
+    from engine.progress import TerminalProgress
+    from engine.store import open_store
+    from engine.workspace import ensure_baseline_evaluation
+
+    store = open_store()
+    record = ensure_baseline_evaluation(store, load_model(model, store, TerminalProgress()), eval_text, windowing,
+                                        TerminalProgress())
+    return {"perplexity": record.perplexity, "kl_forward": 0.0, "kl_reverse": 0.0, "tokens": record.n_tokens}
+
+
+@app.command()
+def sweep(
+    model: str = ModelOption,
+    method: str = MethodOption,
+    by: str = typer.Option("type", "--by", help="type: each type in all layers; layer: one layer of one type at a time."),
+    ratios: str = typer.Option("0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9", "--ratios", help="Ratios for --by type, comma-separated."),
+    types: Optional[str] = typer.Option(None, "--types", help="Types for --by type, comma-separated (default: all)."),
+    linear_type: str = typer.Option("q", "--type", help="The type for --by layer."),
+    ratio: float = typer.Option(0.5, "--ratio", help="The ratio for --by layer."),
+    calibration_text: str = CalibrationText,
+    calibration_windows: int = CalibrationWindows,
+    eval_text: str = EvaluationText,
+    eval_windows: int = EvaluationWindows,
+    window_len: int = WindowLen,
+    groups: int = Groups,
+    as_json: bool = JsonOption,
+):
+    """Sensitivity sweep; each point is stored as it finishes, and a rerun resumes (stored points are reused)."""
+    from engine.compression.sweep import sweep_by_layer, sweep_by_type
+    from engine.progress import TerminalProgress
+
+    try:
+        if by not in ("type", "layer"):
+            raise RankScopeError(f"--by must be 'type' or 'layer', got '{by}'.")
+        try:
+            grid = [float(r) for r in ratios.split(",") if r.strip()]
+        except ValueError as exc:
+            raise RankScopeError(f"--ratios must be comma-separated numbers, got '{ratios}'.") from exc
+        session = _open_session(model, method, calibration_text, calibration_windows, eval_text, eval_windows,
+                                window_len, groups)
+        if by == "type":
+            chosen = [t.strip() for t in types.split(",")] if types else None
+            points = sweep_by_type(session, grid, chosen, TerminalProgress())
+        else:
+            points = sweep_by_layer(session, linear_type, ratio, progress=TerminalProgress())
+    except RankScopeError as exc:
+        fail(exc)
+    original = session.original_quality()
+    rows = [{"type": p.linear_type, "layer": None if p.layer < 0 else p.layer, "ratio": p.ratio,
+             "decoder_params": p.decoder_params, "perplexity": p.perplexity, "kl_forward": p.kl_forward,
+             "kl_reverse": p.kl_reverse} for p in points]
+    if as_json:
+        echo_json({"model": model, "method": method, "by": by, "original": original, "points": rows})
+        return
+    typer.echo(f"Sensitivity of {model} ({method}); original perplexity {original['perplexity']:.3f}")
+    typer.echo(f"{'type':>8} {'layer':>5} {'ratio':>5} {'perplexity':>11} {'KL fwd':>8} {'KL rev':>8}")
+    for r in rows:
+        typer.echo(f"{r['type']:>8} {'all' if r['layer'] is None else r['layer']:>5} {r['ratio']:>5.2f} "
+                   f"{r['perplexity']:>11.3f} {r['kl_forward']:>8.4f} {r['kl_reverse']:>8.4f}")

@@ -1,0 +1,1 @@
+"""Compression: low-rank modules, rank plans, groupings and budgets, evaluation and sweeps."""

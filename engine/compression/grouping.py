@@ -1,0 +1,204 @@
+"""Groupings of rank units and exact projection of group ratios onto a parameter budget.
+
+Groupings (DESIGN.md §7):
+- `5x1`: groups `qk`, `o`, `gate`, `up`, `down` (plus `v` when searched), one ratio for all layers;
+- `5xG`: the same per block of consecutive layers (`G` blocks), named like `qk@0-7`;
+- `per-layer`: one ratio per type and layer, named like `q@3`;
+- `custom`: a map from group name to module paths.
+`v` is kept dense unless `search_v` is set. A ratio of 0 keeps a group dense.
+
+`project_to_budget` scales all group ratios by one factor (so dense groups stay dense and relative
+ratios are kept) until the plan meets the target parameter count, then tops matrices up by one
+rank step at a time, so the result lies within one rank step of the target and never above it.
+An infeasible target raises `BudgetError` saying what is feasible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+from engine.compression.units import RANK_STEP, ModelShapes, RankUnit
+from engine.errors import RankScopeError
+
+GROUPINGS = ("5x1", "5xG", "per-layer", "custom")
+TYPE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("qk", ("q", "k")), ("v", ("v",)), ("o", ("o",)), ("gate", ("gate",)), ("up", ("up",)), ("down", ("down",)),
+)
+MAX_RATIO = 0.99
+
+
+class BudgetError(RankScopeError):
+    """A budget that no plan of the requested form can meet."""
+
+
+@dataclass(frozen=True)
+class Grouping:
+    kind: str = "5x1"
+    layer_blocks: int = 1  # G, for 5xG
+    search_v: bool = False
+    custom: Optional[Mapping[str, tuple[str, ...]]] = field(default=None, hash=False)
+
+    def __post_init__(self):
+        if self.kind not in GROUPINGS:
+            raise RankScopeError(f"Unknown grouping '{self.kind}'. Groupings: {', '.join(GROUPINGS)} (5xG as e.g. 5x4).")
+        if self.layer_blocks < 1:
+            raise RankScopeError(f"A 5xG grouping needs G >= 1, got {self.layer_blocks}.")
+        if self.kind == "custom" and not self.custom:
+            raise RankScopeError("A custom grouping needs a map from group name to module paths.")
+
+    @classmethod
+    def parse(cls, text: str, search_v: bool = False) -> "Grouping":
+        """`5x1`, `5x4` (5xG with G=4), `5xG` (G=1), or `per-layer`."""
+        if text == "per-layer":
+            return cls("per-layer", search_v=search_v)
+        if text.startswith("5x"):
+            tail = text[2:]
+            if tail == "1":
+                return cls("5x1", search_v=search_v)
+            if tail.isdigit() and int(tail) >= 1:
+                return cls("5xG", int(tail), search_v)
+        raise RankScopeError(f"Unknown grouping '{text}'. Use 5x1, 5xG with a number for G (e.g. 5x4), or per-layer.")
+
+    @property
+    def label(self) -> str:
+        return {"5xG": f"5x{self.layer_blocks}"}.get(self.kind, self.kind)
+
+    def to_dict(self) -> dict:
+        out = {"kind": self.kind, "layer_blocks": self.layer_blocks, "search_v": self.search_v}
+        if self.custom:
+            out["custom"] = {k: list(v) for k, v in self.custom.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "Grouping":
+        custom = data.get("custom")
+        return cls(data["kind"], int(data.get("layer_blocks", 1)), bool(data.get("search_v", False)),
+                   {k: tuple(v) for k, v in custom.items()} if custom else None)
+
+    def groups(self, shapes: ModelShapes, method: str) -> dict[str, list[RankUnit]]:
+        """Group name -> rank units, in a stable order. Units in no group stay dense."""
+        units = shapes.units(method)
+        if self.kind == "custom":
+            by_path = {p: u for u in units for p in u.paths}
+            missing = [p for paths in self.custom.values() for p in paths if p not in by_path]
+            if missing:
+                raise RankScopeError(f"Custom grouping names modules the model does not have: {', '.join(missing[:5])}.")
+            return {name: list(dict.fromkeys(by_path[p] for p in paths)) for name, paths in self.custom.items()}
+        type_groups = [(n, ts) for n, ts in TYPE_GROUPS if n != "v" or self.search_v]
+        groups: dict[str, list[RankUnit]] = {}
+        if self.kind == "per-layer":
+            for unit in units:
+                if unit.types[0] == "v" and not self.search_v:
+                    continue
+                groups.setdefault(f"{'+'.join(unit.types)}@{unit.layer}", []).append(unit)
+            return groups
+        blocks = _layer_blocks(shapes.num_layers, self.layer_blocks if self.kind == "5xG" else 1)
+        for first, last in blocks:
+            suffix = "" if self.kind == "5x1" else f"@{first}-{last}"
+            for name, types in type_groups:
+                members = [u for u in units if first <= u.layer <= last and u.types[0] in types]
+                if members:
+                    groups[f"{name}{suffix}"] = members
+        return groups
+
+
+def _layer_blocks(num_layers: int, blocks: int) -> list[tuple[int, int]]:
+    if blocks > num_layers:
+        raise RankScopeError(f"5x{blocks} needs at least {blocks} layers; the model has {num_layers}.")
+    bounds = [round(i * num_layers / blocks) for i in range(blocks + 1)]
+    return [(bounds[i], bounds[i + 1] - 1) for i in range(blocks)]
+
+
+def ranks_from_ratios(units_by_group: Mapping[str, list[RankUnit]], ratios: Mapping[str, float]) -> dict[str, Optional[int]]:
+    """Module path -> rank for group ratios (no budget projection)."""
+    ranks: dict[str, Optional[int]] = {}
+    for name, units in units_by_group.items():
+        ratio = float(ratios.get(name, 0.0))
+        if not 0.0 <= ratio <= MAX_RATIO:
+            raise RankScopeError(f"Ratio for group '{name}' must be between 0 (dense) and {MAX_RATIO}, got {ratio}.")
+        for unit in units:
+            rank = unit.rank_for_ratio(ratio)
+            for path in unit.paths:
+                ranks[path] = rank
+    return ranks
+
+
+def budget_target(shapes: ModelShapes, reduction: float) -> int:
+    """Target decoder-linear parameter count for a reduction (0.2 = remove 20% of decoder linears)."""
+    if not 0.0 <= reduction < 1.0:
+        raise BudgetError(f"A budget is a decoder-linear reduction in [0, 1), got {reduction}.")
+    return int(round(shapes.decoder_linear_params * (1.0 - reduction)))
+
+
+def project_to_budget(
+    shapes: ModelShapes, method: str, grouping: Grouping, ratios: Mapping[str, float], target: int
+) -> tuple[dict[str, Optional[int]], dict[str, float]]:
+    """Ranks meeting `target` decoder-linear parameters (within one rank step, never above).
+
+    Returns the rank map and the scaled group ratios actually used.
+    """
+    groups = grouping.groups(shapes, method)
+    grouped = {u.paths for units in groups.values() for u in units}
+    fixed = sum(u.dense_params for u in shapes.units(method) if u.paths not in grouped)
+    searchable = [u for units in groups.values() for u in units]
+    cheapest = fixed + sum(u.params(RANK_STEP) if not u.keeps_dense(RANK_STEP) else u.dense_params for u in searchable)
+    dense = shapes.decoder_linear_params
+    if target >= dense:
+        return {p: None for u in shapes.units(method) for p in u.paths}, {k: 0.0 for k in groups}
+    if target < cheapest:
+        raise BudgetError(
+            f"A target of {target:,} decoder-linear parameters ({1 - target / dense:.1%} reduction) is infeasible with "
+            f"grouping {grouping.label}{'' if grouping.search_v else ' and v dense'}: the most it can remove is "
+            f"{1 - cheapest / dense:.1%} (every compressible matrix at rank {RANK_STEP}). Ask for at most that."
+        )
+    positive = {k: float(v) for k, v in ratios.items() if k in groups and float(v) > 0}
+    if not positive:
+        raise BudgetError("Every group has ratio 0 (dense), so no scaling can meet the budget: give a group a positive ratio.")
+
+    def evaluate(scale: float) -> tuple[int, dict[str, float]]:
+        scaled = {k: min(MAX_RATIO, v * scale) for k, v in positive.items()}
+        ranks = ranks_from_ratios(groups, scaled)
+        return _params(shapes, method, ranks), scaled
+
+    low, high = 0.0, MAX_RATIO / min(positive.values())
+    if evaluate(high)[0] > target:
+        raise BudgetError(
+            f"The groups with a positive ratio ({', '.join(positive)}) cannot remove enough on their own to reach "
+            f"{1 - target / dense:.1%}; give more groups a positive ratio."
+        )
+    for _ in range(60):  # bisection for the smallest scale that meets the target
+        mid = (low + high) / 2
+        if evaluate(mid)[0] <= target:
+            high = mid
+        else:
+            low = mid
+    params, scaled = evaluate(high)
+    ranks = ranks_from_ratios(groups, scaled)
+    return _top_up(shapes, method, groups, ranks, target), scaled
+
+
+def _params(shapes: ModelShapes, method: str, ranks: Mapping[str, Optional[int]]) -> int:
+    return sum(u.params(ranks.get(u.paths[0])) for u in shapes.units(method))
+
+
+def _top_up(shapes, method, groups, ranks: dict, target: int) -> dict:
+    """Spend what is left under the target one rank step at a time, least-compressed groups last."""
+    units = [u for members in groups.values() for u in members if ranks.get(u.paths[0]) is not None]
+    total = _params(shapes, method, ranks)
+    changed = True
+    while changed:
+        changed = False
+        for unit in units:
+            rank = ranks[unit.paths[0]]
+            if rank is None:
+                continue
+            new_rank = rank + RANK_STEP
+            new = None if unit.keeps_dense(new_rank) or new_rank > unit.max_rank else new_rank
+            delta = unit.params(new) - unit.params(rank)
+            if total + delta <= target:
+                for path in unit.paths:
+                    ranks[path] = new
+                total += delta
+                changed = True
+    return ranks

@@ -1,0 +1,171 @@
+"""`RankPlan`: the versioned, self-describing rank plan document (`rankscope.plan/v1`, DESIGN.md §8).
+
+A plan names the model (id and content fingerprint), the method, the calibration and evaluation
+texts with their windowing, the grouping and its values, an explicit map from module path to rank
+(None = dense), the achieved parameter counts, the metrics with their definitions, and provenance.
+`RankPlan.from_json` validates the document's form; `validate_for(shapes)` checks that it fits a
+model (modules, ranks, joint-rank equality) and raises `PlanError` saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from engine import __version__
+from engine.compression.units import ModelShapes, count_parameters
+from engine.errors import RankScopeError
+
+SCHEMA = "rankscope.plan/v1"
+METRIC_DEFINITIONS = {
+    "perplexity": "exp(mean next-token negative log-likelihood) over all predicted tokens of the evaluation windows",
+    "kl_forward": "KL(P_orig || P_comp) per predicted token, averaged (nats)",
+    "kl_reverse": "KL(P_comp || P_orig) per predicted token, averaged (nats)",
+}
+
+
+class PlanError(RankScopeError):
+    """A plan document that is malformed or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    model: dict  # {"id", "fingerprint", "model_type", "num_layers"}
+    method: str
+    ranks: dict[str, Optional[int]]
+    grouping: Optional[dict] = None  # {"kind", "layer_blocks", "search_v", "values": {group: ratio}}
+    calibration: Optional[dict] = None  # {"text", "text_fingerprint", "window_len", "n_windows", "n_groups"}
+    evaluation: Optional[dict] = None  # {"text", "text_fingerprint", "window_len", "n_windows"}
+    parameters: dict = field(default_factory=dict)
+    metrics: Optional[dict] = None
+    provenance: dict = field(default_factory=dict)
+    schema: str = SCHEMA
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        shapes: ModelShapes,
+        method: str,
+        ranks: Mapping[str, Optional[int]],
+        grouping: Optional[dict] = None,
+        calibration: Optional[dict] = None,
+        evaluation: Optional[dict] = None,
+        metrics: Optional[dict] = None,
+        seed: Optional[int] = None,
+        study_id: Optional[str] = None,
+    ) -> "RankPlan":
+        """A validated plan for `shapes` with its parameter counts filled in; missing paths are dense."""
+        full = {s.path: ranks.get(s.path) for s in shapes.linears}
+        full.update({p: r for p, r in ranks.items() if p not in full})  # unknown paths: rejected below, not dropped
+        plan = cls(
+            model={"id": shapes.model_id, "fingerprint": shapes.fingerprint, "model_type": shapes.model_type,
+                   "num_layers": shapes.num_layers},
+            method=method,
+            ranks=full,
+            grouping=grouping,
+            calibration=calibration,
+            evaluation=evaluation,
+            parameters=count_parameters(shapes, method, full).to_dict(),
+            metrics=metrics,
+            provenance={"engine_version": __version__, "created_at": datetime.now(timezone.utc).isoformat(),
+                        "seed": seed, "study_id": study_id},
+        )
+        plan.validate_for(shapes)
+        return plan
+
+    def with_metrics(self, metrics: Mapping[str, Any]) -> "RankPlan":
+        data = self.to_dict()
+        data["metrics"] = {**metrics, "definitions": METRIC_DEFINITIONS}
+        return RankPlan.from_dict(data)
+
+    # -- validation -----------------------------------------------------------------------------
+    def validate_for(self, shapes: ModelShapes, allow_other_model: bool = False) -> None:
+        """Raise `PlanError` unless every module exists in the model and every rank fits it."""
+        if not allow_other_model and self.model.get("fingerprint") != shapes.fingerprint:
+            raise PlanError(
+                f"This plan was made for model '{self.model.get('id')}' (fingerprint {str(self.model.get('fingerprint'))[:12]}), "
+                f"not for '{shapes.model_id}' (fingerprint {shapes.fingerprint[:12]}). Load it with the model it was made for."
+            )
+        by_path = shapes.by_path
+        unknown = [p for p in self.ranks if p not in by_path]
+        if unknown:
+            raise PlanError(
+                f"The plan names {len(unknown)} module(s) the model does not have, e.g. '{unknown[0]}'. "
+                f"Module paths look like '{shapes.linears[0].path}'."
+            )
+        # a joint unit (q‖k, gate‖up sharing A) may go up to min(d_in, Σd_out), past one member's d_out
+        limits = {p: (unit.max_rank, unit) for unit in shapes.units(self.method) for p in unit.paths}
+        for path, rank in self.ranks.items():
+            if rank is None:
+                continue
+            s = by_path[path]
+            limit, unit = limits[path]
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
+                where = (f"this {s.d_out}x{s.d_in} matrix" if len(unit.paths) == 1 else
+                         f"the {unit.d_out}x{unit.d_in} stack {'+'.join(unit.types)} that shares one factor")
+                raise PlanError(
+                    f"Rank {rank!r} for '{path}' is not allowed: it must be an integer from 1 to "
+                    f"min(d_in, d_out) = {limit} for {where}, or null for dense."
+                )
+        for unit in shapes.units(self.method):
+            ranks = {self.ranks.get(p) for p in unit.paths}
+            if len(ranks) > 1:
+                raise PlanError(
+                    f"Method {self.method} shares one factor between {' and '.join(unit.paths)}, so they need "
+                    f"the same rank; the plan gives {sorted(ranks, key=str)}."
+                )
+
+    # -- JSON --------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: Path | str) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "RankPlan":
+        if not isinstance(data, dict):
+            raise PlanError(f"A rank plan is a JSON object, got {type(data).__name__}.")
+        schema = data.get("schema")
+        if schema != SCHEMA:
+            raise PlanError(f"Unsupported plan schema {schema!r}: this RankScope reads '{SCHEMA}'.")
+        for key, kind in (("model", dict), ("method", str), ("ranks", dict)):
+            if not isinstance(data.get(key), kind):
+                raise PlanError(f"Plan field '{key}' is missing or not a {kind.__name__}.")
+        if not isinstance(data["model"].get("fingerprint"), str):
+            raise PlanError("Plan field 'model.fingerprint' is missing.")
+        for path, rank in data["ranks"].items():
+            if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
+                raise PlanError(f"Rank for '{path}' must be an integer or null, got {rank!r}.")
+        known = {f for f in cls.__dataclass_fields__}
+        extra = set(data) - known
+        if extra:
+            raise PlanError(f"Unknown plan field(s): {', '.join(sorted(extra))}. Allowed: {', '.join(sorted(known))}.")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RankPlan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"The plan is not valid JSON: {exc}.") from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: Path | str) -> "RankPlan":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise PlanError(f"Could not read plan file {path}: {exc.strerror or exc}.") from exc
+        return cls.from_json(text)

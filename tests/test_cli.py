@@ -1,0 +1,137 @@
+"""The `rankscope` command line on tiny models: help, JSON output, caching and readable errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from engine.cli import app
+
+COMMANDS = ("prepare", "models", "calibrate", "spectra")
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def _json(result) -> object:
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_top_level_help_lists_every_command(runner):
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.stdout
+
+
+def test_every_registered_command_has_working_help(runner):
+    registered = sorted(typer.main.get_command(app).commands)
+    assert set(COMMANDS) <= set(registered)
+    for command in registered:
+        result = runner.invoke(app, [command, "--help"])
+        assert result.exit_code == 0, (command, result.output)
+        assert "Usage:" in result.stdout, command
+        if command in COMMANDS:
+            assert "--model" in result.stdout, command
+
+
+def test_spectra_json_then_from_cache(runner, tiny_model_dirs, sample_text_file):
+    args = [
+        "spectra", "--model", str(tiny_model_dirs["llama"]), "--windows", "4", "--window-len", "16",
+        "--groups", "2", "--text", str(sample_text_file), "--json",
+    ]
+    first = _json(runner.invoke(app, args))
+    assert first["from_cache"] is False
+    assert first["windows"] == 4 and first["window_len"] == 16 and first["covariance"] == "pooled"
+    matrices = first["matrices"]
+    assert len(matrices) == 2 * 7
+    assert [(m["layer"], m["type"]) for m in matrices] == [
+        (layer, t) for layer in range(2) for t in ("q", "k", "v", "o", "gate", "up", "down")
+    ]
+    for matrix in matrices:
+        assert set(matrix["weight_rank"]) == {"0.8", "0.9", "0.95", "0.99"}
+        assert 1 <= matrix["weight_rank"]["0.8"] <= matrix["weight_rank"]["0.99"] <= matrix["full_rank"]
+        assert 1 <= matrix["feature_rank"]["0.8"] <= matrix["feature_rank"]["0.99"] <= matrix["full_rank"]
+    assert {row["type"] for row in first["summary_by_type"]["0.9"]} == {"q", "k", "v", "o", "gate", "up", "down"}
+
+    second = _json(runner.invoke(app, args))
+    assert second["from_cache"] is True
+    assert second["calibration_id"] == first["calibration_id"]
+    assert second["matrices"] == matrices
+
+    calibrate = _json(runner.invoke(app, ["calibrate", *args[1:-1], "--json"]))
+    assert calibrate["from_cache"] is True and calibrate["calibration_id"] == first["calibration_id"]
+    assert calibrate["tokens"] == 64 and calibrate["sites"] == 2 * 4
+
+
+def test_spectra_text_output(runner, tiny_model_dirs, sample_text_file):
+    args = [
+        "spectra", "--model", str(tiny_model_dirs["qwen2"]), "--windows", "2", "--window-len", "16",
+        "--groups", "1", "--text", str(sample_text_file), "--covariance", "sample", "--energy", "0.9",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "computed" in result.stdout and "sample covariance" in result.stdout
+    lines = [line.split() for line in result.stdout.splitlines()]
+    assert [line[0] for line in lines if line and line[0] in {"q", "k", "v", "o", "gate", "up", "down"}] == [
+        "q", "k", "v", "o", "gate", "up", "down"
+    ]
+
+
+def test_models_eval_gives_a_perplexity(runner, tiny_model_dirs, sample_text_file):
+    args = [
+        "models", "--model", str(tiny_model_dirs["gemma3"]), "--eval", "--text", str(sample_text_file),
+        "--windows", "2", "--window-len", "16", "--json",
+    ]
+    [entry] = _json(runner.invoke(app, args))
+    assert entry["status"] == "ready" and entry["architecture"] == "gemma3_text"
+    assert entry["layers"] == 2 and entry["hidden_size"] == 32
+    assert entry["parameters"] == sum(entry["parameters_by_group"].values())
+    evaluation = entry["evaluation"]
+    assert evaluation["windows"] == 2 and evaluation["window_len"] == 16
+    assert evaluation["predicted_tokens"] == 2 * 15
+    assert 50 < evaluation["perplexity"] < 2000
+
+
+@pytest.mark.parametrize("command", ["models", "spectra", "calibrate", "prepare"])
+def test_bad_model_path_is_a_readable_error(runner, command):
+    result = runner.invoke(app, [command, "--model", "/nonexistent/model-dir"])
+    assert result.exit_code == 2
+    assert "Error: No model found for '/nonexistent/model-dir'" in result.output
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit)
+
+
+def test_unsupported_architecture_is_a_readable_error(runner, tiny_model_dirs):
+    result = runner.invoke(app, ["models", "--model", str(tiny_model_dirs["gpt2"])])
+    assert result.exit_code == 2
+    assert "Error: Model type 'gpt2' is not supported" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_covariance_and_energy_are_refused(runner, tiny_model_dirs):
+    model = str(tiny_model_dirs["llama"])
+    result = runner.invoke(app, ["spectra", "--model", model, "--covariance", "banana"])
+    assert result.exit_code == 2
+    assert "Error: --covariance must be one of pooled, sample, got 'banana'" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["spectra", "--model", model, "--energy", "1.5"])
+    assert result.exit_code == 2
+    assert "Error: --energy levels must be in (0, 1]" in result.output
+
+
+def test_too_many_groups_is_a_readable_error(runner, tiny_model_dirs, sample_text_file):
+    args = [
+        "calibrate", "--model", str(tiny_model_dirs["llama"]), "--windows", "2", "--window-len", "16",
+        "--groups", "3", "--text", str(sample_text_file),
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert "Error:" in result.output and "3 groups" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,174 @@
+"""Texts: built-in book extraction, local corpus formats, token windows and text fingerprints."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from engine.errors import CorpusError
+from engine.texts.corpus import BUILTIN_BOOKS, Corpus, builtin_book_path, load_corpus, text_fingerprint
+from engine.texts.windows import Windowing, make_windows, tokenizer_adds_bos
+from tests.tiny_models import TRAINING_TEXT
+
+RECORDS = ["The first record.", "A second one, longer than the first.", "", "Third and last."]
+
+
+def test_sherlock_holmes_is_cut_at_its_gutenberg_markers(isolated_cache):
+    path = builtin_book_path("sherlock-holmes")
+    assert path == isolated_cache / "texts" / "sherlock-holmes.txt"
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("(Additional editing by Jose Menendez)")
+    assert text.rstrip().endswith("where I believe that she has met with considerable success.")
+    assert "THE ADVENTURES OF\nSHERLOCK HOLMES" in text[:200]
+    assert "*** START" not in text and "*** END" not in text
+    assert "Project Gutenberg-tm" not in text and "Welcome To The World of Free Plain Vanilla" not in text
+    assert 500_000 < len(text) < 600_000
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_BOOKS))
+def test_every_builtin_book_is_extracted_without_markers(name):
+    corpus_text = builtin_book_path(name).read_text(encoding="utf-8")
+    assert len(corpus_text) > 100_000
+    assert "*** START" not in corpus_text and "*** END" not in corpus_text
+    assert "GUTENBERG EBOOK" not in corpus_text
+
+
+def test_builtin_books_are_distinct_and_unknown_names_fail():
+    texts = {name: builtin_book_path(name).read_text(encoding="utf-8")[:1000] for name in BUILTIN_BOOKS}
+    assert len(set(texts.values())) == len(BUILTIN_BOOKS)
+    with pytest.raises(CorpusError, match="sherlock-holmes"):
+        builtin_book_path("moby-dick")
+
+
+def test_load_builtin_corpus_by_name():
+    corpus = load_corpus("sherlock-holmes")
+    assert corpus.name == "sherlock-holmes"
+    assert corpus.text.startswith("(Additional editing")
+    assert corpus.fingerprint == text_fingerprint("sherlock-holmes")
+
+
+def test_load_local_txt(sample_text_file):
+    corpus = load_corpus(str(sample_text_file))
+    assert corpus.text == sample_text_file.read_text()
+    assert corpus.name == "sample"
+    assert corpus.n_chars == len(TRAINING_TEXT) * 4
+
+
+def _write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps({"text": r, "body": r.upper(), "n": i}) for i, r in enumerate(records)) + "\n")
+    return path
+
+
+def test_load_jsonl_default_and_custom_field(tmp_path):
+    path = _write_jsonl(tmp_path / "records.jsonl", RECORDS)
+    expected = "\n\n".join(r for r in RECORDS if r)
+    assert load_corpus(str(path)).text == expected
+    assert load_corpus(str(path), field="body").text == expected.upper()
+    assert text_fingerprint(str(path)) != text_fingerprint(str(path), field="body")
+    with pytest.raises(CorpusError, match="no column 'content'.*text, body, n"):
+        load_corpus(str(path), field="content")
+
+
+def test_load_parquet(tmp_path):
+    path = tmp_path / "records.parquet"
+    pd.DataFrame({"text": RECORDS, "story": [r[::-1] for r in RECORDS]}).to_parquet(path)
+    assert load_corpus(str(path)).text == "\n\n".join(r for r in RECORDS if r)
+    assert load_corpus(str(path), field="story").text == "\n\n".join(r[::-1] for r in RECORDS if r)
+
+
+def test_missing_and_unsupported_files_raise_corpus_error(tmp_path):
+    with pytest.raises(CorpusError, match="neither a built-in text"):
+        load_corpus(str(tmp_path / "absent.txt"))
+    csv = tmp_path / "table.csv"
+    csv.write_text("text\nhello\n")
+    with pytest.raises(CorpusError, match=r"Unsupported text file type '\.csv'"):
+        load_corpus(str(csv))
+    with pytest.raises(CorpusError, match=r"Unsupported"):
+        text_fingerprint(str(csv))
+
+
+def test_empty_text_is_rejected(tmp_path):
+    path = _write_jsonl(tmp_path / "empty.jsonl", ["", ""])
+    with pytest.raises(CorpusError, match="empty"):
+        load_corpus(str(path))
+
+
+def test_text_fingerprint_follows_content_not_name(tmp_path, sample_text_file):
+    before = text_fingerprint(str(sample_text_file))
+    same_content = tmp_path / "other-name.txt"
+    same_content.write_text(sample_text_file.read_text())
+    assert text_fingerprint(str(same_content)) == before
+
+    sample_text_file.write_text(sample_text_file.read_text() + "One more sentence.")
+    after = text_fingerprint(str(sample_text_file))
+    assert after != before
+    reloaded = load_corpus(str(sample_text_file))  # no stale text from the datasets cache
+    assert reloaded.fingerprint == after
+    assert reloaded.text.endswith("One more sentence.")
+
+
+def _corpus(text: str = TRAINING_TEXT * 4) -> Corpus:
+    return Corpus("sample", "sample", text, "fp")
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tiny_model_dirs):
+    return {family: AutoTokenizer.from_pretrained(tiny_model_dirs[family]) for family in ("llama", "gemma3")}
+
+
+def test_windows_without_bos_follow_the_text(tokenizers):
+    tokenizer = tokenizers["llama"]
+    assert not tokenizer_adds_bos(tokenizer)
+    windows = make_windows(_corpus(), tokenizer, Windowing(16, 5))
+    assert windows.shape == (5, 16) and windows.dtype == torch.int64
+    assert not (windows == tokenizer.bos_token_id).any()
+    ids = tokenizer(TRAINING_TEXT * 4, add_special_tokens=False)["input_ids"]
+    assert windows.flatten().tolist() == ids[:80]
+
+
+def test_windows_with_bos_start_with_it(tokenizers):
+    tokenizer = tokenizers["gemma3"]
+    assert tokenizer_adds_bos(tokenizer)
+    windows = make_windows(_corpus(), tokenizer, Windowing(16, 5))
+    assert windows.shape == (5, 16) and windows.dtype == torch.int64
+    assert (windows[:, 0] == tokenizer.bos_token_id).all()
+    assert not (windows[:, 1:] == tokenizer.bos_token_id).any()
+    ids = tokenizer(TRAINING_TEXT * 4, add_special_tokens=False)["input_ids"]
+    assert windows[:, 1:].flatten().tolist() == ids[: 5 * 15]
+
+
+def test_all_windows_when_count_is_open(tokenizers):
+    tokenizer = tokenizers["llama"]
+    n_ids = len(tokenizer(TRAINING_TEXT, add_special_tokens=False)["input_ids"])
+    windows = make_windows(_corpus(TRAINING_TEXT), tokenizer, Windowing(32, None))
+    assert windows.shape == (n_ids // 32, 32)
+
+
+def test_too_short_text_names_the_available_windows(tokenizers):
+    tokenizer = tokenizers["llama"]
+    text = TRAINING_TEXT[:400]
+    n_ids = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    available = n_ids // 16
+    assert available >= 1
+    make_windows(_corpus(text), tokenizer, Windowing(16, available))  # exactly enough is fine
+    with pytest.raises(CorpusError) as info:
+        make_windows(_corpus(text), tokenizer, Windowing(16, available + 1))
+    message = str(info.value)
+    assert f"{n_ids} tokens" in message
+    assert f"enough for {available} windows of 16" in message
+    assert f"{available + 1} were requested" in message
+
+
+def test_text_shorter_than_one_window_is_rejected(tokenizers):
+    with pytest.raises(CorpusError, match="enough for 0 windows"):
+        make_windows(_corpus("Too short."), tokenizers["gemma3"], Windowing(64, None))
+
+
+@pytest.mark.parametrize("window_len, n_windows", [(1, 4), (16, 0), (0, None)])
+def test_invalid_windowing_is_rejected(window_len, n_windows):
+    with pytest.raises(CorpusError):
+        Windowing(window_len, n_windows)
