@@ -20,12 +20,12 @@ STATISTICS_VERSION = 1  # bump when the definition of a stored calibration stati
 
 def calibration_key(model_fingerprint: str, text_fp: str, windowing: Windowing, n_groups: int) -> str:
     return sha256_json(
-        ["calibration", STATISTICS_VERSION, model_fingerprint, text_fp, windowing.window_len, windowing.n_windows, n_groups]
+        ["calibration", STATISTICS_VERSION, model_fingerprint, text_fp, *windowing.key(), n_groups]
     )[:32]
 
 
 def evaluation_key(model_fingerprint: str, text_fp: str, windowing: Windowing) -> str:
-    return sha256_json(["evaluation", model_fingerprint, text_fp, windowing.window_len, windowing.n_windows])[:32]
+    return sha256_json(["evaluation", model_fingerprint, text_fp, *windowing.key()])[:32]
 
 
 @dataclass(frozen=True)

@@ -17,16 +17,30 @@ from tests.tiny_models import FAMILIES, make_tiny_model
 REAL_CACHE = Path(os.environ.get("RANKSCOPE_CACHE", PROJECT_ROOT / "cache")).resolve()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def single_torch_thread():
+    """Tiny models gain nothing from threads, and one thread avoids oversubscribing small machines."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch):
     """Each test gets its own empty cache folder (and so its own DuckDB file)."""
     root = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("RANKSCOPE_CACHE", str(root))
     yield root
+    import gc
+    import sys
+
     from engine.store.duckdb_store import _OPEN_STORES
 
+    if "streamlit" in sys.modules:  # AppTest keeps stores in st.cache_resource; drop them with the test
+        sys.modules["streamlit"].cache_resource.clear()
     for store in list(_OPEN_STORES.values()):
         store.close()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

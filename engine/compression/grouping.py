@@ -111,7 +111,12 @@ def _layer_blocks(num_layers: int, blocks: int) -> list[tuple[int, int]]:
 
 
 def ranks_from_ratios(units_by_group: Mapping[str, list[RankUnit]], ratios: Mapping[str, float]) -> dict[str, Optional[int]]:
-    """Module path -> rank for group ratios (no budget projection)."""
+    """Module path -> rank for group ratios (no budget projection). Unknown group names are an error."""
+    unknown = set(ratios) - set(units_by_group)
+    if unknown:
+        raise RankScopeError(
+            f"Unknown group(s) {', '.join(sorted(unknown))}; this grouping's groups are: {', '.join(units_by_group)}."
+        )
     ranks: dict[str, Optional[int]] = {}
     for name, units in units_by_group.items():
         ratio = float(ratios.get(name, 0.0))
@@ -152,7 +157,10 @@ def project_to_budget(
             f"grouping {grouping.label}{'' if grouping.search_v else ' and v dense'}: the most it can remove is "
             f"{1 - cheapest / dense:.1%} (every compressible matrix at rank {RANK_STEP}). Ask for at most that."
         )
-    positive = {k: float(v) for k, v in ratios.items() if k in groups and float(v) > 0}
+    unknown = set(ratios) - set(groups)
+    if unknown:
+        raise BudgetError(f"Unknown group(s) {', '.join(sorted(unknown))}; this grouping's groups are: {', '.join(groups)}.")
+    positive = {k: float(v) for k, v in ratios.items() if float(v) > 0}
     if not positive:
         raise BudgetError("Every group has ratio 0 (dense), so no scaling can meet the budget: give a group a positive ratio.")
 

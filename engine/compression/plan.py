@@ -97,26 +97,22 @@ class RankPlan:
                 f"The plan names {len(unknown)} module(s) the model does not have, e.g. '{unknown[0]}'. "
                 f"Module paths look like '{shapes.linears[0].path}'."
             )
-        # a joint unit (q‖k, gate‖up sharing A) may go up to min(d_in, Σd_out), past one member's d_out
-        limits = {p: (unit.max_rank, unit) for unit in shapes.units(self.method) for p in unit.paths}
-        for path, rank in self.ranks.items():
-            if rank is None:
-                continue
-            s = by_path[path]
-            limit, unit = limits[path]
-            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= limit:
-                where = (f"this {s.d_out}x{s.d_in} matrix" if len(unit.paths) == 1 else
-                         f"the {unit.d_out}x{unit.d_in} stack {'+'.join(unit.types)} that shares one factor")
-                raise PlanError(
-                    f"Rank {rank!r} for '{path}' is not allowed: it must be an integer from 1 to "
-                    f"min(d_in, d_out) = {limit} for {where}, or null for dense."
-                )
         for unit in shapes.units(self.method):
             ranks = {self.ranks.get(p) for p in unit.paths}
             if len(ranks) > 1:
                 raise PlanError(
                     f"Method {self.method} shares one factor between {' and '.join(unit.paths)}, so they need "
                     f"the same rank; the plan gives {sorted(ranks, key=str)}."
+                )
+            rank = ranks.pop()
+            if rank is None:
+                continue
+            # a joint unit's bound is its stacked matrix: min(d_in, sum of d_out)
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= unit.max_rank:
+                raise PlanError(
+                    f"Rank {rank!r} for '{' and '.join(unit.paths)}' is not allowed: it must be an integer from 1 to "
+                    f"min(d_in, d_out) = {unit.max_rank} for this {unit.d_out}x{unit.d_in} "
+                    f"{'stacked ' if len(unit.paths) > 1 else ''}matrix, or null for dense."
                 )
 
     # -- JSON --------------------------------------------------------------------------------------

@@ -80,8 +80,7 @@ def ensure_reference(
     progress: Optional[ProgressCallback] = None,
 ) -> tuple[ReferenceRecord, ReferenceDistribution]:
     """The original model's top-k next-token distribution on the evaluation windows, cached."""
-    key = sha256_json(["reference", loaded.fingerprint, text_fingerprint(text_source), windowing.window_len,
-                       windowing.n_windows, top_k])[:32]
+    key = sha256_json(["reference", loaded.fingerprint, text_fingerprint(text_source), *windowing.key(), top_k])[:32]
     record = store.get_reference(key)
     if record is not None:
         tensors = load_arrays(store, record.array_id)
@@ -176,12 +175,20 @@ class CompressionSession:
 
     # -- evaluation -------------------------------------------------------------------------------------
     def evaluate_ranks(self, ranks: Mapping[str, Optional[int]], progress: Optional[ProgressCallback] = None,
-                       window_indices: Optional[list[int]] = None) -> QualityResult:
-        """Apply ranks in place, measure perplexity and both KLs, and restore the original modules."""
+                       window_indices: Optional[list[int]] = None, windows: Optional[torch.Tensor] = None,
+                       reference: Optional[ReferenceDistribution] = None) -> QualityResult:
+        """Apply ranks in place, measure perplexity and both KLs, and restore the original modules.
+
+        By default on the evaluation windows; `windows` with their `reference` evaluate elsewhere
+        (a search's validation windows), and `window_indices` picks some of them.
+        """
+        if (windows is None) != (reference is None):
+            raise ValueError("windows and reference go together")
         model = self.loaded.model
         try:
             compress_(model, ranks, self.factorization)
-            return evaluate_quality(model, self.windows, self.reference, progress, window_indices)
+            return evaluate_quality(model, self.windows if windows is None else windows,
+                                    self.reference if reference is None else reference, progress, window_indices)
         finally:
             restore_(model)
 

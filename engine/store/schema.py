@@ -158,6 +158,54 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        3,
+        "search studies and trials; exports",
+        (
+            """CREATE TABLE studies (
+                study_id VARCHAR PRIMARY KEY,
+                name VARCHAR NOT NULL,
+                model_fingerprint VARCHAR NOT NULL,
+                settings_json VARCHAR NOT NULL,
+                state VARCHAR NOT NULL,
+                validation_json VARCHAR,
+                message VARCHAR,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+                updated_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+            )""",
+            # finished trials are immutable: written once, never updated
+            """CREATE TABLE trials (
+                study_id VARCHAR NOT NULL,
+                number INTEGER NOT NULL,
+                kind VARCHAR NOT NULL,
+                label VARCHAR NOT NULL,
+                trial_json VARCHAR NOT NULL,
+                objective DOUBLE NOT NULL,
+                perplexity DOUBLE NOT NULL,
+                kl_forward DOUBLE NOT NULL,
+                kl_reverse DOUBLE NOT NULL,
+                decoder_params BIGINT NOT NULL,
+                seconds DOUBLE NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+                PRIMARY KEY (study_id, number)
+            )""",
+            # re-measurements of chosen plans on the full evaluation text
+            """CREATE TABLE study_results (
+                study_id VARCHAR NOT NULL,
+                label VARCHAR NOT NULL,
+                result_json VARCHAR NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp,
+                PRIMARY KEY (study_id, label)
+            )""",
+            """CREATE TABLE exports (
+                export_id VARCHAR PRIMARY KEY,
+                model_fingerprint VARCHAR NOT NULL,
+                path VARCHAR NOT NULL,
+                report_json VARCHAR NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+            )""",
+        ),
+    ),
 )
 
 SCHEMA_VERSION: int = MIGRATIONS[-1].version

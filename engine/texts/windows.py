@@ -19,16 +19,24 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Windowing:
-    """How a text is cut into windows: length and count (None = as many as the text gives)."""
+    """How a text is cut into windows: length, count (None = as many as the text gives), and how
+    many windows to skip first (so a validation set can follow an evaluation set without overlap)."""
 
     window_len: int = 512
     n_windows: Optional[int] = None
+    start_window: int = 0
 
     def __post_init__(self):
         if self.window_len < 2:
             raise CorpusError(f"Window length must be at least 2 tokens, got {self.window_len}.")
         if self.n_windows is not None and self.n_windows < 1:
             raise CorpusError(f"Number of windows must be at least 1, got {self.n_windows}.")
+        if self.start_window < 0:
+            raise CorpusError(f"The first window index must be 0 or more, got {self.start_window}.")
+
+    def key(self) -> list:
+        """The part of a cache key that identifies these windows (unchanged for start_window 0)."""
+        return [self.window_len, self.n_windows] + ([self.start_window] if self.start_window else [])
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -49,13 +57,14 @@ def make_windows(corpus: Corpus, tokenizer, windowing: Windowing) -> "torch.Tens
 
     add_bos = tokenizer_adds_bos(tokenizer)
     body = windowing.window_len - (1 if add_bos else 0)
-    needed = None if windowing.n_windows is None else windowing.n_windows * body
-    ids = _encode_prefix(corpus.text, tokenizer, needed)
+    skip = windowing.start_window * body
+    needed = None if windowing.n_windows is None else skip + windowing.n_windows * body
+    ids = _encode_prefix(corpus.text, tokenizer, needed)[skip:]
     available = len(ids) // body
     n_windows = available if windowing.n_windows is None else windowing.n_windows
     if available < n_windows or n_windows == 0:
         raise CorpusError(
-            f"Text '{corpus.name}' gives {len(ids)} tokens, enough for {available} windows of "
+            f"Text '{corpus.name}' gives {len(ids)} tokens after window {windowing.start_window}, enough for {available} windows of "
             f"{windowing.window_len}; {n_windows or 1} were requested. Use fewer or shorter windows, or a longer text."
         )
     tokens = torch.tensor(ids[: n_windows * body], dtype=torch.long).view(n_windows, body)
