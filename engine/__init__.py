@@ -5,3 +5,12 @@ Everything that computes lives here and is importable without Streamlit; the app
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `engine.load_compressed(dir)` without importing torch for every `import engine`
+    if name == "load_compressed":
+        from engine.export_format import load_compressed
+
+        return load_compressed
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -7,6 +7,7 @@ smoke test reads the real converted default model from the project cache (prepar
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ from engine.paths import PROJECT_ROOT
 from tests.tiny_models import FAMILIES, make_tiny_model
 
 REAL_CACHE = Path(os.environ.get("RANKSCOPE_CACHE", PROJECT_ROOT / "cache")).resolve()
+# trust_remote_code loads copy modeling files into transformers' module cache: keep test runs out of ~
+os.environ.setdefault("HF_MODULES_CACHE", str(Path(tempfile.mkdtemp(prefix="rankscope-hf-modules-"))))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -342,6 +342,24 @@ class Store:
         )
         return [SensitivityPoint(*row) for row in rows]
 
+    # -- exports ----------------------------------------------------------------------------------------------
+    def record_export(self, export_id: str, model_fingerprint: str, path: str, report: dict) -> None:
+        """Index an export directory (the directory itself lives outside the cache)."""
+        self._execute(
+            "INSERT OR REPLACE INTO exports (export_id, model_fingerprint, path, report_json) VALUES (?, ?, ?, ?)",
+            [export_id, model_fingerprint, path, json.dumps(report, sort_keys=True, default=str)],
+        )
+
+    def exports(self, model_fingerprint: Optional[str] = None) -> list[dict]:
+        sql = "SELECT export_id, model_fingerprint, path, report_json, created_at FROM exports"
+        params: list[Any] = []
+        if model_fingerprint is not None:
+            sql += " WHERE model_fingerprint = ?"
+            params.append(model_fingerprint)
+        rows = self._fetchall(sql + " ORDER BY created_at", params)
+        return [{"export_id": r[0], "model_fingerprint": r[1], "path": r[2], "report": json.loads(r[3]),
+                 "created_at": r[4]} for r in rows]
+
 
 _OPEN_STORES: dict[Path, Store] = {}
 _OPEN_LOCK = threading.Lock()

@@ -1,0 +1,350 @@
+"""Export a compressed model as a Hugging Face directory that reloads anywhere, and prove it (DESIGN.md §12).
+
+`export_compressed(session, plan, out_dir)` applies the plan to the session's model in place, writes
+the directory described in `engine.export_format` (config.json with a `rankscope_compression`
+section, model.safetensors with the factors, tokenizer files, rank_plan.json, the generated
+modeling_rankscope.py and a README.md model card) into a temporary sibling folder, and then proves
+it before anything appears at `out_dir`: it reloads the folder through `load_compressed` and through
+`AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`, compares logits with the
+in-memory compressed model (float32, max abs diff < 1e-4), re-evaluates perplexity and both KLs on
+the session's evaluation windows, and checks that the reloaded parameter count is the plan's (so no
+dense weights crept back). Any failed check raises `ExportError` and leaves `out_dir` untouched;
+on success the folder is renamed into place. `dense=True` writes `W_r = B_r A_r` as plain
+`nn.Linear` weights instead: a standard transformers model, not smaller than the original.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from engine.compression.lowrank import compress_, restore_
+from engine.compression.plan import RankPlan
+from engine.compression.session import CompressionSession
+from engine.export_format import (
+    CARD_FILE,
+    CONFIG_FILE,
+    PLAN_FILE,
+    SECTION,
+    SUPPORTED_SCHEMAS,
+    WEIGHTS_FILE,
+    CompressionConfig,
+    ExportError,
+    count_parameters,
+    describe_source,
+    load_compressed,
+    original_weights_bytes,
+    unique_state_dict,
+    write_safetensors,
+)
+from engine.export_modeling import MODELING_FILE, auto_map, modeling_source, remote_class_name
+from engine.export_report import (
+    DEFAULT_NEW_TOKENS,
+    DEFAULT_PROMPT,
+    Check,
+    ExportReport,
+    generate_side_by_side,
+    measure_generation_speed,
+    render_model_card,
+)
+from engine.hashing import sha256_json
+from engine.methods import get_method
+from engine.metrics import QualityResult, evaluate_quality
+from engine.progress import ProgressCallback, ProgressTracker
+
+__all__ = ["export_compressed", "load_compressed", "ExportError", "ExportReport", "generate_side_by_side",
+           "measure_generation_speed"]
+
+LOGITS_TOLERANCE = 1e-4  # float32 max abs difference between reloaded and in-memory logits
+PERPLEXITY_RTOL = 1e-4  # relative difference of re-evaluated perplexity
+# Llama-style config switches that give q/k/v/o (attention_bias) or gate/up/down (mlp_bias) a bias: a dense
+# export needs them when the method adds a bias (feature-pca's mean compensation) to linears that had none.
+_BIAS_SWITCHES = ("attention_bias", "mlp_bias")
+
+
+@dataclass
+class _Written:
+    """What the writing step knows that the checks need: the in-memory model's outputs and counts."""
+
+    compression: CompressionConfig
+    check_logits: list[torch.Tensor]  # per check window: [L, V] logits of the in-memory compressed model
+    quality: QualityResult
+    added_bias: int  # bias parameters on linears that had no bias in the original
+    weights_elements: int
+
+
+def export_compressed(
+    session: CompressionSession,
+    plan: RankPlan,
+    out_dir: Path | str,
+    dense: bool = False,
+    prompt: str = DEFAULT_PROMPT,
+    progress: Optional[ProgressCallback] = None,
+    max_new_tokens: int = DEFAULT_NEW_TOKENS,
+    timing_runs: int = 3,
+    check_windows: int = 2,
+) -> ExportReport:
+    """Write `plan` applied to the session's model to `out_dir`, verify the reload, and report.
+
+    Example: `export_compressed(session, session.uniform_plan(0.2), "exports/fpca-20")`.
+    `out_dir` may be new, empty, or an earlier export (replaced only after the new one passed its
+    checks). The session's model is compressed in place while writing and restored afterwards.
+    Raises `ExportError` (or `PlanError`) with the reason when the plan does not fit the session or
+    the written directory does not reproduce the in-memory model.
+    """
+    out_dir = Path(out_dir).expanduser().resolve()
+    if min(max_new_tokens, timing_runs, check_windows) < 1:
+        raise ExportError("New tokens, timing runs and check windows must each be at least 1.")
+    _check_plan_fits(session, plan)
+    _check_transformers_class(session.loaded.model)
+    _check_target(out_dir)
+    storage = "dense" if dense else "low-rank"
+    tracker = ProgressTracker(progress, f"export ({storage})", total=4, unit="steps")
+    # staged as <parent>/.rankscope-export-<id>/<name>: the same folder name as the target, so transformers'
+    # remote-code cache (keyed by folder name and file hash) gains no extra entry for the staging folder
+    staging = out_dir.parent / f".rankscope-export-{uuid.uuid4().hex[:8]}" / out_dir.name
+    staging.mkdir(parents=True)
+    try:
+        check_ids = session.windows[:check_windows]  # [n, L]
+        written = _write(session, plan, staging, storage, check_ids, progress)
+        tracker.advance()
+        verified = _verify(session, plan, staging, written, check_ids, storage, progress)
+        tracker.advance()
+        original, tokenizer = session.loaded.model, session.loaded.tokenizer
+        generation = generate_side_by_side(original, verified.model, tokenizer, prompt, max_new_tokens)
+        speed = {label: measure_generation_speed(model, tokenizer, prompt, max_new_tokens, timing_runs)
+                 for label, model in (("original", original), ("compressed", verified.model))}
+        tracker.advance()
+        report = ExportReport(
+            out_dir=str(out_dir), storage=storage, method=plan.method, model_id=session.loaded.model_id, files={},
+            weights_bytes=(staging / WEIGHTS_FILE).stat().st_size,
+            original_weights_bytes=original_weights_bytes(session.loaded.path),
+            parameters={**plan.parameters, "expected_from_plan": _planned_count(plan, storage),
+                        "added_bias": written.added_bias, "weights_file_elements": written.weights_elements,
+                        "reloaded": count_parameters(verified.model), "reloaded_transformers": verified.transformers_count},
+            quality={"original": session.original_quality(), "compressed": written.quality.to_dict(),
+                     "reloaded": verified.quality.to_dict()},
+            evaluation=_evaluation_context(session),
+            logits_max_abs_diff=verified.logits_max_abs_diff,
+            speed=speed, generation=generation, checks=verified.checks,
+        )
+        (staging / CARD_FILE).write_text(render_model_card(report))
+        report.files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
+        _move_into_place(staging, out_dir)
+        session.store.record_export(sha256_json([str(out_dir), report.to_dict()])[:32], session.loaded.fingerprint,
+                                    str(out_dir), report.to_dict())
+        tracker.advance()
+        return report
+    finally:
+        shutil.rmtree(staging.parent, ignore_errors=True)  # empty after a successful move
+
+
+# -- before writing ----------------------------------------------------------------------------------------------
+
+def _check_plan_fits(session: CompressionSession, plan: RankPlan) -> None:
+    """The plan must be for this model and method, and factorised from the same calibration."""
+    plan.validate_for(session.shapes)  # PlanError naming both models when it is another model's plan
+    if plan.method != session.method:
+        raise ExportError(f"The plan uses method '{plan.method}' but the session factorised with '{session.method}'; "
+                          "open the session with the plan's method.")
+    if not get_method(plan.method).needs or plan.calibration is None:
+        return
+    ours = {"text_fingerprint": session.calibration.record.text_fingerprint,
+            "window_len": session.texts.calibration_windowing.window_len,
+            "n_windows": session.texts.calibration_windowing.n_windows, "n_groups": session.texts.n_groups}
+    differing = [key for key, value in ours.items() if plan.calibration.get(key) != value]
+    if differing:
+        c = plan.calibration
+        raise ExportError(
+            f"The plan was measured with {plan.method} factors calibrated on '{c.get('text')}' ({c.get('n_windows')} "
+            f"windows of {c.get('window_len')}, {c.get('n_groups')} groups), but this session calibrates differently "
+            f"({', '.join(differing)} differ), so the exported model would not be the one the plan measured. Export "
+            f"with --calibration-text {c.get('text')} --calibration-windows {c.get('n_windows')} "
+            f"--window-len {c.get('window_len')} --groups {c.get('n_groups')}."
+        )
+
+
+def _check_target(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is a file; give a directory for the export.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_export(out_dir):
+        raise ExportError(f"{out_dir} exists and is not an earlier RankScope export; choose a new or empty directory.")
+
+
+def _is_export(directory: Path) -> bool:
+    try:
+        return SECTION in json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+# -- writing -------------------------------------------------------------------------------------------------------
+
+def _write(session: CompressionSession, plan: RankPlan, staging: Path, storage: str, check_ids: torch.Tensor,
+           progress: Optional[ProgressCallback]) -> _Written:
+    """Apply the plan in place, record the in-memory model's outputs, write every file, restore the model."""
+    model = session.loaded.model
+    restore_(model)
+    original_names = set(model.state_dict())
+    compress_(model, plan.ranks, session.factorization)
+    try:
+        check_logits = [_logits(model, ids) for ids in check_ids]
+        quality = evaluate_quality(model, session.windows, session.reference, progress)
+        compression = CompressionConfig.of_model(model, plan.method, storage, describe_source(session.loaded))
+        if storage == "low-rank":
+            config = copy.deepcopy(model.config)
+            config.architectures = [remote_class_name(compression.base_class)]
+            config.auto_map = auto_map(compression.base_class)
+            tensors, _ = unique_state_dict(model)
+            (staging / MODELING_FILE).write_text(modeling_source(compression.base_class, SUPPORTED_SCHEMAS))
+        else:
+            config, tensors = _dense_config_and_tensors(model, compression)
+        setattr(config, SECTION, compression.to_dict())
+        write_safetensors(tensors, staging / WEIGHTS_FILE)
+    finally:
+        restore_(model)
+    added_bias = sum(t.numel() for name, t in tensors.items() if name.endswith(".bias") and name not in original_names)
+    config.save_pretrained(staging)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(staging)
+    session.loaded.tokenizer.save_pretrained(staging)
+    _measured_plan(session, plan, quality).save(staging / PLAN_FILE)
+    return _Written(compression, check_logits, quality, added_bias, sum(t.numel() for t in tensors.values()))
+
+
+def _measured_plan(session: CompressionSession, plan: RankPlan, quality: QualityResult) -> RankPlan:
+    """The plan with the metrics measured at export, and the evaluation set they were measured on."""
+    return RankPlan.from_dict({**plan.with_metrics(quality.to_dict()).to_dict(), "evaluation": _evaluation_context(session)})
+
+
+def _evaluation_context(session: CompressionSession) -> dict:
+    """The evaluation text and windows that an export's quality numbers were measured on."""
+    return {"text": session.texts.evaluation_text, "text_fingerprint": session.reference_record.text_fingerprint,
+            "window_len": int(session.windows.shape[1]), "n_windows": int(session.windows.shape[0])}
+
+
+def _check_transformers_class(model: nn.Module) -> None:
+    import transformers
+
+    if getattr(transformers, type(model).__name__, None) is not type(model):
+        raise ExportError(f"{type(model).__name__} is not a class of transformers {transformers.__version__}; "
+                          "exports rebuild the model from a transformers class.")
+
+
+def _dense_config_and_tensors(model: nn.Module, compression: CompressionConfig) -> tuple[object, dict[str, torch.Tensor]]:
+    """Config and tensors of a plain transformers model whose compressed linears hold `W_r = B_r A_r`."""
+    config = copy.deepcopy(model.config)
+    needs_bias = [path for path, spec in compression.modules.items() if spec.bias]
+    skeleton = _meta_skeleton(type(model), config)
+    if any(skeleton.get_submodule(p).bias is None for p in needs_bias):
+        for switch in _BIAS_SWITCHES:
+            if getattr(config, switch, None) is False:
+                setattr(config, switch, True)
+        skeleton = _meta_skeleton(type(model), config)
+        lacking = [p for p in needs_bias if skeleton.get_submodule(p).bias is None]
+        if lacking:
+            raise ExportError(
+                f"A dense export cannot hold the bias that {compression.method} adds to '{lacking[0]}' "
+                f"({len(lacking)} linear(s) in all): {compression.base_class} has no bias there and no config switch "
+                "for one. Export the low-rank form instead (without --dense), which keeps the bias."
+            )
+    expected, _ = unique_state_dict(skeleton)
+    source, _ = unique_state_dict(model)
+    tensors = {}
+    for name, like in expected.items():
+        path, _, leaf = name.rpartition(".")
+        if path in compression.modules:
+            module = model.get_submodule(path)
+            value = module.weight if leaf == "weight" else module.bias  # weight: B @ A, [d_out, d_in]
+        else:
+            value = source.get(name)
+        if value is None and leaf == "bias":
+            value = torch.zeros(like.shape)  # a switch gave this linear a bias it never had: zero keeps it exact
+        if value is None or tuple(value.shape) != tuple(like.shape):
+            raise ExportError(f"Internal error: no value of shape {list(like.shape)} for '{name}' in the dense export.")
+        tensors[name] = value.detach().to(torch.float32)
+    return config, tensors
+
+
+def _meta_skeleton(model_class: type, config) -> nn.Module:
+    with torch.device("meta"):  # shapes and tied structure only, no memory
+        return model_class(config)
+
+
+# -- checking ------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Verified:
+    """The reloaded model (through load_compressed) and what the checks measured."""
+
+    model: nn.Module
+    quality: QualityResult
+    checks: list[Check]
+    logits_max_abs_diff: dict[str, float]  # reload path -> max |logits - in-memory logits|
+    transformers_count: int  # parameters of the model reloaded through transformers
+
+
+def _verify(session, plan, staging, written: _Written, check_ids, storage, progress) -> _Verified:
+    """Reload through both paths, compare with the in-memory model, and raise unless every check passes."""
+    from transformers import AutoModelForCausalLM
+
+    expected_count = _planned_count(plan, storage) + written.added_bias
+    reloaded, _, _ = load_compressed(staging)
+    remote = {} if storage == "dense" else {"trust_remote_code": True}  # dense: prove it loads as plain transformers
+    through_transformers, info = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32,
+                                                                      output_loading_info=True, **remote)
+    through_transformers.eval()
+    problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    checks = [Check("transformers loads every tensor", not problems,
+                    str(problems)[:300] if problems else "no missing, unexpected or mismatched keys")]
+    diffs = {}
+    for label, model in (("load_compressed", reloaded), ("transformers", through_transformers)):
+        diffs[label] = max(float((_logits(model, ids) - expected).abs().max())
+                           for ids, expected in zip(check_ids, written.check_logits))
+        checks.append(Check(f"logits via {label}", diffs[label] < LOGITS_TOLERANCE,
+                            f"max abs diff {diffs[label]:.2e} on {len(check_ids)} window(s) (limit {LOGITS_TOLERANCE:g})"))
+        count = count_parameters(model)
+        checks.append(Check(f"parameters via {label}", count == expected_count,
+                            f"{count:,} reloaded, {expected_count:,} expected (plan's {storage} count + "
+                            f"{written.added_bias:,} added bias)"))
+    transformers_count = count_parameters(through_transformers)
+    del through_transformers
+    quality = evaluate_quality(reloaded, session.windows, session.reference, progress)
+    rel = abs(quality.perplexity - written.quality.perplexity) / written.quality.perplexity
+    checks.append(Check("perplexity re-evaluated after reload", rel <= PERPLEXITY_RTOL,
+                        f"{quality.perplexity:.6f} reloaded vs {written.quality.perplexity:.6f} in memory "
+                        f"(relative difference {rel:.1e}, limit {PERPLEXITY_RTOL:g})"))
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        raise ExportError("The export did not reproduce the compressed model, so nothing was written to the target: "
+                          + "; ".join(f"{c.name}: {c.detail}" for c in failed))
+    return _Verified(reloaded, quality, checks, diffs, transformers_count)
+
+
+def _planned_count(plan: RankPlan, storage: str) -> int:
+    """All parameters the plan predicts: compressed for low-rank storage, the original's for dense."""
+    return plan.parameters["total"]["compressed" if storage == "low-rank" else "dense"]
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids[None], use_cache=False).logits[0].float()  # [L] -> [L, V]
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename the verified folder to `out_dir`, replacing an earlier export only now that the new one passed."""
+    if out_dir.exists():
+        previous = out_dir.with_name(f".{out_dir.name}.replaced-{uuid.uuid4().hex[:8]}")
+        out_dir.rename(previous)
+        staging.rename(out_dir)
+        shutil.rmtree(previous)
+    else:
+        staging.rename(out_dir)

@@ -1,0 +1,304 @@
+"""The RankScope export format: what an exported directory holds, and `load_compressed` to read it back.
+
+An export is a Hugging Face style directory (DESIGN.md §12). `config.json` is the model's own config
+plus a `rankscope_compression` section (`CompressionConfig`, schema `rankscope.compression/v1`) that
+says everything needed to rebuild the model: the transformers class, and for each compressed linear
+its rank, shape and whether it has a bias, plus which linears share one `A` factor (joint methods).
+`model.safetensors` holds every tensor once: `<module>.A` and `<module>.B` (and `<module>.bias`) for
+compressed linears, the dense weights of everything else; a tied input/output embedding and a shared
+`A` appear under their first name in `state_dict` order only (`unique_state_dict`).
+
+`load_compressed` rebuilds the model from config.json with the engine's own `LowRankLinear` and
+loads model.safetensors strictly: every expected tensor present, nothing extra, every shape as the
+section says. It needs no remote code; nothing in an export is a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from engine import __version__
+from engine.compression.lowrank import LowRankLinear
+from engine.compression.plan import RankPlan
+from engine.errors import RankScopeError
+
+COMPRESSION_SCHEMA = "rankscope.compression/v1"
+SUPPORTED_SCHEMAS = (COMPRESSION_SCHEMA,)
+SECTION = "rankscope_compression"
+STORAGES = ("low-rank", "dense")  # factors A/B, or W_r = B_r A_r as plain nn.Linear weights
+CONFIG_FILE, WEIGHTS_FILE, PLAN_FILE, CARD_FILE = "config.json", "model.safetensors", "rank_plan.json", "README.md"
+
+
+class ExportError(RankScopeError):
+    """An export that cannot be written, does not reload faithfully, or is damaged."""
+
+
+@dataclass(frozen=True)
+class CompressedModule:
+    """One linear as stored in an export: `A: [rank, in_features]`, `B: [out_features, rank]`."""
+
+    rank: int
+    in_features: int
+    out_features: int
+    bias: bool
+
+    def __post_init__(self):
+        for name in ("rank", "in_features", "out_features"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ExportError(f"Compressed module field '{name}' must be a positive integer, got {value!r}.")
+        if not isinstance(self.bias, bool):
+            raise ExportError(f"Compressed module field 'bias' must be true or false, got {self.bias!r}.")
+
+    def tensor_shapes(self, path: str) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape of this module's factors in model.safetensors."""
+        shapes = {f"{path}.A": (self.rank, self.in_features), f"{path}.B": (self.out_features, self.rank)}
+        if self.bias:
+            shapes[f"{path}.bias"] = (self.out_features,)
+        return shapes
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """The `rankscope_compression` section of an exported config.json."""
+
+    method: str
+    storage: str
+    base_class: str  # the transformers class the model is built from, e.g. "LlamaForCausalLM"
+    modules: dict[str, CompressedModule]  # module path -> factors; modules not named stay dense
+    shared_A: dict[str, str] = field(default_factory=dict)  # alias module path -> owner path (stored once)
+    source_model: dict = field(default_factory=dict)  # {"id", "fingerprint"} of the original model
+    engine_version: str = __version__
+    schema: str = COMPRESSION_SCHEMA
+
+    def __post_init__(self):
+        if self.schema not in SUPPORTED_SCHEMAS:
+            raise ExportError(_unknown_schema(self.schema))
+        if self.storage not in STORAGES:
+            raise ExportError(f"Unknown storage '{self.storage}' in the compression section; known: {', '.join(STORAGES)}.")
+        for alias, owner in self.shared_A.items():
+            if alias not in self.modules or owner not in self.modules:
+                raise ExportError(f"shared_A names '{alias}' -> '{owner}', but both must be listed under modules.")
+            a, o = self.modules[alias], self.modules[owner]
+            if (a.rank, a.in_features) != (o.rank, o.in_features):
+                raise ExportError(f"'{alias}' shares A with '{owner}' but their A shapes differ: "
+                                  f"[{a.rank}, {a.in_features}] vs [{o.rank}, {o.in_features}].")
+            if owner in self.shared_A:
+                raise ExportError(f"'{owner}' is listed as an owner of a shared A and as an alias; aliases point at owners.")
+
+    @classmethod
+    def of_model(cls, model: nn.Module, method: str, storage: str, source_model: Mapping[str, str]) -> "CompressionConfig":
+        """The section describing the `LowRankLinear` modules of a compressed in-memory model."""
+        modules, shared, owner_of_A = {}, {}, {}
+        for path, module in model.named_modules():
+            if isinstance(module, LowRankLinear):
+                modules[path] = CompressedModule(module.rank, module.in_features, module.out_features, module.bias is not None)
+                owner = owner_of_A.setdefault(id(module.A), path)
+                if owner != path:
+                    shared[path] = owner
+        return cls(method, storage, type(model).__name__, modules, shared, dict(source_model))
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {path: spec.rank for path, spec in self.modules.items()}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "CompressionConfig":
+        if not isinstance(data, dict):
+            raise ExportError(f"The {SECTION} section of config.json must be an object, got {type(data).__name__}.")
+        if data.get("schema") not in SUPPORTED_SCHEMAS:
+            raise ExportError(_unknown_schema(data.get("schema")))
+        known = set(cls.__dataclass_fields__)
+        extra, missing = set(data) - known, {"method", "storage", "base_class", "modules"} - set(data)
+        if extra or missing:
+            raise ExportError(f"The {SECTION} section has unknown field(s) {sorted(extra)} or lacks {sorted(missing)}.")
+        if not isinstance(data["modules"], dict):
+            raise ExportError(f"{SECTION}.modules must map module paths to their ranks and shapes.")
+        try:
+            modules = {path: CompressedModule(**spec) for path, spec in data["modules"].items()}
+        except TypeError as exc:
+            raise ExportError(f"A module entry in {SECTION}.modules is malformed: {exc}.") from exc
+        return cls(**{**data, "modules": modules, "shared_A": dict(data.get("shared_A") or {})})
+
+
+def _unknown_schema(schema: Any) -> str:
+    return (f"Unknown compression schema {schema!r} in config.json's {SECTION} section; this RankScope "
+            f"({__version__}) reads: {', '.join(SUPPORTED_SCHEMAS)}. Export it again, or use the RankScope that wrote it.")
+
+
+# -- tensors -------------------------------------------------------------------------------------------------------
+
+def unique_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each tensor of `model.state_dict()` once, under its first name, and the alias -> first-name map.
+
+    Tied embeddings and a shared `A` are one Parameter under several names; writing them once is what
+    keeps an export of a model with tied embeddings (or joint-svd factors) from growing.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_name: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        owner = first_name.setdefault(id(tensor), name)
+        if owner == name:
+            tensors[name] = tensor.detach()
+        else:
+            aliases[name] = owner
+    return tensors, aliases
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Write tensors as safetensors (contiguous copies, so slices of larger factor tensors are cut out)."""
+    from safetensors.torch import save_file
+
+    save_file({name: t.detach().contiguous().clone() for name, t in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, read from the file header without loading the data."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of a model, each shared Parameter (tied embedding, shared A) counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+
+def read_compression_config(directory: Path) -> CompressionConfig:
+    """The compression section of `directory/config.json`, validated."""
+    path = _require_file(directory, CONFIG_FILE)
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"Could not read {path}: {exc}.") from exc
+    if not isinstance(config, dict) or SECTION not in config:
+        raise ExportError(f"{path} has no '{SECTION}' section, so {directory} is not a RankScope export.")
+    return CompressionConfig.from_dict(config[SECTION])
+
+
+def build_model(config, compression: CompressionConfig) -> nn.Module:
+    """An uninitialised model of `compression.base_class` with the section's low-rank modules swapped in."""
+    import transformers
+    from transformers.initialization import no_init_weights
+
+    model_class = getattr(transformers, compression.base_class, None)
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise ExportError(f"This export needs the transformers class '{compression.base_class}', which transformers "
+                          f"{transformers.__version__} does not have.")
+    with no_init_weights():  # every tensor is loaded from the file right after, so skip the random init
+        model = model_class(config)
+    model.tie_weights()  # skipping the init also skips tying: tie input/output embeddings as the config says
+    if compression.storage == "low-rank":
+        for path, spec in compression.modules.items():
+            model.set_submodule(path, LowRankLinear(torch.empty(spec.rank, spec.in_features),
+                                                    torch.empty(spec.out_features, spec.rank),
+                                                    torch.empty(spec.out_features) if spec.bias else None))
+        for alias, owner in compression.shared_A.items():
+            model.get_submodule(alias).A = model.get_submodule(owner).A
+    return model.float().eval()
+
+
+def load_weights_strictly(model: nn.Module, weights: Path, compression: CompressionConfig) -> None:
+    """Load `weights` into `model`, refusing missing, unexpected or mis-shaped tensors with their names."""
+    from safetensors.torch import load_file
+
+    expected, aliases = unique_state_dict(model)
+    found = safetensors_shapes(weights)
+    missing = [name for name in expected if name not in found]
+    unexpected = [name for name in found if name not in expected]
+    if missing or unexpected:
+        raise ExportError(
+            f"{weights} does not match config.json: "
+            + "; ".join(part for part in (_names("missing", missing), _names("unexpected", unexpected)) if part) + "."
+        )
+    for name, tensor in expected.items():
+        if tuple(tensor.shape) != found[name]:
+            module = name.rpartition(".")[0]
+            why = (f" (config.json's {SECTION} gives '{module}' rank {compression.modules[module].rank})"
+                   if compression.storage == "low-rank" and module in compression.modules else "")
+            raise ExportError(f"Tensor '{name}' in {weights.name} has shape {list(found[name])}, but config.json "
+                              f"says {list(tensor.shape)}{why}. The file was changed or belongs to another export.")
+    state = load_file(str(weights))
+    state.update({alias: state[owner] for alias, owner in aliases.items()})  # copied into the one shared Parameter
+    model.load_state_dict(state, strict=True)
+
+
+def _names(kind: str, names: list[str]) -> str:
+    if not names:
+        return ""
+    shown = ", ".join(f"'{n}'" for n in names[:4])
+    return f"{len(names)} {kind} tensor(s) ({shown}{', ...' if len(names) > 4 else ''})"
+
+
+def read_plan(directory: Path, compression: CompressionConfig) -> RankPlan:
+    """`rank_plan.json`, checked to be the plan of this export (same source model, same ranks)."""
+    plan = RankPlan.load(_require_file(directory, PLAN_FILE))
+    source = compression.source_model
+    if plan.model.get("fingerprint") != source.get("fingerprint"):
+        raise ExportError(
+            f"{PLAN_FILE} is a plan for model '{plan.model.get('id')}' (fingerprint {str(plan.model.get('fingerprint'))[:12]}), "
+            f"but this export was made from '{source.get('id')}' (fingerprint {str(source.get('fingerprint'))[:12]}). "
+            "Put back the plan the export was written with."
+        )
+    planned = {path: rank for path, rank in plan.ranks.items() if rank is not None}
+    if planned != compression.ranks:
+        differing = sorted(set(planned.items()) ^ set(compression.ranks.items()))[0][0]
+        raise ExportError(f"{PLAN_FILE} and config.json disagree on module '{differing}': plan rank "
+                          f"{plan.ranks.get(differing)}, config rank {compression.ranks.get(differing)}.")
+    return plan
+
+
+def load_compressed(directory: Path | str) -> tuple[nn.Module, Any, RankPlan]:
+    """Rebuild an exported model (low-rank or dense) with its tokenizer and rank plan; no remote code.
+
+    Example: `model, tokenizer, plan = load_compressed("exports/smollm2-fpca20")`.
+    Raises `ExportError` naming the file or tensor when the directory is incomplete or inconsistent.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise ExportError(f"No export directory at {directory}.")
+    compression = read_compression_config(directory)
+    weights = _require_file(directory, WEIGHTS_FILE)
+    plan = read_plan(directory, compression)
+    config = AutoConfig.from_pretrained(directory)  # auto_map names only the model class, so no remote code runs
+    model = build_model(config, compression)
+    load_weights_strictly(model, weights, compression)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"The tokenizer files in {directory} could not be loaded: {exc}") from exc
+    return model, tokenizer, plan
+
+
+def _require_file(directory: Path, name: str) -> Path:
+    path = directory / name
+    if not path.is_file():
+        raise ExportError(f"{directory} has no {name}; an export holds {CONFIG_FILE}, {WEIGHTS_FILE}, {PLAN_FILE}, "
+                          "tokenizer files and a README.md model card.")
+    return path
+
+
+def describe_source(loaded) -> dict:
+    """The `source_model` entry of the compression section for a `LoadedModel`."""
+    return {"id": loaded.model_id, "fingerprint": loaded.fingerprint}
+
+
+def original_weights_bytes(model_dir: Optional[Path]) -> Optional[int]:
+    """Total size of the original model's *.safetensors files (None when it has none, e.g. a hub cache)."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) if model_dir else []
+    return sum(f.stat().st_size for f in files) or None

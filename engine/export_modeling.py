@@ -1,0 +1,114 @@
+"""The `modeling_rankscope.py` file written into every low-rank export, for `trust_remote_code` loading.
+
+`AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` follows config.json's `auto_map`
+to the class generated here: a subclass of the model's own transformers class (LlamaForCausalLM,
+Qwen2ForCausalLM, Gemma3ForCausalLM, ...) that swaps in low-rank linears from config.json's
+`rankscope_compression` section in `__init__`, i.e. before transformers loads the weights, so the
+factors in model.safetensors land in the right modules. The file is self-contained (torch and
+transformers only, no RankScope import) so the export loads on a machine without RankScope.
+
+A shared `A` (joint-svd: q‖k, gate‖up) is stored once, under its owner's name. The subclass registers
+each alias with transformers' tied-weights mapping, the mechanism that handles tied embeddings:
+without it transformers v5 treats the alias as a missing key, materialises it and re-initialises it
+at random after loading. The export's self-check compares logits to catch any regression of this.
+"""
+
+from __future__ import annotations
+
+from string import Template
+
+from engine import __version__
+
+MODELING_FILE = "modeling_rankscope.py"
+
+
+def remote_class_name(base_class: str) -> str:
+    """Name of the generated subclass, e.g. `RankScopeLlamaForCausalLM`."""
+    return f"RankScope{base_class}"
+
+
+def auto_map(base_class: str) -> dict[str, str]:
+    """The config.json `auto_map` entry that points AutoModelForCausalLM at the generated class."""
+    return {"AutoModelForCausalLM": f"{MODELING_FILE.removesuffix('.py')}.{remote_class_name(base_class)}"}
+
+
+def modeling_source(base_class: str, supported_schemas: tuple[str, ...]) -> str:
+    """Source of `modeling_rankscope.py` for a model whose transformers class is `base_class`."""
+    if not base_class.isidentifier():
+        raise ValueError(f"not a class name: {base_class!r}")
+    return _TEMPLATE.substitute(
+        base_class=base_class,
+        remote_class=remote_class_name(base_class),
+        engine_version=__version__,
+        supported_schemas=repr(tuple(supported_schemas)),
+    )
+
+
+_TEMPLATE = Template('''"""A low-rank $base_class exported by RankScope $engine_version.
+
+Load with `AutoModelForCausalLM.from_pretrained(this_directory, trust_remote_code=True)`.
+config.json's `rankscope_compression` section lists each compressed linear (rank, shape, bias) and
+the linears that share one `A` factor; they are swapped in before the weights load, so the factors
+in model.safetensors (`<module>.A` [r, d_in], `<module>.B` [d_out, r]) load into them. A shared `A`
+is stored once and tied to its aliases the way tied embeddings are.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import $base_class
+
+SUPPORTED_SCHEMAS = $supported_schemas
+
+
+class LowRankLinear(nn.Module):
+    """`y = B (A x) + bias` with `A: [r, d_in]`, `B: [d_out, r]`; a drop-in for `nn.Linear`."""
+
+    def __init__(self, in_features, out_features, rank, bias):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.A = nn.Parameter(torch.empty(rank, in_features))
+        self.B = nn.Parameter(torch.empty(out_features, rank))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x):
+        # x: [..., d_in] -> [..., r] -> [..., d_out]
+        return F.linear(F.linear(x, self.A), self.B, self.bias)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}")
+
+
+def _set_submodule(model, path, module):
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
+
+
+class $remote_class($base_class):
+    """$base_class with the low-rank linears named in `config.rankscope_compression`."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        section = getattr(config, "rankscope_compression", None)
+        if not isinstance(section, dict):
+            raise ValueError("config.json has no rankscope_compression section; this is not a RankScope export.")
+        if section.get("schema") not in SUPPORTED_SCHEMAS:
+            raise ValueError(f"Unknown compression schema {section.get('schema')!r} in config.json; "
+                             f"this modeling file reads {', '.join(SUPPORTED_SCHEMAS)}.")
+        for path, spec in section["modules"].items():
+            _set_submodule(self, path, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"]))
+        for alias, owner in section["shared_A"].items():
+            self.get_submodule(alias).A = self.get_submodule(owner).A
+        # Tie each alias to its owner after loading (as for tied embeddings), instead of initialising it as missing,
+        # and let save_pretrained write it once.
+        self._rankscope_shared_A = {f"{alias}.A": f"{owner}.A" for alias, owner in section["shared_A"].items()}
+        self.all_tied_weights_keys.update(self._rankscope_shared_A)
+        self._tied_weights_keys = {**(type(self)._tied_weights_keys or {}), **self._rankscope_shared_A}
+
+    def get_expanded_tied_weights_keys(self, all_submodels=False):
+        # transformers returns no tied keys at all when the embeddings are untied; the shared A stays tied.
+        keys = super().get_expanded_tied_weights_keys(all_submodels=all_submodels)
+        keys.update(getattr(self, "_rankscope_shared_A", {}))
+        return keys
+''')

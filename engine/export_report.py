@@ -1,0 +1,196 @@
+"""What an export reports: generation side by side, measured tokens/s, the report object and model card.
+
+`generate_side_by_side` runs one prompt through the original and the compressed model (greedy, so
+the texts are comparable), `measure_generation_speed` times batch-1 greedy generation of a fixed
+number of new tokens, and `ExportReport` gathers sizes, parameter counts, quality, speed and the
+self-check results; `render_model_card` turns it into the README.md written with the export.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+DEFAULT_PROMPT = "The quick brown fox"
+DEFAULT_NEW_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class SideBySide:
+    """The continuation of one prompt by the original and by the compressed model (greedy)."""
+
+    prompt: str
+    original: str
+    compressed: str
+    new_tokens: int
+    matching_tokens: int  # leading generated tokens on which both models agree
+
+
+@dataclass(frozen=True)
+class GenerationSpeed:
+    """Batch-1 greedy generation speed: `new_tokens / seconds`, median over `runs` after one warm-up."""
+
+    tokens_per_second: float
+    new_tokens: int
+    runs: int
+    seconds: list[float]
+    threads: int
+
+
+def _prompt_ids(tokenizer, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = tokenizer(prompt, return_tensors="pt")  # adds BOS where the tokenizer wants it (Gemma)
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, prompt: str, max_new_tokens: int) -> torch.Tensor:
+    """Exactly `max_new_tokens` greedy tokens after the prompt: `[max_new_tokens]` ids."""
+    ids, mask = _prompt_ids(tokenizer, prompt)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                         min_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad)
+    return out[0, ids.shape[1]:]  # [new]
+
+
+def generate_side_by_side(original_model, compressed_model, tokenizer, prompt: str = DEFAULT_PROMPT,
+                          max_new_tokens: int = DEFAULT_NEW_TOKENS) -> SideBySide:
+    """Greedy continuations of `prompt` by both models, decoded, with the length of their common start."""
+    first = _generate(original_model, tokenizer, prompt, max_new_tokens)
+    second = _generate(compressed_model, tokenizer, prompt, max_new_tokens)
+    n = min(len(first), len(second))
+    differs = (first[:n] != second[:n]).nonzero()
+    matching = int(differs[0, 0]) if len(differs) else n
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return SideBySide(prompt, decode(first), decode(second), n, matching)
+
+
+def measure_generation_speed(model, tokenizer, prompt: str = DEFAULT_PROMPT, max_new_tokens: int = DEFAULT_NEW_TOKENS,
+                             runs: int = 3) -> GenerationSpeed:
+    """Tokens/s of batch-1 greedy generation of exactly `max_new_tokens` tokens (median of `runs`).
+
+    One untimed warm-up run first, so one-off costs (allocations, kernel selection) are not counted.
+    """
+    _generate(model, tokenizer, prompt, max_new_tokens)
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        _generate(model, tokenizer, prompt, max_new_tokens)
+        seconds.append(time.perf_counter() - start)
+    median = statistics.median(seconds)
+    return GenerationSpeed(max_new_tokens / median, max_new_tokens, runs, [round(s, 5) for s in seconds],
+                           torch.get_num_threads())
+
+
+@dataclass(frozen=True)
+class Check:
+    """One self-check of an export: what was compared, whether it passed, and the numbers."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass
+class ExportReport:
+    """Everything `export_compressed` measured and wrote; `to_dict()` is the CLI's `--json` output."""
+
+    out_dir: str
+    storage: str  # "low-rank" or "dense"
+    method: str
+    model_id: str
+    files: dict[str, int]  # file name -> bytes
+    weights_bytes: int
+    original_weights_bytes: Optional[int]
+    parameters: dict  # plan counts + reloaded counts, see export._parameter_report
+    quality: dict  # {"original", "compressed", "reloaded"}: perplexity, kl_forward, kl_reverse, tokens
+    evaluation: dict  # text and windowing of the quality numbers
+    logits_max_abs_diff: dict[str, float]  # reload path -> max |logits - in-memory logits|
+    speed: dict[str, GenerationSpeed]  # "original", "compressed"
+    generation: SideBySide
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def _fmt_bytes(n: Optional[int]) -> str:
+    return "unknown" if n is None else f"{n / 2**20:,.2f} MiB ({n:,} bytes)"
+
+
+def render_model_card(report: ExportReport) -> str:
+    """The README.md model card of an export (Markdown with a small YAML header)."""
+    p, q = report.parameters, report.quality
+    dec, tot = p["decoder_linear"], p["total"]
+    dense = report.storage == "dense"
+    lines = [
+        "---", "library_name: transformers", "tags: [rankscope, low-rank, compressed]", "---", "",
+        f"# {report.model_id}, compressed with {report.method} (RankScope)", "",
+    ]
+    if dense:
+        lines += ["> **Dense export: NOT smaller.** The low-rank product `W_r = B_r A_r` of every compressed linear is",
+                  "> stored as a plain `nn.Linear` weight, so this model has the original's size and speed (plus any",
+                  "> bias the method added). It exists for tools that need standard layers.", ""]
+    lines += [
+        "## Load it", "",
+        "```python",
+        "from engine.export import load_compressed  # RankScope, no remote code",
+        "model, tokenizer, plan = load_compressed(directory)",
+        "",
+        "from transformers import AutoModelForCausalLM  # plain transformers",
+        f"model = AutoModelForCausalLM.from_pretrained(directory{'' if dense else ', trust_remote_code=True'})",
+        "```", "",
+    ]
+    if not dense:
+        lines += ["`trust_remote_code=True` runs the bundled `modeling_rankscope.py`, which swaps in the low-rank "
+                  "linears before the weights load. Without it transformers builds the dense architecture and "
+                  "reports the factor tensors as unexpected and the dense weights as missing.", ""]
+    lines += [
+        "## Parameters", "",
+        "| | dense | compressed | removed |", "|---|---:|---:|---:|",
+        f"| decoder linears | {dec['dense']:,} | {dec['compressed']:,} | {dec['reduction']:.2%} |",
+        f"| whole model (embeddings included, tied ones once) | {tot['dense']:,} | {tot['compressed']:,} | {tot['reduction']:.2%} |",
+        "",
+        f"Parameters after reloading this directory: {p['reloaded']:,} = the plan's {'dense' if dense else 'compressed'} "
+        f"count {p['expected_from_plan']:,} + {p['added_bias']:,} bias parameters on linears that had no bias "
+        f"({'the method adds them' if not dense else 'added by the method, or zero where a config switch adds them'}).", "",
+        "## File size", "",
+        f"- `model.safetensors`: {_fmt_bytes(report.weights_bytes)}",
+        f"- the original's weights: {_fmt_bytes(report.original_weights_bytes)}", "",
+        "## Quality", "",
+        f"On {report.evaluation['text']} ({report.evaluation['n_windows']} windows of {report.evaluation['window_len']} tokens, "
+        f"{q['compressed']['tokens']:,} predicted tokens).", "",
+        "| model | perplexity | KL(P_orig‖P_comp) | KL(P_comp‖P_orig) |", "|---|---:|---:|---:|",
+    ]
+    for label, key in (("original", "original"), ("compressed (in memory)", "compressed"), ("reloaded from this directory", "reloaded")):
+        m = q[key]
+        lines.append(f"| {label} | {m['perplexity']:.4f} | {m['kl_forward']:.6f} | {m['kl_reverse']:.6f} |")
+    s_orig, s_comp = report.speed["original"], report.speed["compressed"]
+    g = report.generation
+    lines += [
+        "", "KL is per predicted token in nats, over the original's top-k tokens plus one tail bucket.", "",
+        "## Generation speed", "",
+        f"Batch 1, greedy, {s_comp.new_tokens} new tokens, median of {s_comp.runs} run(s) after a warm-up, "
+        f"{s_comp.threads} CPU thread(s), measured at export time on the exporting machine.", "",
+        "| model | tokens/s |", "|---|---:|",
+        f"| original | {s_orig.tokens_per_second:.1f} |",
+        f"| compressed (this directory) | {s_comp.tokens_per_second:.1f} |", "",
+        "## Same prompt, both models (greedy)", "",
+        f"Prompt: `{g.prompt}`", "",
+        f"- original: {g.original!r}",
+        f"- compressed: {g.compressed!r}",
+        f"- the first {g.matching_tokens} of {g.new_tokens} generated tokens are identical", "",
+        "## Self-check at export", "",
+        "| check | result | detail |", "|---|---|---|",
+    ]
+    lines += [f"| {c.name} | {'passed' if c.passed else 'FAILED'} | {c.detail} |" for c in report.checks]
+    lines += ["", "The rank plan (with its metrics and their definitions) is in `rank_plan.json`; the compression "
+              "section of `config.json` lists every compressed linear with its rank.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,369 @@
+"""Export and reload of compressed models on tiny llama, qwen2 and gemma3: both reload paths, parameter and
+tensor counts, the dense option, the errors a damaged export gives, and the `rankscope export` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from engine.cli import app
+from engine.compression.lowrank import compress_, restore_
+from engine.compression.plan import PlanError, RankPlan
+from engine.compression.session import CompressionSession, TextSettings
+from engine.export import export_compressed, load_compressed
+from engine.export_format import (
+    COMPRESSION_SCHEMA,
+    SECTION,
+    CompressedModule,
+    CompressionConfig,
+    ExportError,
+    count_parameters,
+    safetensors_shapes,
+)
+from engine.export_modeling import MODELING_FILE
+from engine.methods import METHODS
+from engine.models.loading import load_model
+from engine.store import open_store
+from engine.texts.windows import Windowing
+from tests.tiny_models import FAMILIES, TRAINING_TEXT
+
+TOLERANCE = 1e-4
+FAST = dict(timing_runs=1, max_new_tokens=8)  # generation timing is exercised, not benchmarked, here
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+MLP = ("gate", "up", "down")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("export-text") / "text.txt"
+    path.write_text(TRAINING_TEXT * 20)
+    return path
+
+
+def _session(store, model_dir: Path, text: Path, method: str) -> CompressionSession:
+    texts = TextSettings(str(text), Windowing(32, 8), 4, str(text), Windowing(32, 2))
+    return CompressionSession.open(store, load_model(str(model_dir), store), method, texts)
+
+
+def _mixed_plan(session: CompressionSession) -> RankPlan:
+    """Layer 0: attention dense, MLP at rank 16; layer 1: every linear at rank 8 (joint pairs stay equal)."""
+    ranks = {s.path: 8 if s.layer == 1 else (16 if s.linear_type in MLP else None) for s in session.shapes.linears}
+    return session.plan(ranks)
+
+
+@torch.no_grad()
+def _logits(model, windows: torch.Tensor) -> torch.Tensor:
+    return torch.stack([model(input_ids=w[None], use_cache=False).logits[0].float() for w in windows])  # [N, L, V]
+
+
+def _in_memory_logits(session: CompressionSession, plan: RankPlan) -> torch.Tensor:
+    compress_(session.loaded.model, plan.ranks, session.factorization)
+    try:
+        return _logits(session.loaded.model, session.windows)
+    finally:
+        restore_(session.loaded.model)
+
+
+def _gets_bias(session: CompressionSession, path: str) -> bool:
+    """Whether a compressed linear has a bias: its own, or one its method adds (feature-pca's mean compensation)."""
+    return session.loaded.model.get_submodule(path).bias is not None or \
+        session.factorization.factors[path].bias_shift is not None
+
+
+def _added_bias(session: CompressionSession, plan: RankPlan) -> int:
+    """Bias parameters the method adds to compressed linears that had none."""
+    model = session.loaded.model
+    return sum(model.get_submodule(p).out_features for p, r in plan.ranks.items()
+               if r is not None and model.get_submodule(p).bias is None and _gets_bias(session, p))
+
+
+def _elements(weights: Path) -> int:
+    return sum(math.prod(shape) for shape in safetensors_shapes(weights).values())
+
+
+def _data_bytes(weights: Path) -> int:
+    """Bytes of tensor data in a safetensors file: its size minus the 8-byte length and the JSON header."""
+    with weights.open("rb") as handle:
+        header = struct.unpack("<Q", handle.read(8))[0]
+    return weights.stat().st_size - 8 - header
+
+
+# -- round trip: every family, every method ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_reloads_through_both_paths_with_the_same_logits_and_parameters(
+        family, method, store, tiny_model_dirs, text_file, tmp_path):
+    session = _session(store, tiny_model_dirs[family], text_file, method)
+    plan = _mixed_plan(session)
+    out = tmp_path / "export"
+    report = export_compressed(session, plan, out, **FAST)
+
+    assert report.passed and report.storage == "low-rank"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # the staging folder is gone
+    assert not any(f.suffix in PICKLE_SUFFIXES for f in out.iterdir())
+    assert {"config.json", "model.safetensors", "rank_plan.json", "README.md", MODELING_FILE, "tokenizer.json"} <= set(report.files)
+
+    expected = _in_memory_logits(session, plan)
+    model, tokenizer, saved_plan = load_compressed(out)
+    remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(remote).__name__ == f"RankScope{type(session.loaded.model).__name__}"
+    for reloaded in (model, remote):
+        assert (_logits(reloaded, session.windows) - expected).abs().max().item() < TOLERANCE
+
+    # nothing densified: the reloaded models have exactly the plan's parameters (+ the method's new biases)
+    predicted = plan.parameters["total"]["compressed"] + _added_bias(session, plan)
+    assert predicted < plan.parameters["total"]["dense"]
+    assert count_parameters(model) == count_parameters(remote) == predicted == report.parameters["reloaded"]
+    assert _elements(out / "model.safetensors") == predicted
+
+    keys = safetensors_shapes(out / "model.safetensors")
+    compressed = [p for p, r in plan.ranks.items() if r is not None]
+    shared = {group[1] for group in session.factorization.joint_groups if plan.ranks[group[0]] is not None}
+    assert len(shared) == (3 if method == "joint-svd" else 0)  # q‖k in layer 1, gate‖up in both layers
+    for path in compressed:
+        stored = {k.removeprefix(path + ".") for k in keys if k.startswith(path + ".")}
+        assert stored == ({"B"} if path in shared else {"A", "B"}) | ({"bias"} if _gets_bias(session, path) else set())
+        assert keys[f"{path}.B"][1] == plan.ranks[path]
+        if path not in shared:
+            assert keys[f"{path}.A"] == (plan.ranks[path], session.shapes.by_path[path].d_in)
+    assert ("lm_head.weight" in keys) == (not session.loaded.model.config.tie_word_embeddings)
+
+    assert saved_plan.ranks == plan.ranks
+    assert saved_plan.metrics["perplexity"] == pytest.approx(report.quality["compressed"]["perplexity"], rel=1e-9)
+    assert report.quality["reloaded"]["perplexity"] == pytest.approx(report.quality["compressed"]["perplexity"], rel=1e-6)
+    assert report.quality["compressed"]["kl_forward"] > 0 and report.quality["compressed"]["kl_reverse"] > 0
+    assert tokenizer("a")["input_ids"] == session.loaded.tokenizer("a")["input_ids"]
+
+
+def test_the_model_card_and_config_describe_the_export(store, tiny_model_dirs, text_file, tmp_path):
+    session = _session(store, tiny_model_dirs["llama"], text_file, "joint-svd")
+    plan = _mixed_plan(session)
+    report = export_compressed(session, plan, tmp_path / "export", prompt="Sherlock Holmes", **FAST)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    section = CompressionConfig.from_dict(config[SECTION])
+    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_rankscope.RankScopeLlamaForCausalLM"}
+    assert section.method == "joint-svd" and section.base_class == "LlamaForCausalLM"
+    assert section.ranks == {p: r for p, r in plan.ranks.items() if r is not None}
+    assert section.shared_A == {"model.layers.1.self_attn.k_proj": "model.layers.1.self_attn.q_proj",
+                                "model.layers.0.mlp.up_proj": "model.layers.0.mlp.gate_proj",
+                                "model.layers.1.mlp.up_proj": "model.layers.1.mlp.gate_proj"}
+    assert section.source_model["fingerprint"] == session.loaded.fingerprint
+
+    card = (tmp_path / "export" / "README.md").read_text()
+    for needle in ("KL(P_orig‖P_comp)", "KL(P_comp‖P_orig)", "tokens/s", "trust_remote_code=True", "Sherlock Holmes",
+                   f"{plan.parameters['decoder_linear']['compressed']:,}", f"{plan.parameters['total']['compressed']:,}",
+                   f"{report.weights_bytes:,} bytes", f"{report.original_weights_bytes:,} bytes"):
+        assert needle in card, needle
+    assert "NOT smaller" not in card
+    assert report.speed["original"].tokens_per_second > 0 and report.speed["compressed"].tokens_per_second > 0
+    assert report.generation.new_tokens == 8 and 0 <= report.generation.matching_tokens <= 8
+    assert report.original_weights_bytes == (tiny_model_dirs["llama"] / "model.safetensors").stat().st_size
+    recorded = store.exports(session.loaded.fingerprint)
+    assert [e["path"] for e in recorded] == [str((tmp_path / "export").resolve())]
+    assert recorded[0]["report"]["weights_bytes"] == report.weights_bytes
+
+
+def test_a_model_loaded_with_remote_code_saves_again_with_the_shared_A_once(exported, tmp_path):
+    directory, _ = exported
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32).eval()
+    model.save_pretrained(tmp_path / "resaved")
+    assert safetensors_shapes(tmp_path / "resaved" / "model.safetensors") == safetensors_shapes(directory / "model.safetensors")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.arange(1, 33)[None]  # [1, 32]
+    assert torch.equal(_logits(again, ids), _logits(model, ids))
+    assert count_parameters(again) == count_parameters(model)
+
+
+def test_compression_section_round_trips_and_validates():
+    section = CompressionConfig("joint-svd", "low-rank", "LlamaForCausalLM",
+                                {"a.q": CompressedModule(8, 32, 32, False), "a.k": CompressedModule(8, 32, 16, True)},
+                                {"a.k": "a.q"}, {"id": "m", "fingerprint": "f" * 64})
+    assert CompressionConfig.from_dict(json.loads(json.dumps(section.to_dict()))) == section
+    assert section.to_dict()["schema"] == COMPRESSION_SCHEMA
+    with pytest.raises(ExportError, match="shares A with 'a.q' but their A shapes differ"):
+        CompressionConfig("joint-svd", "low-rank", "X", {"a.q": CompressedModule(8, 32, 32, False),
+                                                         "a.k": CompressedModule(16, 32, 16, False)}, {"a.k": "a.q"})
+    with pytest.raises(ExportError, match="must be a positive integer"):
+        CompressedModule(0, 32, 32, False)
+    with pytest.raises(ExportError, match="Unknown storage"):
+        CompressionConfig("svd", "fp8", "X", {})
+
+
+# -- dense export ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,method", [("llama", "feature-pca"), ("qwen2", "svd"), ("gemma3", "joint-svd")])
+def test_dense_export_is_plain_transformers_and_larger_by_exactly_the_plan_saving(
+        family, method, store, tiny_model_dirs, text_file, tmp_path):
+    session = _session(store, tiny_model_dirs[family], text_file, method)
+    plan = _mixed_plan(session)
+    low = export_compressed(session, plan, tmp_path / "low-rank", **FAST)
+    dense = export_compressed(session, plan, tmp_path / "dense", dense=True, **FAST)
+    assert dense.passed and dense.storage == "dense"
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert "auto_map" not in config and not (tmp_path / "dense" / MODELING_FILE).exists()
+    assert config[SECTION]["storage"] == "dense"
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()  # no remote code
+    assert type(plain) is type(session.loaded.model)
+    assert (_logits(plain, session.windows) - _in_memory_logits(session, plan)).abs().max().item() < TOLERANCE
+    keys = safetensors_shapes(tmp_path / "dense" / "model.safetensors")
+    assert not any(k.endswith((".A", ".B")) for k in keys)
+
+    # dense: the original's parameters plus biases (feature-pca's, and zero ones a config switch adds on llama)
+    original_names = set(session.loaded.model.state_dict())
+    dense_bias = sum(math.prod(s) for k, s in keys.items() if k.endswith(".bias") and k not in original_names)
+    assert (dense_bias > _added_bias(session, plan)) == (method == "feature-pca")
+    dense_elements, low_elements = _elements(tmp_path / "dense" / "model.safetensors"), _elements(tmp_path / "low-rank" / "model.safetensors")
+    assert count_parameters(plain) == dense_elements == plan.parameters["total"]["dense"] + dense_bias
+    saving = plan.parameters["decoder_linear"]["dense"] - plan.parameters["decoder_linear"]["compressed"]
+    assert dense_elements - low_elements == saving + dense_bias - _added_bias(session, plan)
+    assert _data_bytes(tmp_path / "dense" / "model.safetensors") - _data_bytes(tmp_path / "low-rank" / "model.safetensors") \
+        == 4 * (dense_elements - low_elements)  # float32
+    assert low.weights_bytes < dense.weights_bytes
+    assert "NOT smaller" in (tmp_path / "dense" / "README.md").read_text()
+
+
+def test_dense_export_refuses_a_bias_the_architecture_cannot_hold(store, tiny_model_dirs, text_file, tmp_path):
+    session = _session(store, tiny_model_dirs["qwen2"], text_file, "feature-pca")
+    with pytest.raises(ExportError, match=r"cannot hold the bias that feature-pca adds to 'model\.layers\.0\.mlp\.gate_proj'.*without --dense"):
+        export_compressed(session, _mixed_plan(session), tmp_path / "dense", dense=True, **FAST)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- errors ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dirs, text_file, tmp_path_factory) -> tuple[Path, RankPlan]:
+    """One joint-svd export of tiny llama, copied by each test that damages it."""
+    root = tmp_path_factory.mktemp("exported")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RANKSCOPE_CACHE", str(root / "cache"))
+        session = _session(open_store(root / "cache" / "rankscope.duckdb"), tiny_model_dirs["llama"], text_file, "joint-svd")
+        plan = _mixed_plan(session)
+        export_compressed(session, plan, root / "export", **FAST)
+    return root / "export", plan
+
+
+@pytest.fixture
+def damaged(exported, tmp_path) -> Path:
+    return Path(shutil.copytree(exported[0], tmp_path / "copy"))
+
+
+def _other_models_plan(plan: RankPlan) -> RankPlan:
+    return RankPlan.from_dict({**plan.to_dict(), "model": {**plan.model, "id": "other-model", "fingerprint": "0" * 64}})
+
+
+def test_a_plan_for_another_model_is_refused_at_export_and_at_load(exported, damaged, store, tiny_model_dirs, text_file, tmp_path):
+    session = _session(store, tiny_model_dirs["llama"], text_file, "joint-svd")
+    with pytest.raises(PlanError, match="made for model 'other-model'"):
+        export_compressed(session, _other_models_plan(exported[1]), tmp_path / "never", **FAST)
+    assert not (tmp_path / "never").exists()
+    _other_models_plan(exported[1]).save(damaged / "rank_plan.json")
+    with pytest.raises(ExportError, match=r"rank_plan\.json is a plan for model 'other-model'.*made from"):
+        load_compressed(damaged)
+
+
+def test_a_missing_weights_file_or_directory_is_named(damaged, tmp_path):
+    (damaged / "model.safetensors").unlink()
+    with pytest.raises(ExportError, match=r"has no model\.safetensors"):
+        load_compressed(damaged)
+    with pytest.raises(ExportError, match="No export directory at"):
+        load_compressed(tmp_path / "nowhere")
+
+
+def test_a_tampered_tensor_shape_is_named_with_both_shapes(damaged):
+    weights = damaged / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "model.layers.1.mlp.down_proj.A"  # rank 8, d_in 48
+    tensors[name] = tensors[name][:4].clone()
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=rf"'{name}'.*shape \[4, 48\].*says \[8, 48\].*rank 8"):
+        load_compressed(damaged)
+    del tensors[name]
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ExportError, match=rf"1 missing tensor\(s\) \('{name}'\)"):
+        load_compressed(damaged)
+
+
+def test_an_unknown_compression_schema_is_refused_by_both_loaders(damaged):
+    config = json.loads((damaged / "config.json").read_text())
+    config[SECTION]["schema"] = "rankscope.compression/v9"
+    (damaged / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportError, match=r"Unknown compression schema 'rankscope\.compression/v9'.*reads: rankscope\.compression/v1"):
+        load_compressed(damaged)
+    with pytest.raises(ValueError, match=r"Unknown compression schema 'rankscope\.compression/v9'"):
+        AutoModelForCausalLM.from_pretrained(damaged, trust_remote_code=True)
+
+
+def test_a_plan_from_another_calibration_is_refused(exported, store, tiny_model_dirs, text_file, tmp_path):
+    session = _session(store, tiny_model_dirs["llama"], text_file, "whiten")
+    plan = _mixed_plan(session)
+    other = RankPlan.from_dict({**plan.to_dict(), "calibration": {**plan.calibration, "n_windows": 99}})
+    with pytest.raises(ExportError, match="--calibration-windows 99"):
+        export_compressed(session, other, tmp_path / "never", **FAST)
+
+
+def test_a_failed_self_check_leaves_the_target_untouched(store, tiny_model_dirs, text_file, tmp_path, monkeypatch):
+    import engine.export
+
+    session = _session(store, tiny_model_dirs["llama"], text_file, "svd")
+    plan = _mixed_plan(session)
+    first = export_compressed(session, plan, tmp_path / "export", **FAST)
+    monkeypatch.setattr(engine.export, "LOGITS_TOLERANCE", 0.0)  # no difference, not even 0.0, can pass now
+    with pytest.raises(ExportError, match="did not reproduce the compressed model.*logits via load_compressed"):
+        export_compressed(session, plan, tmp_path / "export", **FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert {p.name: p.stat().st_size for p in (tmp_path / "export").iterdir()} == first.files
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="is not an earlier RankScope export"):
+        export_compressed(session, plan, tmp_path / "other", **FAST)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+
+def test_export_help_describes_the_command():
+    result = CliRunner().invoke(app, ["export", "--help"])
+    assert result.exit_code == 0
+    for words in ("--plan", "--out", "--dense", "--prompt", "--calibration-text", "--eval-windows", "--json",
+                  "rankscope_compression", "trust_remote_code"):
+        assert words in result.stdout, words
+
+
+def test_export_command_writes_and_reports(tiny_model_dirs, text_file, tmp_path):
+    runner = CliRunner()
+    options = ["--calibration-text", str(text_file), "--calibration-windows", "8", "--groups", "4",
+               "--eval-text", str(text_file), "--eval-windows", "2", "--window-len", "32"]
+    plan_file = tmp_path / "plan.json"
+    made = runner.invoke(app, ["compress", "--model", str(tiny_model_dirs["qwen2"]), "--uniform", "0.3",
+                               "--save-plan", str(plan_file), *options])
+    assert made.exit_code == 0, made.output
+    result = runner.invoke(app, ["export", "--plan", str(plan_file), "--out", str(tmp_path / "export"),
+                                 "--new-tokens", "8", "--timing-runs", "1", "--json", *options])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["storage"] == "low-rank" and report["method"] == "feature-pca"
+    assert report["parameters"]["reloaded"] == report["parameters"]["expected_from_plan"] + report["parameters"]["added_bias"]
+    assert max(report["logits_max_abs_diff"].values()) < TOLERANCE
+    assert load_compressed(tmp_path / "export")[2].ranks == RankPlan.load(plan_file).ranks
+
+    text = runner.invoke(app, ["export", "--plan", str(plan_file), "--out", str(tmp_path / "export"),
+                               "--new-tokens", "8", "--timing-runs", "1", *options])
+    assert text.exit_code == 0, text.output
+    for words in ("reload check: passed", "tokens/s", "KL(P_orig||P_comp)", "model.safetensors", "original:"):
+        assert words in text.stdout, words
+
+    refused = runner.invoke(app, ["export", "--plan", str(plan_file), "--out", str(tmp_path / "x"),
+                                  "--model", str(tiny_model_dirs["llama"]), *options])
+    assert refused.exit_code == 2 and "Error:" in refused.stderr and "made for model" in refused.stderr
