@@ -40,4 +40,4 @@ def echo_json(value) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
 
 
-from engine.cli import analysis, compression  # noqa: E402,F401  (registers the commands)
+from engine.cli import analysis, compression, export, search  # noqa: E402,F401  (registers the commands)

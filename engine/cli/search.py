@@ -1,0 +1,240 @@
+"""`rankscope search ...`: start, resume and read Bayesian-optimisation studies of rank allocations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from engine.cli import app, echo_json, fail
+from engine.cli.compression import (
+    CalibrationText, CalibrationWindows, EvaluationText, EvaluationWindows, Groups, JsonOption, WindowLen,
+)
+from engine.errors import RankScopeError
+
+search_app = typer.Typer(no_args_is_help=True, help="Rank-allocation search studies (scikit-optimize GP + EI), persisted and resumable.")
+app.add_typer(search_app, name="search")
+
+StudyOption = typer.Option(..., "--study", help="Study id (see `rankscope search status`).")
+
+
+def _storage():
+    from engine.store import open_store
+    from engine.store.study_storage import DuckDBStudyStorage
+
+    return DuckDBStudyStorage(open_store())
+
+
+def _session_for(settings):
+    from engine.compression.session import CompressionSession, TextSettings
+    from engine.models.loading import load_model
+    from engine.progress import TerminalProgress
+    from engine.store import open_store
+    from engine.texts.windows import Windowing
+
+    store = open_store()
+    loaded = load_model(settings.model, store, TerminalProgress())
+    t = settings.texts
+    texts = TextSettings(t["calibration_text"], Windowing(t["window_len"], t["calibration_windows"]), t["groups"],
+                         t["evaluation_text"], Windowing(t["window_len"], t["evaluation_windows"]))
+    return CompressionSession.open(store, loaded, settings.method, texts, TerminalProgress())
+
+
+def _run(storage, session, study_id: str) -> None:
+    from engine.progress import TerminalProgress
+    from engine.search.runner import StudyRunner
+
+    try:
+        StudyRunner(storage, session, study_id, progress=TerminalProgress()).run()
+    except KeyboardInterrupt:
+        typer.echo(f"\nStopped. Resume with: rankscope search resume --study {study_id}", err=True)
+        raise typer.Exit(code=130)
+
+
+def _print_summary(summary: dict, as_json: bool) -> None:
+    if as_json:
+        echo_json(summary)
+        return
+    s = summary["settings"]
+    typer.echo(f"Study {summary['study_id']} [{summary['state']}]: {s['method']}, grouping {s['grouping']}, "
+               f"budget {s['budget']:.0%} of decoder linears, objective log PPL + {s['beta']} x KL ({s['kl']}); "
+               f"{summary['trials_done']}/{summary['trials_planned']} trials")
+    if summary["validation"]:
+        v = summary["validation"]
+        typer.echo(f"  validation windows ({v['kind']}): {v['windows']} - {v['reason']}")
+    if summary["best"]:
+        b = summary["best"]
+        typer.echo(f"  best: {b['label']} objective {b['objective']:.4f} (validation perplexity {b['perplexity']:.3f})")
+    full = summary["full_text"]
+    if full:
+        typer.echo("  on the full evaluation text (never seen by the search):")
+        for label in ["best"] + [b["label"] for b in summary["baselines"]]:
+            if label in full:
+                r = full[label]
+                typer.echo(f"    {label:>8}: perplexity {r['perplexity']:8.3f}  KL(P_orig||P_comp) {r['kl_forward']:.4f}  "
+                           f"KL(P_comp||P_orig) {r['kl_reverse']:.4f}")
+    if summary["mean_trial_seconds"]:
+        typer.echo(f"  mean trial time {summary['mean_trial_seconds']:.1f} s")
+
+
+@search_app.command("start")
+def start(
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry name, model directory, .gguf file or hub id."),
+    method: str = typer.Option("feature-pca", "--method", help="Decomposition method."),
+    grouping: str = typer.Option("5x1", "--grouping", help="5x1, 5xG (e.g. 5x4) or per-layer."),
+    search_v: bool = typer.Option(False, "--search-v", help="Search v too (default: keep v dense)."),
+    budget: float = typer.Option(0.2, "--budget", help="Decoder-linear parameter reduction to meet (0.2 = 20%)."),
+    beta: float = typer.Option(1.0, "--beta", help="Objective: log PPL + beta x KL."),
+    kl: str = typer.Option("reverse", "--kl", help="KL in the objective: reverse = KL(P_comp||P_orig), forward = KL(P_orig||P_comp)."),
+    trials: int = typer.Option(50, "--trials", help="Optimiser trials (warm start included; baselines extra)."),
+    initial_points: int = typer.Option(10, "--initial-points", help="Random points before the GP takes over."),
+    seed: int = typer.Option(0, "--seed"),
+    subset: str = typer.Option("sensitive", "--subset", help="Validation windows: sensitive, random or all."),
+    subset_size: int = typer.Option(8, "--subset-size"),
+    subset_candidates: int = typer.Option(24, "--subset-candidates", help="Candidate windows, after the evaluation windows."),
+    probe_plans: int = typer.Option(6, "--probe-plans", help="Random plans used to find sensitive windows."),
+    warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="Seed with a rank plan JSON."),
+    warm_start_study: Optional[str] = typer.Option(None, "--warm-start-study", help="Seed with another study's best plan."),
+    name: Optional[str] = typer.Option(None, "--name", help="Study id (default: generated)."),
+    calibration_text: str = CalibrationText,
+    calibration_windows: int = CalibrationWindows,
+    eval_text: str = EvaluationText,
+    eval_windows: int = EvaluationWindows,
+    window_len: int = WindowLen,
+    groups: int = Groups,
+    as_json: bool = JsonOption,
+):
+    """Start a study; prints the best plan re-measured on the full evaluation text, next to the baselines."""
+    from engine.compression.plan import RankPlan
+    from engine.search.runner import create_study
+    from engine.search.settings import StudySettings
+    from engine.search.summary import best_trial, ratios_from_ranks, study_summary, warm_start_from_plan
+
+    try:
+        texts = {"calibration_text": calibration_text, "calibration_windows": calibration_windows,
+                 "evaluation_text": eval_text, "evaluation_windows": eval_windows, "window_len": window_len,
+                 "groups": groups}
+        settings = StudySettings(model=model, method=method, grouping=grouping, search_v=search_v, budget=budget,
+                                 beta=beta, kl=kl, n_trials=trials, n_initial_points=initial_points, seed=seed,
+                                 subset=subset, subset_size=subset_size, subset_candidates=subset_candidates,
+                                 subset_probe_plans=probe_plans, texts=texts)
+        if warm_start is not None and warm_start_study is not None:
+            raise RankScopeError("Give at most one of --warm-start and --warm-start-study.")
+        storage = _storage()
+        session = _session_for(settings)
+        if warm_start is not None:
+            ratios = warm_start_from_plan(RankPlan.load(warm_start), session.shapes, method, settings.parsed_grouping())
+            settings = StudySettings.from_dict({**settings.to_dict(), "warm_start": ratios})
+        elif warm_start_study is not None:
+            best = best_trial(storage, warm_start_study)
+            source = storage.get_study(warm_start_study)
+            if best is None or source is None:
+                raise RankScopeError(f"Study '{warm_start_study}' has no finished trials to start from.")
+            if source.model_fingerprint != session.loaded.fingerprint:
+                raise RankScopeError(f"Study '{warm_start_study}' was made for another model.")
+            ratios = ratios_from_ranks(session.shapes, method, settings.parsed_grouping(), best.ranks)
+            settings = StudySettings.from_dict({**settings.to_dict(), "warm_start": ratios})
+        record = create_study(storage, session, settings, name)
+        typer.echo(f"Study {record.study_id} created.", err=True)
+        _run(storage, session, record.study_id)
+        summary = study_summary(storage, record.study_id)
+    except RankScopeError as exc:
+        fail(exc)
+    _print_summary(summary, as_json)
+
+
+@search_app.command("resume")
+def resume(study: str = StudyOption, as_json: bool = JsonOption):
+    """Resume a stopped, failed or interrupted study from its stored trials."""
+    from engine.search.settings import StudySettings
+    from engine.search.summary import study_summary
+
+    try:
+        storage = _storage()
+        record = storage.get_study(study)
+        if record is None:
+            raise RankScopeError(f"No study with id '{study}'. `rankscope search status` lists the studies.")
+        session = _session_for(StudySettings.from_dict(record.settings))
+        _run(storage, session, study)
+        summary = study_summary(storage, study)
+    except RankScopeError as exc:
+        fail(exc)
+    _print_summary(summary, as_json)
+
+
+@search_app.command("status")
+def status(study: Optional[str] = typer.Option(None, "--study", help="One study (default: list all)."),
+           as_json: bool = JsonOption):
+    """List studies, or show one study's state and best trial so far."""
+    from engine.search.summary import study_summary
+
+    try:
+        storage = _storage()
+        if study is not None:
+            _print_summary(study_summary(storage, study), as_json)
+            return
+        rows = [study_summary(storage, r.study_id) for r in storage.list_studies()]
+    except RankScopeError as exc:
+        fail(exc)
+    if as_json:
+        echo_json(rows)
+        return
+    if not rows:
+        typer.echo("No studies yet: rankscope search start --help")
+    for r in rows:
+        best = f"best objective {r['best']['objective']:.4f}" if r["best"] else "no trials yet"
+        typer.echo(f"{r['study_id']}: {r['state']}, {r['trials_done']}/{r['trials_planned']} trials, {best}")
+
+
+@search_app.command("best")
+def best(study: str = StudyOption, as_json: bool = JsonOption):
+    """The best trial of a study and the full-text measurements."""
+    from engine.search.summary import study_summary
+
+    try:
+        summary = study_summary(_storage(), study)
+    except RankScopeError as exc:
+        fail(exc)
+    if as_json:
+        echo_json({"study_id": study, "best": summary["best"], "full_text": summary["full_text"].get("best")})
+    else:
+        _print_summary(summary, False)
+
+
+@search_app.command("export-plan")
+def export_plan(study: str = StudyOption, out: Path = typer.Option(..., "--out", help="Where to write the plan JSON."),
+                trial: Optional[int] = typer.Option(None, "--trial", help="A trial number (default: the best)."),
+                as_json: bool = JsonOption):
+    """Write a study's best (or chosen) trial as a rank plan (rankscope.plan/v1)."""
+    from engine.search.settings import StudySettings
+    from engine.search.summary import best_trial
+
+    try:
+        storage = _storage()
+        record = storage.get_study(study)
+        if record is None:
+            raise RankScopeError(f"No study with id '{study}'.")
+        settings = StudySettings.from_dict(record.settings)
+        chosen = best_trial(storage, study) if trial is None else \
+            next((t for t in storage.trials(study) if t.number == trial), None)
+        if chosen is None:
+            raise RankScopeError(f"Study '{study}' has no trial {'yet' if trial is None else trial}.")
+        session = _session_for(settings)
+        full = storage.results(study).get("best") if trial is None else None
+        metrics = full if full and full.get("trial") == chosen.number else \
+            session.evaluate_ranks(chosen.ranks).to_dict()
+        plan = session.plan(chosen.ranks, grouping={**settings.parsed_grouping().to_dict(), "values": chosen.projected,
+                                                    "budget": settings.budget},
+                            seed=settings.seed, study_id=study)
+        plan = plan.with_metrics({k: metrics[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")})
+        plan.save(out)
+    except RankScopeError as exc:
+        fail(exc)
+    if as_json:
+        echo_json({"study_id": study, "trial": chosen.number, "plan": str(out), "parameters": plan.parameters,
+                   "metrics": plan.metrics})
+    else:
+        typer.echo(f"Trial {chosen.number} of {study} written to {out} "
+                   f"({plan.parameters['decoder_linear']['reduction']:.2%} of decoder linears removed, "
+                   f"perplexity {plan.metrics['perplexity']:.3f}).")

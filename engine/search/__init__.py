@@ -1,0 +1,1 @@
+"""Rank-allocation search: persisted, resumable Bayesian-optimisation studies (DESIGN.md §10)."""

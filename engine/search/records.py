@@ -1,0 +1,158 @@
+"""A study and its trials as plain, immutable records, and the storage contract they go through.
+
+A study (like an Optuna study) has an id, a name, settings, a state and finished trials. A trial
+is written once, when it finishes, and never changed. `StudyStorage` is the contract; the DuckDB
+store (`engine.store.study_storage`) and `InMemoryStudyStorage` implement it and pass the same
+tests (tests/test_study_storage.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Optional, Protocol
+
+from engine.errors import RankScopeError
+
+
+class StudyState(str, Enum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class TrialKind(str, Enum):
+    SEARCH = "search"  # asked by the optimiser
+    WARM_START = "warm-start"  # a given plan, told to the optimiser first
+    BASELINE = "baseline"  # uniform, LoRD, greedy: evaluated for comparison, not told
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    study_id: str
+    name: str
+    model_fingerprint: str
+    settings: dict
+    state: StudyState
+    validation: Optional[dict] = None  # chosen windows and why
+    message: Optional[str] = None  # why it stopped or failed
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    study_id: str
+    number: int
+    kind: TrialKind
+    label: str  # "trial 12", "uniform", "lord", "greedy", "warm start"
+    values: dict  # group -> ratio as asked (before projection)
+    projected: dict  # group -> ratio after projection onto the budget
+    ranks: dict  # module path -> rank or None
+    objective: float
+    perplexity: float
+    kl_forward: float
+    kl_reverse: float
+    decoder_params: int
+    total_params: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def to_json_dict(self) -> dict:
+        return {"values": self.values, "projected": self.projected, "ranks": self.ranks,
+                "total_params": self.total_params, "extra": self.extra}
+
+
+class StudyStorage(Protocol):
+    def create_study(self, record: StudyRecord) -> None: ...
+    def get_study(self, study_id: str) -> Optional[StudyRecord]: ...
+    def list_studies(self) -> list[StudyRecord]: ...
+    def set_state(self, study_id: str, state: StudyState, message: Optional[str] = None) -> None: ...
+    def set_validation(self, study_id: str, validation: dict) -> None: ...
+    def add_trial(self, trial: TrialRecord) -> None: ...
+    def trials(self, study_id: str) -> list[TrialRecord]: ...
+    def put_result(self, study_id: str, label: str, result: dict) -> None: ...
+    def results(self, study_id: str) -> dict[str, dict]: ...
+
+
+class StudyExistsError(RankScopeError):
+    pass
+
+
+class TrialExistsError(RankScopeError):
+    pass
+
+
+class StudyNotFoundError(RankScopeError):
+    pass
+
+
+def unknown_study(study_id: str) -> StudyNotFoundError:
+    return StudyNotFoundError(f"No study with id '{study_id}'. `rankscope search status` lists the studies.")
+
+
+class InMemoryStudyStorage:
+    """`StudyStorage` in dicts: for tests and throwaway studies (nothing survives the process).
+
+    Records are copied on the way in and out, so, as with the DuckDB store, changing what a read
+    returned never changes what is stored.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._studies: dict[str, StudyRecord] = {}
+        self._trials: dict[str, dict[int, TrialRecord]] = {}
+        self._results: dict[str, dict[str, dict]] = {}
+
+    def create_study(self, record: StudyRecord) -> None:
+        with self._lock:
+            if record.study_id in self._studies:
+                raise StudyExistsError(f"A study with id '{record.study_id}' already exists.")
+            self._studies[record.study_id] = copy.deepcopy(record)
+            self._trials[record.study_id] = {}
+            self._results[record.study_id] = {}
+
+    def _known(self, study_id: str) -> None:
+        if study_id not in self._studies:
+            raise unknown_study(study_id)
+
+    def get_study(self, study_id: str) -> Optional[StudyRecord]:
+        with self._lock:
+            return copy.deepcopy(self._studies.get(study_id))
+
+    def list_studies(self) -> list[StudyRecord]:
+        with self._lock:
+            return copy.deepcopy(list(self._studies.values()))
+
+    def set_state(self, study_id: str, state: StudyState, message: Optional[str] = None) -> None:
+        with self._lock:
+            self._known(study_id)
+            self._studies[study_id] = replace(self._studies[study_id], state=state, message=message)
+
+    def set_validation(self, study_id: str, validation: dict) -> None:
+        with self._lock:
+            self._known(study_id)
+            self._studies[study_id] = replace(self._studies[study_id], validation=copy.deepcopy(validation))
+
+    def add_trial(self, trial: TrialRecord) -> None:
+        with self._lock:
+            self._known(trial.study_id)
+            trials = self._trials[trial.study_id]
+            if trial.number in trials:
+                raise TrialExistsError(f"Trial {trial.number} of study '{trial.study_id}' is already stored.")
+            trials[trial.number] = copy.deepcopy(trial)
+
+    def trials(self, study_id: str) -> list[TrialRecord]:
+        with self._lock:
+            trials = self._trials.get(study_id, {})
+            return copy.deepcopy([trials[n] for n in sorted(trials)])
+
+    def put_result(self, study_id: str, label: str, result: dict) -> None:
+        with self._lock:
+            self._known(study_id)
+            self._results[study_id][label] = copy.deepcopy(result)
+
+    def results(self, study_id: str) -> dict[str, dict]:
+        with self._lock:
+            return copy.deepcopy(self._results.get(study_id, {}))

@@ -1,0 +1,231 @@
+"""Run a rank-allocation study: scikit-optimize ask/tell over group ratios, persisted trial by trial.
+
+A trial: the optimiser asks group ratios; they are projected exactly onto the budget; the plan is
+evaluated on the validation subset; the objective `log PPL + β·KL` is told back; the trial is
+written to the store the moment it finishes. A study resumes from its stored trials by replaying
+them through a fresh optimiser with the same seed (ask, then tell the stored result), which puts
+the optimiser in the state an uninterrupted run would have, so it reaches the same result.
+Baselines (uniform, LoRD, greedy) are evaluated in the same study but not told to the optimiser.
+At the end the best plan and the baselines are re-measured on the full evaluation windows.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from engine.compression.grouping import Grouping, budget_target, project_to_budget
+from engine.compression.session import CompressionSession, ensure_reference
+from engine.compression.sweep import sweep_id
+from engine.compression.units import count_parameters
+from engine.errors import RankScopeError
+from engine.hashing import sha256_json
+from engine.progress import ProgressCallback, ProgressTracker
+from engine.search.baselines import greedy_ratios, lord_ratios, uniform_ratios
+from engine.search.records import StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord
+from engine.search.settings import StudySettings
+from engine.search.subset import choose_subset, objective
+from engine.texts.corpus import load_corpus
+from engine.texts.windows import Windowing, make_windows
+
+
+def new_study_id(settings: StudySettings, name: Optional[str] = None) -> str:
+    digest = sha256_json([settings.to_dict(), time.time_ns()])[:6]
+    return name or f"{settings.method}-{settings.grouping}-{int(round(settings.budget * 100))}pct-s{settings.seed}-{digest}"
+
+
+def create_study(storage: StudyStorage, session: CompressionSession, settings: StudySettings,
+                 name: Optional[str] = None) -> StudyRecord:
+    """Register a new study (state RUNNING, no trials yet)."""
+    if settings.method != session.method:
+        raise RankScopeError(f"The session is for method {session.method}, the settings ask for {settings.method}.")
+    groups = settings.parsed_grouping().groups(session.shapes, session.method)
+    if settings.warm_start is not None:
+        unknown = set(settings.warm_start) - set(groups)
+        if unknown:
+            raise RankScopeError(f"The warm start names groups this grouping does not have: {', '.join(sorted(unknown))}; "
+                                 f"groups are {', '.join(groups)}.")
+    # fail early on an impossible budget
+    project_to_budget(session.shapes, session.method, settings.parsed_grouping(), uniform_ratios(list(groups), settings.budget),
+                      budget_target(session.shapes, settings.budget))
+    study_id = new_study_id(settings, name)
+    record = StudyRecord(study_id, name or study_id, session.loaded.fingerprint, settings.to_dict(), StudyState.RUNNING)
+    storage.create_study(record)
+    return record
+
+
+@dataclass
+class StudyRun:
+    """Live state a front end can read while a study runs."""
+
+    study_id: str
+    total_trials: int
+    done_trials: int = 0
+    best_objective: Optional[float] = None
+
+
+class StudyRunner:
+    """Runs (or resumes) one study with a session; `stop_event` stops it between trials."""
+
+    def __init__(self, storage: StudyStorage, session: CompressionSession, study_id: str,
+                 progress: Optional[ProgressCallback] = None, on_trial: Optional[Callable[[TrialRecord], None]] = None,
+                 stop_event: Optional[threading.Event] = None):
+        record = storage.get_study(study_id)
+        if record is None:
+            raise RankScopeError(f"No study with id '{study_id}'.")
+        if record.model_fingerprint != session.loaded.fingerprint:
+            raise RankScopeError(f"Study '{study_id}' was made for another model (fingerprint {record.model_fingerprint[:12]}).")
+        self.storage, self.session, self.record = storage, session, record
+        self.settings = StudySettings.from_dict(record.settings)
+        self.grouping = self.settings.parsed_grouping()
+        self.groups = list(self.grouping.groups(session.shapes, session.method))
+        self.target = budget_target(session.shapes, self.settings.budget)
+        self.progress, self.on_trial = progress, on_trial
+        self.stop_event = stop_event or threading.Event()
+
+    # -- pieces ------------------------------------------------------------------------------------------
+    def _validation(self):
+        """Candidate windows (after the evaluation windows), their reference, and the chosen subset."""
+        s, texts = self.settings, self.session.texts
+        windowing = Windowing(texts.evaluation_windowing.window_len, s.subset_candidates,
+                              start_window=texts.evaluation_windowing.n_windows or 0)
+        corpus = load_corpus(texts.evaluation_text)
+        windows = make_windows(corpus, self.session.loaded.tokenizer, windowing)
+        _, reference = ensure_reference(self.session.store, self.session.loaded, texts.evaluation_text, windowing,
+                                        windows, progress=self.progress)
+        validation = self.record.validation
+        if validation is None:
+            rng = np.random.default_rng(s.seed + 1)
+            probes = [self._project({g: float(rng.uniform(0.05, s.max_ratio)) for g in self.groups})[0]
+                      for _ in range(s.subset_probe_plans)] if s.subset == "sensitive" else []
+
+            def per_window(ranks):
+                return self.session.evaluate_ranks(ranks, windows=windows, reference=reference).window_nll
+
+            validation = choose_subset(s.subset, s.subset_size, s.subset_candidates, probes, per_window, s.seed,
+                                       self.progress)
+            validation["candidate_windows"] = {"text": texts.evaluation_text, **windowing.__dict__}
+            self.storage.set_validation(self.record.study_id, validation)
+        return windows, reference, validation["windows"]
+
+    def _project(self, values: dict, grouping: Optional[Grouping] = None) -> tuple[dict, dict]:
+        return project_to_budget(self.session.shapes, self.session.method, grouping or self.grouping, values, self.target)
+
+    def _evaluate(self, number: int, kind: TrialKind, label: str, values: dict, windows, reference, subset,
+                  grouping: Optional[Grouping] = None) -> TrialRecord:
+        """Project `values` (group ratios of `grouping`, default the study's) onto the budget, score and store."""
+        start = time.perf_counter()
+        ranks, projected = self._project(values, grouping)
+        groups = self.groups if grouping is None else list(grouping.groups(self.session.shapes, self.session.method))
+        projected_at = time.perf_counter()
+        result = self.session.evaluate_ranks(ranks, windows=windows, reference=reference, window_indices=subset)
+        evaluated_at = time.perf_counter()
+        kl = result.kl_reverse if self.settings.kl == "reverse" else result.kl_forward
+        counts = count_parameters(self.session.shapes, self.session.method, ranks)
+        trial = TrialRecord(
+            self.record.study_id, number, kind, label, {g: float(values.get(g, 0.0)) for g in groups},
+            projected, ranks, objective(result.perplexity, kl, self.settings.beta), result.perplexity,
+            result.kl_forward, result.kl_reverse, counts.decoder_compressed, counts.total_compressed,
+            time.perf_counter() - start,
+            extra={"project_s": projected_at - start, "evaluate_s": evaluated_at - projected_at},
+        )
+        self.storage.add_trial(trial)  # persisted before anything shows it
+        if self.on_trial is not None:
+            self.on_trial(trial)
+        return trial
+
+    def _optimizer(self):
+        from skopt import Optimizer
+        from skopt.learning import GaussianProcessRegressor
+        from skopt.learning.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
+        from skopt.space import Real
+
+        s = self.settings
+        scales = [s.length_scale(g) for g in self.groups]
+        kernel = ConstantKernel(1.0, (0.01, 1000.0)) * Matern(length_scale=scales, length_scale_bounds=(0.01, 100.0), nu=2.5) \
+            + WhiteKernel(noise_level=1e-3, noise_level_bounds=(1e-8, 1.0))
+        gp = GaussianProcessRegressor(kernel=kernel, normalize_y=True, n_restarts_optimizer=2, random_state=s.seed)
+        return Optimizer([Real(0.0, s.max_ratio, name=g) for g in self.groups], base_estimator=gp, acq_func="EI",
+                         n_initial_points=s.n_initial_points, initial_point_generator="random", random_state=s.seed)
+
+    # -- the study -----------------------------------------------------------------------------------
+    def run(self) -> StudyRecord:
+        sid = self.record.study_id
+        self.storage.set_state(sid, StudyState.RUNNING)
+        try:
+            windows, reference, subset = self._validation()
+            stored = {t.number: t for t in self.storage.trials(sid)}
+            number = len(stored)
+            # baselines first, in the same study and on the same windows; the uniform plan compresses
+            # every decoder linear, v included, whatever the study's grouping (as `compress --uniform`)
+            uniform = Grouping("5x1", search_v=True)
+            baselines = {"uniform": uniform_ratios(list(uniform.groups(self.session.shapes, self.session.method)),
+                                                   self.settings.budget),
+                         "lord": lord_ratios(self.groups, self.settings.budget)}
+            greedy = greedy_ratios(self.session.shapes, self.session.method, self.grouping, self.settings.budget,
+                                   self.session.store.sensitivity_points(sweep_id(self.session)),
+                                   self.session.reference.perplexity)
+            if greedy is not None:
+                baselines["greedy"] = greedy
+            done_labels = {t.label for t in stored.values() if t.kind == TrialKind.BASELINE}
+            for label, values in baselines.items():
+                if label not in done_labels:
+                    trial = self._evaluate(number, TrialKind.BASELINE, label, values, windows, reference, subset,
+                                           uniform if label == "uniform" else None)
+                    stored[number], number = trial, number + 1
+            optimizer = self._optimizer()
+            told = [t for t in sorted(stored.values(), key=lambda t: t.number) if t.kind != TrialKind.BASELINE]
+            tracker = ProgressTracker(self.progress, f"study {sid}", total=self.settings.n_trials, unit="trials")
+            for trial in told:  # replay: the optimiser ends where an uninterrupted run would be
+                if trial.kind == TrialKind.SEARCH:
+                    optimizer.ask()
+                optimizer.tell([trial.values[g] for g in self.groups], trial.objective)
+                tracker.advance()
+            if self.settings.warm_start is not None and not any(t.kind == TrialKind.WARM_START for t in told):
+                values = {g: float(self.settings.warm_start.get(g, 0.0)) for g in self.groups}
+                trial = self._evaluate(number, TrialKind.WARM_START, "warm start", values, windows, reference, subset)
+                optimizer.tell([values[g] for g in self.groups], trial.objective)
+                told.append(trial)
+                number += 1
+                tracker.advance()
+            while len(told) < self.settings.n_trials:
+                if self.stop_event.is_set():
+                    self.storage.set_state(sid, StudyState.STOPPED, f"stopped after {len(told)} trials")
+                    return self.storage.get_study(sid)
+                point = optimizer.ask()
+                values = dict(zip(self.groups, (float(v) for v in point)))
+                trial = self._evaluate(number, TrialKind.SEARCH, f"trial {len(told)}", values, windows, reference, subset)
+                optimizer.tell(point, trial.objective)
+                told.append(trial)
+                number += 1
+                tracker.advance()
+            self._remeasure()
+            self.storage.set_state(sid, StudyState.FINISHED)
+        except KeyboardInterrupt:
+            self.storage.set_state(sid, StudyState.STOPPED, "interrupted")
+            raise
+        except Exception as exc:
+            self.storage.set_state(sid, StudyState.FAILED, f"{type(exc).__name__}: {exc}")
+            raise
+        return self.storage.get_study(sid)
+
+    def _remeasure(self) -> None:
+        """Best plan and baselines on the full evaluation windows, which the search never saw."""
+        trials = self.storage.trials(self.record.study_id)
+        done = self.storage.results(self.record.study_id)
+        searched = [t for t in trials if t.kind != TrialKind.BASELINE]
+        best = min(searched, key=lambda t: t.objective)
+        chosen = [("best", best)] + [(t.label, t) for t in trials if t.kind == TrialKind.BASELINE]
+        for label, trial in chosen:
+            if label in done and done[label].get("trial") == trial.number:
+                continue
+            result = self.session.evaluate_ranks(trial.ranks)
+            self.storage.put_result(self.record.study_id, label, {
+                "trial": trial.number, "perplexity": result.perplexity, "kl_forward": result.kl_forward,
+                "kl_reverse": result.kl_reverse, "tokens": result.n_tokens, "decoder_params": trial.decoder_params,
+                "total_params": trial.total_params,
+            })

@@ -1,0 +1,84 @@
+"""`StudySettings`: everything that defines a search study, validated, versioned and JSON-able."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from engine.compression.grouping import MAX_RATIO, Grouping
+from engine.errors import RankScopeError
+from engine.methods.base import METHODS
+
+SETTINGS_VERSION = 1
+OBJECTIVE_KL = ("reverse", "forward")
+SUBSETS = ("sensitive", "random", "all")
+ATTENTION_GROUPS = ("qk", "q", "k", "v", "o", "q+k")
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    model: str = "smollm2-135m"
+    method: str = "feature-pca"
+    grouping: str = "5x1"  # 5x1, 5xG (e.g. 5x4), per-layer
+    search_v: bool = False
+    budget: float = 0.2  # decoder-linear reduction
+    beta: float = 1.0  # objective = log PPL + beta * KL
+    kl: str = "reverse"
+    n_trials: int = 50  # optimiser trials, warm start included; baselines are extra
+    n_initial_points: int = 10  # random points before the GP takes over
+    seed: int = 0
+    max_ratio: float = 0.9  # upper bound of each group's ratio
+    length_scale_attention: float = 1.0  # Bolaco's Matern length scales
+    length_scale_mlp: float = 0.8
+    subset: str = "sensitive"
+    subset_size: int = 8
+    subset_candidates: int = 24  # windows after the evaluation windows
+    subset_probe_plans: int = 6
+    warm_start: Optional[dict] = None  # group -> ratio
+    texts: dict = field(default_factory=dict)  # TextSettings overrides
+    version: int = SETTINGS_VERSION
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise RankScopeError(f"Unknown method '{self.method}'. Methods: {', '.join(METHODS)}.")
+        self.parsed_grouping()  # raises for an unknown grouping
+        if not 0.0 < self.budget < 1.0:
+            raise RankScopeError(f"The budget is a decoder-linear reduction between 0 and 1, got {self.budget}.")
+        if self.kl not in OBJECTIVE_KL:
+            raise RankScopeError(f"The objective KL must be one of {', '.join(OBJECTIVE_KL)}, got '{self.kl}'.")
+        if self.beta < 0:
+            raise RankScopeError(f"beta must be 0 or more, got {self.beta}.")
+        if self.n_trials < 1 or self.n_initial_points < 1:
+            raise RankScopeError("A study needs at least one trial and one initial point.")
+        if self.subset not in SUBSETS:
+            raise RankScopeError(f"The validation subset must be one of {', '.join(SUBSETS)}, got '{self.subset}'.")
+        if not 1 <= self.subset_size <= self.subset_candidates:
+            raise RankScopeError(
+                f"The validation subset size must be between 1 and the number of candidate windows "
+                f"({self.subset_candidates}), got {self.subset_size}."
+            )
+        if not 0.0 < self.max_ratio <= MAX_RATIO:
+            raise RankScopeError(f"max_ratio must be in (0, {MAX_RATIO}], got {self.max_ratio}.")
+
+    def parsed_grouping(self) -> Grouping:
+        return Grouping.parse(self.grouping, self.search_v)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StudySettings":
+        if data.get("version", SETTINGS_VERSION) > SETTINGS_VERSION:
+            raise RankScopeError(
+                f"These study settings have version {data['version']}; this RankScope reads up to {SETTINGS_VERSION}."
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise RankScopeError(f"Unknown study setting(s): {', '.join(sorted(unknown))}.")
+        return cls(**data)
+
+    def length_scale(self, group: str) -> float:
+        """Bolaco's per-dimension Matern length scale: attention groups 1.0, MLP groups 0.8 by default."""
+        base = group.split("@")[0]
+        return self.length_scale_attention if base in ATTENTION_GROUPS else self.length_scale_mlp

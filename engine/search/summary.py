@@ -1,0 +1,64 @@
+"""Reading studies back: warm-start ratios from a plan or study, summaries, and the best plan."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from engine.compression.grouping import Grouping
+from engine.compression.plan import RankPlan
+from engine.compression.units import ModelShapes
+from engine.errors import RankScopeError
+from engine.search.records import StudyStorage, TrialKind, TrialRecord
+
+
+def ratios_from_ranks(shapes: ModelShapes, method: str, grouping: Grouping, ranks: dict) -> dict[str, float]:
+    """Each group's achieved parameter reduction under `ranks`: a warm start for that grouping."""
+    ratios = {}
+    for name, units in grouping.groups(shapes, method).items():
+        dense = sum(u.dense_params for u in units)
+        kept = sum(u.params(ranks.get(u.paths[0])) for u in units)
+        ratios[name] = max(0.0, 1.0 - kept / dense)
+    return ratios
+
+
+def warm_start_from_plan(plan: RankPlan, shapes: ModelShapes, method: str, grouping: Grouping) -> dict[str, float]:
+    """Group ratios from a saved plan; a plan for another model is refused (PlanError)."""
+    plan.validate_for(shapes)
+    return ratios_from_ranks(shapes, method, grouping, plan.ranks)
+
+
+def best_trial(storage: StudyStorage, study_id: str) -> Optional[TrialRecord]:
+    searched = [t for t in storage.trials(study_id) if t.kind != TrialKind.BASELINE]
+    return min(searched, key=lambda t: t.objective) if searched else None
+
+
+def study_summary(storage: StudyStorage, study_id: str) -> dict:
+    """State, counts, best trial, baselines, and full-text re-measurements of one study."""
+    record = storage.get_study(study_id)
+    if record is None:
+        raise RankScopeError(f"No study with id '{study_id}'. `rankscope search status` lists the studies.")
+    trials = storage.trials(study_id)
+    best = best_trial(storage, study_id)
+
+    def brief(t: TrialRecord) -> dict:
+        return {"number": t.number, "kind": t.kind.value, "label": t.label, "objective": t.objective,
+                "perplexity": t.perplexity, "kl_forward": t.kl_forward, "kl_reverse": t.kl_reverse,
+                "decoder_params": t.decoder_params, "total_params": t.total_params, "projected": t.projected,
+                "seconds": t.seconds}
+
+    searched = [t for t in trials if t.kind != TrialKind.BASELINE]
+    return {
+        "study_id": study_id,
+        "name": record.name,
+        "state": record.state.value,
+        "message": record.message,
+        "settings": record.settings,
+        "validation": None if record.validation is None else
+        {k: record.validation[k] for k in ("kind", "windows", "reason") if k in record.validation},
+        "trials_done": len(searched),
+        "trials_planned": record.settings["n_trials"],
+        "best": None if best is None else brief(best),
+        "baselines": [brief(t) for t in trials if t.kind == TrialKind.BASELINE],
+        "full_text": storage.results(study_id),
+        "mean_trial_seconds": sum(t.seconds for t in searched) / len(searched) if searched else None,
+    }
