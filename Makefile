@@ -7,6 +7,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rankscope-installed
 PORT ?= 8501
+CHROMIUM := /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: app test test-slow setup prepare bench
 
@@ -19,6 +21,12 @@ $(STAMP): requirements.txt model-packages.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Debian's chromium for the browser test (tests/test_browser.py drives it with Playwright's Python
+# package; `playwright install` is never run). A file target: installed only when it is missing.
+$(CHROMIUM):
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -q
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium
+
 setup: $(STAMP)
 
 prepare: setup
@@ -27,7 +35,7 @@ prepare: setup
 app: prepare
 	$(BIN)/streamlit run app/main.py --server.headless true --server.port $(PORT) --browser.gatherUsageStats false
 
-test: prepare
+test: prepare $(CHROMIUM)
 	$(BIN)/python -m pytest -m "not slow"
 
 test-slow: prepare

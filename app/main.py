@@ -8,6 +8,11 @@ PAGES = Path(__file__).resolve().parent.parent / "pages"
 
 st.set_page_config(page_title="RankScope", page_icon=":material/compress:", layout="wide")
 navigation = st.navigation(
-    [st.Page(PAGES / "model.py", title="Model & texts", icon=":material/memory:", default=True)]
+    [
+        st.Page(PAGES / "model.py", title="Model & texts", icon=":material/memory:", default=True),
+        st.Page(PAGES / "spectra.py", title="Spectra", icon=":material/ssid_chart:"),
+        st.Page(PAGES / "sensitivity.py", title="Sensitivity", icon=":material/tune:"),
+        st.Page(PAGES / "allocate.py", title="Allocate", icon=":material/view_column:"),
+    ]
 )
 navigation.run()

@@ -1,7 +1,9 @@
-"""Process-wide resources for the app: the store and loaded models, cached by plain ids.
+"""Process-wide resources for the app, cached by plain ids: store, models, guards, jobs, sessions.
 
-Caching decorators live only here (STYLE.md: cache resources, not tensors). The default model is
-`$RANKSCOPE_MODEL` when set (tests point it at a tiny model), else the embedded SmolLM2-135M.
+Caching decorators live only here (STYLE.md: cache resources, not tensors). The store is keyed by
+its database path, so pointing `RANKSCOPE_CACHE` elsewhere (as tests do) gives a fresh store; a
+model by its reference and that path. The default model is `$RANKSCOPE_MODEL` when set (tests
+point it at a tiny model), else the embedded SmolLM2-135M.
 """
 
 from __future__ import annotations
@@ -10,8 +12,11 @@ import os
 
 import streamlit as st
 
+from app.jobs import JobBoard, ModelGuard
+from app.sessions import SessionPool
 from engine.models.loading import LoadedModel, load_model
 from engine.models.registry import DEFAULT_MODEL
+from engine.paths import database_path
 from engine.store import Store, open_store
 
 
@@ -19,11 +24,35 @@ def default_model_reference() -> str:
     return os.environ.get("RANKSCOPE_MODEL", DEFAULT_MODEL)
 
 
+def current_database() -> str:
+    """The database path of this process's cache (`$RANKSCOPE_CACHE/rankscope.duckdb`)."""
+    return str(database_path())
+
+
+def current_store() -> Store:
+    return get_store(current_database())
+
+
 @st.cache_resource(show_spinner=False)
-def get_store() -> Store:
-    return open_store()
+def get_store(database: str) -> Store:
+    return open_store(database)
 
 
 @st.cache_resource(show_spinner="Loading model...", max_entries=2)
-def get_model(reference: str) -> LoadedModel:
-    return load_model(reference, get_store())
+def get_model(reference: str, database: str) -> LoadedModel:
+    return load_model(reference, get_store(database))
+
+
+@st.cache_resource(show_spinner=False)
+def get_model_guard(model_fingerprint: str) -> ModelGuard:
+    return ModelGuard()
+
+
+@st.cache_resource(show_spinner=False)
+def get_job_board() -> JobBoard:
+    return JobBoard()
+
+
+@st.cache_resource(show_spinner=False)
+def get_session_pool() -> SessionPool:
+    return SessionPool()

@@ -1,4 +1,4 @@
-"""Model & texts: which model is loaded, what it is made of, and how well it predicts text."""
+"""Model & texts: which model is loaded, what it is made of, how well it predicts, and what is cached."""
 
 from __future__ import annotations
 
@@ -6,49 +6,33 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app.progress import progress_bar
-from app.resources import default_model_reference, get_model, get_store
-from engine.errors import RankScopeError, describe_error
-from engine.models.registry import REGISTRY
+from app.jobs import ModelBusy
+from app.progress import progress_bar, watch_job
+from app.resources import current_store, get_job_board, get_model_guard
+from app.tasks import calibration_scope, model_scope, start_calibration
+from app.workspace import load_workspace_model, workspace_sidebar
+from engine.cache_keys import find_baseline_evaluation, find_calibration
+from engine.errors import RankScopeError
 from engine.models.summary import parameter_summary
-from engine.texts.corpus import BUILTIN_BOOKS, DEFAULT_EVALUATION_TEXT
-from engine.texts.windows import Windowing
-from engine.cache_keys import find_baseline_evaluation
+from engine.store.cache_inventory import cached_calibrations, cached_evaluations, cached_sweeps
 from engine.workspace import ensure_baseline_evaluation
 
 st.title("RankScope")
 st.caption("Where does a language model's redundancy live? Start by choosing the model and the texts.")
 
-with st.sidebar:
-    st.header("Model")
-    default = default_model_reference()
-    options = list(dict.fromkeys([default, *REGISTRY]))
-    choice = st.selectbox("Registry model", options, index=0, key="model_choice")
-    custom = st.text_input("...or a model directory, .gguf file or hub id", key="model_custom").strip()
-    reference = custom or choice
-    st.header("Evaluation text")
-    eval_text = st.selectbox("Built-in text", list(BUILTIN_BOOKS), index=list(BUILTIN_BOOKS).index(DEFAULT_EVALUATION_TEXT))
-    eval_file = st.text_input("...or a .txt/.jsonl/.parquet path", key="eval_file").strip()
-    window_len = st.number_input("Window length (tokens)", min_value=16, max_value=4096, value=512, step=16)
-    n_windows = st.number_input("Windows", min_value=1, max_value=1024, value=16, step=1)
-
-text_source = eval_file or eval_text
-try:
-    loaded = get_model(reference)
-except RankScopeError as exc:
-    st.error(f"Could not load '{reference}'. {exc}")
-    st.stop()
-except Exception as exc:  # noqa: BLE001 - any loader failure is shown, not dumped
-    st.error(f"Could not load '{reference}': {describe_error(exc)}")
-    st.stop()
+workspace = workspace_sidebar()
+loaded = load_workspace_model(workspace)
+store = current_store()
+board = get_job_board()
 
 summary = parameter_summary(loaded)
-st.subheader(f"{reference}")
+st.subheader(workspace.model_reference)
 cols = st.columns(5)
 cols[0].metric("Architecture", summary.model_type)
 cols[1].metric("Layers", summary.num_layers)
-cols[2].metric("Parameters", f"{summary.total / 1e6:.1f} M")
-cols[3].metric("Decoder linears", f"{summary.decoder_linear / 1e6:.1f} M")
+cols[2].metric("Parameters", f"{summary.total / 1e6:.1f} M" if summary.total >= 1e6 else f"{summary.total:,}")
+cols[3].metric("Decoder linears", f"{summary.decoder_linear / 1e6:.1f} M" if summary.decoder_linear >= 1e6
+               else f"{summary.decoder_linear:,}")
 cols[4].metric("Embedding share", f"{summary.embedding_share:.1%}")
 st.write(
     f"Hidden size {summary.hidden_size}, intermediate size {summary.intermediate_size}, "
@@ -73,23 +57,86 @@ with right:
     )
 
 st.subheader("Original model quality")
-windowing = Windowing(int(window_len), int(n_windows))
-store = get_store()
+text_source = workspace.evaluation_text
 try:
-    record = find_baseline_evaluation(store, loaded.fingerprint, text_source, windowing)
+    record = find_baseline_evaluation(store, loaded.fingerprint, text_source, workspace.evaluation_windowing)
     if record is None:
-        record = ensure_baseline_evaluation(
-            store, loaded, text_source, windowing, progress_bar("Evaluating the original model...")
-        )
+        with get_model_guard(loaded.fingerprint).hold("measuring the original perplexity", timeout=0.5):
+            record = ensure_baseline_evaluation(
+                store, loaded, text_source, workspace.evaluation_windowing,
+                progress_bar("Evaluating the original model..."),
+            )
+except ModelBusy as exc:
+    record = None
+    st.info(str(exc))
+    for job in board.with_prefix(model_scope(loaded)):
+        watch_job(job.job_id)
 except RankScopeError as exc:
-    st.error(f"Could not evaluate on '{text_source}'. {exc}")
-    st.stop()
-quality = st.columns(3)
-quality[0].metric("Perplexity", f"{record.perplexity:.3f}")
-quality[1].metric("Predicted tokens", f"{record.n_tokens:,}")
-quality[2].metric("Evaluation time", f"{record.seconds:.1f} s")
-st.caption(
-    f"Perplexity = exp(mean next-token negative log-likelihood) over {record.n_windows} windows of "
-    f"{record.window_len} tokens from the start of '{text_source}'"
-    f"{' (each window starts with BOS)' if record.add_bos else ''}. Cached: reopening this page is instant."
-)
+    record = None
+    st.error(f"Could not evaluate on '{text_source}'. {exc} Choose another evaluation text or fewer windows.")
+if record is not None:
+    quality = st.columns(3)
+    quality[0].metric("Perplexity", f"{record.perplexity:.3f}")
+    quality[1].metric("Predicted tokens", f"{record.n_tokens:,}")
+    quality[2].metric("Evaluation time", f"{record.seconds:.1f} s")
+    st.caption(
+        f"Perplexity = exp(mean next-token negative log-likelihood) over {record.n_windows} windows of "
+        f"{record.window_len} tokens from the start of '{text_source}'"
+        f"{' (each window starts with BOS)' if record.add_bos else ''}. Cached: reopening this page is instant."
+    )
+
+st.subheader("Calibration")
+st.write(f"Calibration statistics (mean, covariances, second moment and channel norms of every input site) "
+         f"over {workspace.describe_calibration()}. Spectra, data-aware methods and sweeps build on them.")
+try:
+    calibration = find_calibration(store, loaded.fingerprint, workspace.calibration_text,
+                                   workspace.calibration_windowing, workspace.n_groups)
+except RankScopeError as exc:
+    calibration = None
+    st.error(f"Calibration text problem: {exc}")
+scope = calibration_scope(workspace, loaded)
+running = [job for job in board.with_prefix(scope) if job.running]
+if calibration is not None:
+    st.success(f"Cached: {calibration.n_tokens:,} tokens in {calibration.n_windows} windows, "
+               f"computed in {calibration.seconds:.1f} s.")
+elif not running:
+    if st.button("Run calibration", type="primary", key="run_calibration"):
+        start_calibration(workspace, loaded)
+        st.rerun()
+for job in board.with_prefix(scope):
+    watch_job(job.job_id, stoppable=True,
+              what_to_do="Check the calibration text, or use fewer groups or windows, then run it again.")
+
+st.subheader("Cached for this model")
+calibrations = pd.DataFrame(cached_calibrations(store, loaded.fingerprint))
+evaluations = pd.DataFrame(cached_evaluations(store, loaded.fingerprint))
+sweeps = pd.DataFrame(cached_sweeps(store, loaded.fingerprint))
+st.markdown("**Calibrations**")
+if calibrations.empty:
+    st.caption("None yet.")
+else:
+    st.dataframe(calibrations[["text", "window_len", "n_windows", "n_groups", "n_tokens", "seconds", "created_at"]]
+                 .rename(columns={"window_len": "window", "n_windows": "windows", "n_groups": "groups",
+                                  "n_tokens": "tokens", "created_at": "computed at"}),
+                 hide_index=True, width="stretch", key="cached_calibrations",
+                 column_config={"seconds": st.column_config.NumberColumn(format="%.1f")})
+st.markdown("**Evaluations of the original model**")
+if evaluations.empty:
+    st.caption("None yet.")
+else:
+    st.dataframe(evaluations[["text", "window_len", "n_windows", "n_tokens", "perplexity", "seconds", "created_at"]]
+                 .rename(columns={"window_len": "window", "n_windows": "windows", "n_tokens": "tokens",
+                                  "created_at": "computed at"}),
+                 hide_index=True, width="stretch", key="cached_evaluations",
+                 column_config={"perplexity": st.column_config.NumberColumn(format="%.3f"),
+                                "seconds": st.column_config.NumberColumn(format="%.1f")})
+st.markdown("**Sensitivity sweeps**")
+if sweeps.empty:
+    st.caption("None yet.")
+else:
+    st.dataframe(sweeps[["method", "evaluation_text", "window_len", "n_windows", "points_by_type", "points_by_layer"]]
+                 .rename(columns={"evaluation_text": "evaluation text", "window_len": "window", "n_windows": "windows",
+                                  "points_by_type": "per-type points", "points_by_layer": "per-layer points"}),
+                 hide_index=True, width="stretch", key="cached_sweeps")
+st.caption("Everything here is read from the cache database: a result computed once (on any page, in the "
+           "command line or in a script) is reused, and deleting the cache loses only computing time.")

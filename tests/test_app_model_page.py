@@ -26,8 +26,8 @@ def _metric(at: AppTest, label: str) -> str:
 def test_landing_page_shows_summary_and_perplexity(app_on_tiny_model):
     at = app_on_tiny_model
     at.run()
-    at.sidebar.number_input[0].set_value(32)  # window length
-    at.sidebar.number_input[1].set_value(2)  # windows
+    at.sidebar.number_input(key="window_len").set_value(32)
+    at.sidebar.number_input(key="evaluation_windows").set_value(2)
     at.run()
     assert not at.exception, at.exception
     assert not at.error

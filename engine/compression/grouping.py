@@ -191,7 +191,7 @@ def _params(shapes: ModelShapes, method: str, ranks: Mapping[str, Optional[int]]
 
 
 def _top_up(shapes, method, groups, ranks: dict, target: int) -> dict:
-    """Spend what is left under the target one rank step at a time, least-compressed groups last."""
+    """Spend what is left under the target one rank step at a time, unit by unit in layer order."""
     units = [u for members in groups.values() for u in members if ranks.get(u.paths[0]) is not None]
     total = _params(shapes, method, ranks)
     changed = True

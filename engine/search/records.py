@@ -65,6 +65,8 @@ class TrialRecord:
 
 
 class StudyStorage(Protocol):
+    """Reads of an unknown study give None, [] or {}; writes to one raise `StudyNotFoundError`."""
+
     def create_study(self, record: StudyRecord) -> None: ...
     def get_study(self, study_id: str) -> Optional[StudyRecord]: ...
     def list_studies(self) -> list[StudyRecord]: ...
@@ -89,6 +91,7 @@ class StudyNotFoundError(RankScopeError):
 
 
 def unknown_study(study_id: str) -> StudyNotFoundError:
+    """The error every backend raises for a write to a study that does not exist."""
     return StudyNotFoundError(f"No study with id '{study_id}'. `rankscope search status` lists the studies.")
 
 

@@ -11,6 +11,7 @@ At the end the best plan and the baselines are re-measured on the full evaluatio
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +32,14 @@ from engine.search.settings import StudySettings
 from engine.search.subset import choose_subset, objective
 from engine.texts.corpus import load_corpus
 from engine.texts.windows import Windowing, make_windows
+
+
+# what the optimiser is told for a plan whose perplexity overflowed (a GP cannot fit infinities)
+NON_FINITE_OBJECTIVE = 100.0
+
+
+def _told(value: float) -> float:
+    return value if math.isfinite(value) else NON_FINITE_OBJECTIVE
 
 
 def new_study_id(settings: StudySettings, name: Optional[str] = None) -> str:
@@ -183,12 +192,12 @@ class StudyRunner:
             for trial in told:  # replay: the optimiser ends where an uninterrupted run would be
                 if trial.kind == TrialKind.SEARCH:
                     optimizer.ask()
-                optimizer.tell([trial.values[g] for g in self.groups], trial.objective)
+                optimizer.tell([trial.values[g] for g in self.groups], _told(trial.objective))
                 tracker.advance()
             if self.settings.warm_start is not None and not any(t.kind == TrialKind.WARM_START for t in told):
                 values = {g: float(self.settings.warm_start.get(g, 0.0)) for g in self.groups}
                 trial = self._evaluate(number, TrialKind.WARM_START, "warm start", values, windows, reference, subset)
-                optimizer.tell([values[g] for g in self.groups], trial.objective)
+                optimizer.tell([values[g] for g in self.groups], _told(trial.objective))
                 told.append(trial)
                 number += 1
                 tracker.advance()
@@ -199,7 +208,7 @@ class StudyRunner:
                 point = optimizer.ask()
                 values = dict(zip(self.groups, (float(v) for v in point)))
                 trial = self._evaluate(number, TrialKind.SEARCH, f"trial {len(told)}", values, windows, reference, subset)
-                optimizer.tell(point, trial.objective)
+                optimizer.tell(point, _told(trial.objective))
                 told.append(trial)
                 number += 1
                 tracker.advance()

@@ -1,0 +1,220 @@
+"""Allocate: set ranks by hand, watch the budget, evaluate, and keep the plans worth keeping."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import streamlit as st
+
+from app.progress import watch_job
+from app.tasks import AppliedPlan, start_apply
+from app.workspace import choose_method, load_workspace_model, persistent, set_persistent, workspace_sidebar
+from engine.analysis import METRIC_LABELS
+from engine.analysis.allocation import budget_meter_rows, plan_summary, ranks_from_unit_ranks, unit_rank_rows
+from engine.compression.grouping import BudgetError, Grouping, budget_target, project_to_budget, ranks_from_ratios
+from engine.compression.plan import PlanError, RankPlan
+from engine.compression.units import ModelShapes, count_parameters
+from engine.errors import RankScopeError
+from engine.hashing import sha256_json
+
+SAVED = "alloc_saved_plans"  # plan name -> plan dict, for this browser session
+BASE = "alloc_base"  # None: ranks from the sliders; else the name of a saved plan being edited
+APPLY_JOB = "alloc_apply_job"
+APPLIED = "alloc_applied"
+DEFAULT_RATIO = 0.2
+
+st.title("Allocate")
+st.caption("Set a ratio per group (0 keeps it dense), fine-tune ranks per module in the table, watch the budget, "
+           "then Apply to measure perplexity and both KLs against the original model.")
+
+workspace = workspace_sidebar()
+loaded = load_workspace_model(workspace)
+saved: dict[str, dict] = st.session_state.setdefault(SAVED, {})
+st.session_state.setdefault(BASE, None)
+
+
+def use_sliders() -> None:
+    st.session_state[BASE] = None
+
+
+def edit_saved_plan(name: str) -> None:
+    st.session_state[BASE] = name
+    set_persistent("method", saved[name]["method"])
+
+
+method = choose_method()
+shapes = ModelShapes.of(loaded)
+
+st.subheader("Groups")
+layout = st.columns(3)
+kind = persistent(layout[0].radio, "Grouping", "alloc_grouping", "5x1", options=["5x1", "5xG", "per-layer"],
+                  horizontal=True, on_change=use_sliders,
+                  help="5x1: one ratio per type group for all layers; 5xG: per block of layers; per-layer: per matrix type "
+                       "and layer.")
+blocks = persistent(layout[1].number_input, "G (layer blocks, for 5xG)", "alloc_blocks", min(2, shapes.num_layers),
+                    min_value=1, max_value=shapes.num_layers, step=1, disabled=kind != "5xG", on_change=use_sliders)
+search_v = persistent(layout[2].checkbox, "Compress v too", "alloc_search_v", False, on_change=use_sliders,
+                      help="By default v stays dense (DESIGN.md §7).")
+try:
+    grouping = Grouping(kind, int(blocks) if kind == "5xG" else 1, search_v)
+    groups = grouping.groups(shapes, method)
+except RankScopeError as exc:
+    st.error(str(exc))
+    st.stop()
+
+ratios: dict[str, float] = {}
+blocks_of_groups: dict[int, list[str]] = {}
+for name, units in groups.items():
+    blocks_of_groups.setdefault(min(unit.layer for unit in units), []).append(name)
+for first_layer, names in blocks_of_groups.items():
+    last_layer = max(unit.layer for name in names for unit in groups[name])
+    box = (st.container() if len(blocks_of_groups) == 1 else
+           st.expander(f"Layers {first_layer}-{last_layer}" if last_layer > first_layer else f"Layer {first_layer}",
+                       expanded=first_layer == min(blocks_of_groups)))
+    columns = box.columns(len(names))
+    for column, name in zip(columns, names):
+        ratios[name] = persistent(column.slider, name, f"ratio.{method}.{grouping.label}.{search_v}.{name}",
+                                  DEFAULT_RATIO, min_value=0.0, max_value=0.95, step=0.05, on_change=use_sliders,
+                                  help="Share of this group's parameters removed; 0 keeps it dense.")
+
+budget_columns = st.columns([1, 3])
+budget_on = persistent(budget_columns[0].toggle, "Project onto a budget", "alloc_budget_on", False,
+                       on_change=use_sliders)
+budget = persistent(budget_columns[1].slider, "Remove this share of decoder-linear parameters", "alloc_budget", 0.2,
+                    min_value=0.0, max_value=0.9, step=0.01, disabled=not budget_on, on_change=use_sliders)
+values, used_budget = dict(ratios), None
+slider_ranks = ranks_from_ratios(groups, ratios)
+if budget_on:
+    try:
+        slider_ranks, values = project_to_budget(shapes, method, grouping, ratios, budget_target(shapes, budget))
+        used_budget = budget
+        st.caption("Ratios scaled onto the budget: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
+    except BudgetError as exc:
+        st.error(f"{exc} The table below uses the sliders as they are.")
+
+base_name = st.session_state[BASE]
+if base_name is not None and (base_name not in saved or saved[base_name]["method"] != method):
+    base_name = st.session_state[BASE] = None
+if base_name is None:
+    base_ranks = slider_ranks
+    base_grouping = {**grouping.to_dict(), "values": values, "budget": used_budget}
+else:
+    base_ranks = saved[base_name]["ranks"]
+    base_grouping = saved[base_name].get("grouping")
+    st.info(f"The table holds the ranks of saved plan '{base_name}'. Moving a slider goes back to the sliders.")
+
+st.subheader("Ranks per module")
+rows = pd.DataFrame(unit_rank_rows(shapes, method, base_ranks))
+rows["rank"] = rows["rank"].astype("Int64")
+editor_key = "alloc_editor_" + sha256_json([method, sorted(base_ranks.items(), key=str)])[:16]
+edited = st.data_editor(
+    rows, key=editor_key, hide_index=True, width="stretch", num_rows="fixed", height=320,
+    disabled=[column for column in rows.columns if column != "rank"],
+    column_config={"rank": st.column_config.NumberColumn("rank (empty = dense)", min_value=1, step=1),
+                   "parameters": st.column_config.NumberColumn("parameters (before edits)")},
+)
+st.caption("One row per rank unit (a joint method's pair shares a row). Edit a rank, or clear it to keep the "
+           "matrix dense; the budget meter and Apply use the edited table.")
+unit_ranks = [None if pd.isna(value) else value for value in edited["rank"]]
+edited_units = sum(1 for before, after in zip(rows["rank"], unit_ranks)
+                   if (None if pd.isna(before) else before) != after)
+try:
+    ranks = ranks_from_unit_ranks(shapes, method, unit_ranks)
+    plan = RankPlan.build(shapes, method, ranks,
+                          grouping={**(base_grouping or {}), "edited_units": edited_units} if edited_units else base_grouping)
+except PlanError as exc:
+    st.error(f"The table is not a valid plan: {exc} Fix the rank, or clear it to keep the matrix dense.")
+    st.stop()
+
+st.subheader("Budget")
+counts = count_parameters(shapes, method, ranks)
+meter = st.columns(4)
+meter[0].metric("Decoder-linear parameters", f"{counts.decoder_compressed:,}",
+                help=f"of {counts.decoder_dense:,} dense decoder-linear parameters")
+meter[1].metric("Removed from decoder linears", f"{counts.decoder_reduction:.2%}")
+meter[2].metric("Model parameters", f"{counts.total_compressed:,}",
+                help=f"of {counts.total_dense:,} parameters in the whole model, embeddings included")
+meter[3].metric("Removed from the whole model", f"{counts.total_reduction:.2%}")
+bars = px.bar(pd.DataFrame(budget_meter_rows(counts)), x="parameters", y="scope", color="part", orientation="h",
+              color_discrete_map={"kept": "#4c78a8", "removed": "#e45756"})
+bars.update_layout(height=170, margin=dict(t=10, b=10), legend_title_text="")
+st.plotly_chart(bars, width="stretch", key="budget_meter")
+st.caption("Parameters kept and removed, over the decoder linears (what low-rank compression acts on) and over the "
+           "whole model (embeddings included, which dominate small models). A low-rank matrix costs r·(d_in + d_out).")
+
+st.subheader("Quality")
+if st.button("Apply", type="primary", key="apply_plan", help="Evaluate this plan on the evaluation text."):
+    st.session_state[APPLY_JOB] = start_apply(workspace, loaded, method, plan.ranks, plan.grouping).job_id
+    st.rerun()
+if st.session_state.get(APPLY_JOB):
+    job = watch_job(st.session_state[APPLY_JOB],
+                    what_to_do="Check the texts and windows in the sidebar (and the calibration), then Apply again.")
+    if job is not None and isinstance(job.result, AppliedPlan):
+        st.session_state[APPLIED] = job.result
+applied: AppliedPlan | None = st.session_state.get(APPLIED)
+current = plan
+if applied is not None:
+    matches = applied.plan.method == method and applied.plan.ranks == plan.ranks
+    if matches:
+        current = applied.plan
+    metrics = applied.plan.metrics
+    quality = st.columns(4)
+    quality[0].metric("Perplexity", f"{metrics['perplexity']:.3f}")
+    quality[1].metric("Original perplexity", f"{applied.original['perplexity']:.3f}")
+    quality[2].metric(METRIC_LABELS["kl_forward"], f"{metrics['kl_forward']:.4g}")
+    quality[3].metric(METRIC_LABELS["kl_reverse"], f"{metrics['kl_reverse']:.4g}")
+    st.caption(f"On {workspace.describe_evaluation()}, {metrics['tokens']:,} predicted tokens. Perplexity = exp(mean "
+               "next-token NLL). KL per predicted token in nats, averaged: KL(P_orig‖P_comp) weighs the original's "
+               "likely tokens, KL(P_comp‖P_orig) the compressed model's; the original has 0 for both."
+               + ("" if matches else " These numbers are for the last applied plan; the table has changed since: "
+                                     "Apply again."))
+else:
+    st.caption("Not evaluated yet: press Apply.")
+
+st.subheader("Plans")
+keep = st.columns([2, 1, 2])
+name = keep[0].text_input("Plan name", key="alloc_plan_name", placeholder=f"plan-{len(saved) + 1}").strip()
+if keep[1].button("Save plan", key="save_plan"):
+    plan_name = name or f"plan-{len(saved) + 1}"
+    saved[plan_name] = current.to_dict()
+    st.success(f"Saved '{plan_name}'{' with its metrics' if current.metrics else ' (not evaluated)'}.")
+keep[2].download_button("Download this plan (JSON)", data=current.to_json(), mime="application/json",
+                        file_name=f"{name or 'rank-plan'}.json", key="download_current_plan")
+
+upload = st.file_uploader("Load a plan (rankscope.plan/v1 JSON)", type=["json"], key="alloc_upload")
+if upload is not None:
+    try:
+        uploaded_plan = RankPlan.from_json(upload.getvalue().decode("utf-8"))
+        uploaded_plan.validate_for(shapes)
+    except UnicodeDecodeError:
+        st.error(f"Refused '{upload.name}': it is not a UTF-8 text file, so it cannot be a plan JSON.")
+    except PlanError as exc:
+        st.error(f"Refused '{upload.name}': {exc}")
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        st.error(f"Refused '{upload.name}': it does not follow the rankscope.plan/v1 schema ({exc}).")
+    else:
+        loaded_name = upload.name.removesuffix(".json")
+        if saved.get(loaded_name) != uploaded_plan.to_dict():
+            saved[loaded_name] = uploaded_plan.to_dict()
+        st.success(f"Loaded '{loaded_name}' ({uploaded_plan.method}); it is listed below.")
+
+if saved:
+    summaries = pd.DataFrame([plan_summary(plan_name, RankPlan.from_dict(data)) for plan_name, data in saved.items()])
+    st.dataframe(
+        summaries.rename(columns=METRIC_LABELS), hide_index=True, width="stretch", key="saved_plans_table",
+        column_config={
+            "decoder_reduction": st.column_config.NumberColumn("removed (decoder)", format="percent"),
+            "total_reduction": st.column_config.NumberColumn("removed (model)", format="percent"),
+            "Perplexity": st.column_config.NumberColumn(format="%.3f"),
+            METRIC_LABELS["kl_forward"]: st.column_config.NumberColumn(format="%.4f"),
+            METRIC_LABELS["kl_reverse"]: st.column_config.NumberColumn(format="%.4f"),
+        })
+    st.caption("Saved and loaded plans of this browser session, compared on parameters (both ways) and on the "
+               "metrics measured when they were applied (empty where a plan was saved before Apply).")
+    pick = st.columns([2, 1, 1])
+    chosen = pick[0].selectbox("Saved plan", list(saved), key="alloc_chosen_plan")
+    pick[1].button("Edit in the table", key="edit_saved_plan", on_click=edit_saved_plan, args=(chosen,))
+    pick[2].download_button("Download (JSON)", data=RankPlan.from_dict(saved[chosen]).to_json(),
+                            mime="application/json", file_name=f"{chosen}.json", key="download_saved_plan")
+else:
+    st.caption("No saved plans yet: save the current one, or load a plan JSON.")

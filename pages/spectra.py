@@ -1,0 +1,112 @@
+"""Spectra: how much of each matrix's energy a low rank keeps, for the weights and for the features."""
+
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from app.progress import watch_job
+from app.resources import current_store, get_job_board
+from app.tasks import spectra_scope, start_spectra
+from app.workspace import load_workspace_model, persistent, workspace_sidebar
+from engine.analysis.spectra_summary import energy_curve_rows, find_spectrum, rank_share_grid
+from engine.cache_keys import find_calibration, stored_spectra
+from engine.energy import ENERGY_LEVELS, rank_table, summarise_by_type
+from engine.errors import RankScopeError
+from engine.spectra import COVARIANCES
+
+st.title("Spectra")
+st.caption("Weights are high-rank, features are low-rank: the energy of a weight matrix spreads over many "
+           "singular directions, while its outputs on real text live in a few. Feature-aware methods use that.")
+
+workspace = workspace_sidebar()
+loaded = load_workspace_model(workspace)
+store = current_store()
+
+controls = st.columns([1, 2])
+covariance = persistent(controls[0].selectbox, "Input covariance for features", "spectra_covariance", "pooled",
+                        options=list(COVARIANCES),
+                        help="pooled: the mean of per-group covariances (Bolaco); sample: one covariance of all tokens.")
+level = persistent(controls[1].radio, "Energy to keep", "spectra_level", 0.9, options=list(ENERGY_LEVELS),
+                   format_func=lambda value: f"{value:.0%}", horizontal=True)
+
+try:
+    calibration = find_calibration(store, loaded.fingerprint, workspace.calibration_text,
+                                   workspace.calibration_windowing, workspace.n_groups)
+except RankScopeError as exc:
+    st.error(f"Calibration text problem: {exc}")
+    st.stop()
+spectra = None if calibration is None else stored_spectra(store, loaded.fingerprint, calibration.calibration_id,
+                                                          covariance)
+if spectra is None:
+    scope = spectra_scope(workspace, loaded, covariance)
+    jobs = get_job_board().with_prefix(scope)
+    st.info(f"Spectra for this model and calibration ({workspace.describe_calibration()}) are not computed yet. "
+            + ("The calibration is cached, so this takes seconds." if calibration is not None else
+               "This runs the calibration first."))
+    if not any(job.running for job in jobs) and st.button("Compute spectra", type="primary", key="compute_spectra"):
+        start_spectra(workspace, loaded, covariance)
+        st.rerun()
+    for job in jobs:
+        watch_job(job.job_id, stoppable=True,
+                  what_to_do="Check the calibration text and windows in the sidebar, then compute again.")
+    st.stop()
+
+table = rank_table(spectra.weight, spectra.feature)
+weights = rank_share_grid(table, level, "weight")
+features = rank_share_grid(table, level, "feature")
+
+st.subheader(f"Rank share needed for {level:.0%} of the energy")
+heatmaps = make_subplots(rows=1, cols=2, shared_yaxes=True, horizontal_spacing=0.04,
+                         subplot_titles=("Weights: singular values of W", "Features: eigenvalues of W·C·Wᵀ"))
+for column, grid in enumerate((weights, features), start=1):
+    heatmaps.add_trace(go.Heatmap(
+        z=grid.values, x=grid.types, y=grid.layers, zmin=0.0, zmax=1.0, colorscale="Viridis",
+        customdata=grid.ranks, colorbar=dict(title="rank share") if column == 2 else None, showscale=column == 2,
+        hovertemplate="layer %{y}, %{x}<br>rank share %{z:.2f} (rank %{customdata})<extra></extra>",
+    ), row=1, col=column)
+heatmaps.update_yaxes(type="category", autorange="reversed")
+heatmaps.update_yaxes(title_text="layer", row=1, col=1)
+heatmaps.update_layout(height=max(320, 22 * len(weights.layers) + 120), margin=dict(t=40, b=10))
+st.plotly_chart(heatmaps, width="stretch", key="rank_share_heatmaps")
+st.caption(f"Each cell is the smallest rank, as a share of the matrix's full rank, whose top directions hold "
+           f"{level:.0%} of the energy. Bright cells need nearly full rank; dark cells compress well. Compare the "
+           "two panels: the weights (left) are bright almost everywhere, the features (right) much darker, "
+           "which is why methods that look at the data keep quality at ranks where plain SVD fails.")
+
+by_type = pd.DataFrame(summarise_by_type(table, level))
+bars = px.bar(by_type.melt(id_vars=["type", "full_rank"], value_vars=["weight_rank_share", "feature_rank_share"],
+                           var_name="spectrum", value_name="rank share")
+              .replace({"weight_rank_share": "weights", "feature_rank_share": "features"}),
+              x="type", y="rank share", color="spectrum", barmode="group", range_y=[0, 1])
+bars.update_layout(height=300, margin=dict(t=10, b=10))
+st.plotly_chart(bars, width="stretch", key="rank_share_by_type")
+st.caption(f"Mean over layers of the rank share needed for {level:.0%} energy, per linear type. The gap between "
+           "the two bars of a type is the room a feature-aware method has over weight SVD for that type.")
+
+st.subheader("Energy curves of one matrix")
+picker = st.columns(2)
+layer = persistent(picker[0].selectbox, "Layer", "spectra_layer", weights.layers[0], options=weights.layers)
+linear_type = persistent(picker[1].selectbox, "Type", "spectra_type", weights.types[0], options=weights.types)
+weight_row = find_spectrum(spectra.weight, layer, linear_type)
+feature_row = find_spectrum(spectra.feature, layer, linear_type)
+curves = pd.DataFrame(energy_curve_rows(weight_row, feature_row))
+chosen = next(row for row in table if row["layer"] == layer and row["type"] == linear_type)
+key = f"{level:g}"
+numbers = st.columns(3)
+numbers[0].metric("Full rank", chosen["full_rank"])
+numbers[1].metric(f"Weight rank for {level:.0%}", chosen["weight_rank"][key])
+numbers[2].metric(f"Feature rank for {level:.0%}", chosen["feature_rank"][key])
+lines = px.line(curves, x="rank_share", y="energy", color="kind", hover_data=["rank"],
+                labels={"rank_share": "rank / full rank", "energy": "energy kept", "kind": ""})
+lines.add_hline(y=level, line_dash="dot", annotation_text=f"{level:.0%}")
+lines.update_layout(height=360, margin=dict(t=10, b=10), yaxis_range=[0, 1.02])
+st.plotly_chart(lines, width="stretch", key="energy_curves")
+st.caption(f"Cumulative energy kept by the top-r directions of layer {layer} '{linear_type}' "
+           f"({weight_row.d_out}×{weight_row.d_in}), against r as a share of the full rank. The weight curve (σ²) "
+           "rises slowly: the matrix is high-rank. The feature curve (λ of the output covariance on the calibration "
+           "text) rises steeply: the outputs the model actually produces are low-rank. Where a curve crosses the "
+           "dotted line is the rank that keeps that energy.")
