@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from engine.cache_keys import Spectra, calibration_key, evaluation_key
 from engine.calibration import CalibrationStatistics, collect_statistics
@@ -20,12 +20,22 @@ from engine.progress import ProgressCallback
 from engine.spectra import compute_feature_spectra, compute_weight_spectra
 from engine.store.arrays import load_arrays, save_arrays
 from engine.store.duckdb_store import CalibrationRecord, EvaluationRecord, Store
-from engine.texts.corpus import load_corpus, text_fingerprint
+from engine.texts.corpus import Corpus, load_corpus, text_fingerprint
 from engine.texts.windows import Windowing, make_windows, tokenizer_adds_bos
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CALIBRATION_WINDOWING = Windowing(window_len=512, n_windows=128)
 DEFAULT_EVALUATION_WINDOWING = Windowing(window_len=512, n_windows=16)  # the first 8,192 tokens
 DEFAULT_GROUPS = 32
+
+
+def load_windows(store: Store, loaded: LoadedModel, text_source: str, windowing: Windowing) -> tuple[Corpus, "torch.Tensor"]:
+    """Load a text through the corpus interface, record it in the store, and cut it into windows."""
+    corpus = load_corpus(text_source)
+    store.record_text(corpus.fingerprint, corpus.name, corpus.source, corpus.n_chars)
+    return corpus, make_windows(corpus, loaded.tokenizer, windowing)
 
 
 @dataclass(frozen=True)
@@ -51,9 +61,7 @@ def ensure_calibration(
         if tensors is not None:
             return Calibration(record, CalibrationStatistics.from_tensors(tensors, record.n_groups), True)
         store.forget_calibration(key)  # the array file is gone: recompute
-    corpus = load_corpus(text_source)
-    store.record_text(corpus.fingerprint, corpus.name, corpus.source, corpus.n_chars)
-    windows = make_windows(corpus, loaded.tokenizer, windowing)
+    corpus, windows = load_windows(store, loaded, text_source, windowing)
     start = time.perf_counter()
     statistics = collect_statistics(loaded.model, loaded.adapter, windows, n_groups, progress)
     seconds = time.perf_counter() - start
@@ -106,9 +114,7 @@ def ensure_baseline_evaluation(
     record = store.get_evaluation(key)
     if record is not None:
         return record
-    corpus = load_corpus(text_source)
-    store.record_text(corpus.fingerprint, corpus.name, corpus.source, corpus.n_chars)
-    windows = make_windows(corpus, loaded.tokenizer, windowing)
+    corpus, windows = load_windows(store, loaded, text_source, windowing)
     start = time.perf_counter()
     result = evaluate_perplexity(loaded.model, windows, progress)
     record = EvaluationRecord(

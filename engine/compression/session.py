@@ -27,14 +27,15 @@ from engine.models.loading import LoadedModel
 from engine.progress import ProgressCallback, ProgressTracker
 from engine.store.arrays import load_arrays, load_arrays_with_metadata, save_arrays
 from engine.store.duckdb_store import FactorizationRecord, ReferenceRecord, Store
-from engine.texts.corpus import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVALUATION_TEXT, load_corpus, text_fingerprint
-from engine.texts.windows import Windowing, make_windows
+from engine.texts.corpus import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVALUATION_TEXT, text_fingerprint
+from engine.texts.windows import Windowing
 from engine.workspace import (
     DEFAULT_CALIBRATION_WINDOWING,
     DEFAULT_EVALUATION_WINDOWING,
     DEFAULT_GROUPS,
     Calibration,
     ensure_calibration,
+    load_windows,
 )
 
 FACTORIZATION_VERSION = 1
@@ -135,8 +136,7 @@ class CompressionSession:
             calibration = ensure_calibration(store, loaded, texts.calibration_text, texts.calibration_windowing,
                                              texts.n_groups, progress)
         f_record, factorization = ensure_factorization(store, loaded, method, calibration, progress)
-        corpus = load_corpus(texts.evaluation_text)
-        windows = make_windows(corpus, loaded.tokenizer, texts.evaluation_windowing)
+        _, windows = load_windows(store, loaded, texts.evaluation_text, texts.evaluation_windowing)
         r_record, reference = ensure_reference(store, loaded, texts.evaluation_text, texts.evaluation_windowing,
                                                windows, progress=progress)
         return cls(store, loaded, method, texts, calibration, f_record, factorization, windows, r_record, reference)

@@ -30,8 +30,8 @@ from engine.search.baselines import greedy_ratios, lord_ratios, uniform_ratios
 from engine.search.records import StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord
 from engine.search.settings import StudySettings
 from engine.search.subset import choose_subset, objective
-from engine.texts.corpus import load_corpus
-from engine.texts.windows import Windowing, make_windows
+from engine.texts.windows import Windowing
+from engine.workspace import load_windows
 
 
 # what the optimiser is told for a plan whose perplexity overflowed (a GP cannot fit infinities)
@@ -102,8 +102,7 @@ class StudyRunner:
         s, texts = self.settings, self.session.texts
         windowing = Windowing(texts.evaluation_windowing.window_len, s.subset_candidates,
                               start_window=texts.evaluation_windowing.n_windows or 0)
-        corpus = load_corpus(texts.evaluation_text)
-        windows = make_windows(corpus, self.session.loaded.tokenizer, windowing)
+        _, windows = load_windows(self.session.store, self.session.loaded, texts.evaluation_text, windowing)
         _, reference = ensure_reference(self.session.store, self.session.loaded, texts.evaluation_text, windowing,
                                         windows, progress=self.progress)
         validation = self.record.validation
