@@ -617,3 +617,20 @@ def test_cli_search_start_status_best_export_and_resume(runner, options, tmp_pat
                          ids=["status", "best", "resume", "export-plan"])
 def test_cli_unknown_study_is_a_readable_error(runner, command):
     _user_error(runner.invoke(app, ["search", *command]), "No study with id 'nope'")
+
+
+def test_a_study_with_the_same_subset_settings_reuses_the_chosen_windows(session, monkeypatch):
+    """beta does not change which windows are sensitive, so a second study skips the probe plans."""
+    from engine.search import runner as runner_module
+
+    storage = InMemoryStudyStorage()
+    first = create_study(storage, session, _settings(session), name="first")
+    StudyRunner(storage, session, first.study_id).run()
+    calls = []
+    monkeypatch.setattr(runner_module, "choose_subset", lambda *a, **k: calls.append(1) or {})
+    second = create_study(storage, session, _settings(session, beta=0.0), name="second")
+    StudyRunner(storage, session, second.study_id).run()
+    assert calls == []
+    reused = storage.get_study("second").validation
+    assert reused["reused_from"] == "first"
+    assert reused["windows"] == storage.get_study("first").validation["windows"]

@@ -105,7 +105,9 @@ class StudyRunner:
         _, windows = load_windows(self.session.store, self.session.loaded, texts.evaluation_text, windowing)
         _, reference = ensure_reference(self.session.store, self.session.loaded, texts.evaluation_text, windowing,
                                         windows, progress=self.progress)
-        validation = self.record.validation
+        validation = self.record.validation or self._reusable_validation()
+        if validation is not None and self.record.validation is None:
+            self.storage.set_validation(self.record.study_id, validation)
         if validation is None:
             rng = np.random.default_rng(s.seed + 1)
             probes = [self._project({g: float(rng.uniform(0.05, s.max_ratio)) for g in self.groups})[0]
@@ -119,6 +121,21 @@ class StudyRunner:
             validation["candidate_windows"] = {"text": texts.evaluation_text, **windowing.__dict__}
             self.storage.set_validation(self.record.study_id, validation)
         return windows, reference, validation["windows"]
+
+    # settings that determine which validation windows are chosen
+    _SUBSET_KEYS = ("model", "method", "grouping", "search_v", "budget", "seed", "max_ratio", "subset", "subset_size",
+                    "subset_candidates", "subset_probe_plans", "texts")
+
+    def _reusable_validation(self) -> Optional[dict]:
+        """The subset an earlier study with the same subset-defining settings chose (it would choose the same)."""
+        mine = {k: self.record.settings.get(k) for k in self._SUBSET_KEYS}
+        for other in self.storage.list_studies():
+            if other.study_id == self.record.study_id or other.validation is None:
+                continue
+            if other.model_fingerprint == self.record.model_fingerprint and \
+                    {k: other.settings.get(k) for k in self._SUBSET_KEYS} == mine:
+                return {**other.validation, "reused_from": other.study_id}
+        return None
 
     def _project(self, values: dict, grouping: Optional[Grouping] = None) -> tuple[dict, dict]:
         return project_to_budget(self.session.shapes, self.session.method, grouping or self.grouping, values, self.target)
