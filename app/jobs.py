@@ -64,10 +64,20 @@ class Job:
     def stop_requested(self) -> bool:
         return self._stop.is_set()
 
+    @property
+    def stop_event(self) -> threading.Event:
+        """Set when a stop was asked: for engine loops that check an event between units (a study) instead of
+        ending through `report`."""
+        return self._stop
+
     def report(self, event: ProgressEvent) -> None:
         """The engine's progress callback: remember the event, or end the work if a stop was asked."""
         if self._stop.is_set():
             raise JobStopped(self.label)
+        self.event = event
+
+    def observe(self, event: ProgressEvent) -> None:
+        """A progress callback that only remembers the event (for work that stops through `stop_event`)."""
         self.event = event
 
 

@@ -13,6 +13,8 @@ navigation = st.navigation(
         st.Page(PAGES / "spectra.py", title="Spectra", icon=":material/ssid_chart:"),
         st.Page(PAGES / "sensitivity.py", title="Sensitivity", icon=":material/tune:"),
         st.Page(PAGES / "allocate.py", title="Allocate", icon=":material/view_column:"),
+        st.Page(PAGES / "search.py", title="Search", icon=":material/query_stats:"),
+        st.Page(PAGES / "export.py", title="Export", icon=":material/output:"),
     ]
 )
 navigation.run()

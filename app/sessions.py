@@ -46,9 +46,11 @@ class SharedModelSession:
         return getattr(self._session, name)
 
     def evaluate_ranks(self, ranks: Mapping[str, Optional[int]], progress: Optional[ProgressCallback] = None,
-                       window_indices: Optional[list[int]] = None) -> QualityResult:
+                       window_indices: Optional[list[int]] = None, **windows) -> QualityResult:
+        """As `CompressionSession.evaluate_ranks`; `windows` passes its `windows=` and `reference=` (a search's
+        validation windows) through."""
         with self._guard.hold(f"evaluating a {self._session.method} plan"):
-            return self._session.evaluate_ranks(ranks, progress, window_indices)
+            return self._session.evaluate_ranks(ranks, progress, window_indices, **windows)
 
     def evaluate(self, plan: RankPlan, progress: Optional[ProgressCallback] = None) -> RankPlan:
         with self._guard.hold(f"evaluating a {self._session.method} plan"):

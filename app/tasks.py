@@ -1,4 +1,5 @@
-"""The app's long actions as background jobs: calibration, spectra, sweeps and plan evaluation.
+"""The app's long actions as background jobs: calibration, spectra, sweeps, plan evaluation, search
+studies, a study's best plan, exports and side-by-side generation.
 
 Each `start_*` function composes engine calls into one job on the process-wide `JobBoard` and
 returns it; the engine writes every result to the store before the job ends, and pages read the
@@ -10,17 +11,28 @@ joins one job, and a page finds the jobs of its scope with `JobBoard.with_prefix
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
 from app.jobs import Job
 from app.resources import current_database, current_store, get_job_board, get_model_guard, get_session_pool
 from app.sessions import SessionKey, SharedModelSession
 from app.workspace import Workspace
+from engine.analysis.search_summary import trial_plan_grouping
 from engine.compression.plan import RankPlan
+from engine.compression.session import TextSettings, ensure_reference
 from engine.compression.sweep import sweep_by_layer, sweep_by_type
+from engine.errors import RankScopeError
+from engine.export import export_compressed, generate_side_by_side, load_compressed
+from engine.export_report import SideBySide
 from engine.hashing import sha256_json
 from engine.models.loading import LoadedModel
-from engine.workspace import ensure_calibration, ensure_spectra
+from engine.search.runner import StudyRunner, create_study
+from engine.search.settings import StudySettings
+from engine.search.summary import best_trial
+from engine.store.study_storage import DuckDBStudyStorage
+from engine.texts.windows import Windowing
+from engine.workspace import ensure_calibration, ensure_spectra, load_windows
 
 
 def _digest(*parts) -> str:
@@ -45,16 +57,16 @@ def session_scope(kind: str, workspace: Workspace, loaded: LoadedModel, method: 
     return f"{model_scope(loaded)}{kind}/{_digest(method, workspace.text_settings())}/"
 
 
-def session_key(workspace: Workspace, loaded: LoadedModel, method: str) -> SessionKey:
-    return SessionKey(current_database(), loaded.fingerprint, method, workspace.text_settings())
-
-
-def _session_opener(workspace: Workspace, loaded: LoadedModel, method: str) -> Callable[[Job], SharedModelSession]:
+def _texts_session_opener(loaded: LoadedModel, method: str, texts: TextSettings) -> Callable[[Job], SharedModelSession]:
     """A function for the worker thread that opens (or reuses) the session; app resources are looked up here,
     on the script thread, so the worker never touches Streamlit."""
     pool, store, guard = get_session_pool(), current_store(), get_model_guard(loaded.fingerprint)
-    key = session_key(workspace, loaded, method)
+    key = SessionKey(current_database(), loaded.fingerprint, method, texts)
     return lambda job: pool.open(key, store, loaded, guard, job.report)
+
+
+def _session_opener(workspace: Workspace, loaded: LoadedModel, method: str) -> Callable[[Job], SharedModelSession]:
+    return _texts_session_opener(loaded, method, workspace.text_settings())
 
 
 def start_calibration(workspace: Workspace, loaded: LoadedModel) -> Job:
@@ -135,3 +147,134 @@ def start_apply(workspace: Workspace, loaded: LoadedModel, method: str, ranks: M
     scope = session_scope("apply", workspace, loaded, method)
     return get_job_board().start(scope + _digest(sorted(ranks.items(), key=str), grouping),
                                  f"Evaluating the plan ({method})", work)
+
+
+# -- search studies ------------------------------------------------------------------------------------------
+
+
+def study_text_settings(settings: StudySettings) -> TextSettings:
+    """The texts a study was made with (its settings' `texts`, as `Workspace.study_texts` writes them)."""
+    t = settings.texts
+    return TextSettings(t["calibration_text"], Windowing(t["window_len"], t["calibration_windows"]), t["groups"],
+                        t["evaluation_text"], Windowing(t["window_len"], t["evaluation_windows"]))
+
+
+def study_job_id(loaded: LoadedModel, study_id: str) -> str:
+    return f"{model_scope(loaded)}study/{study_id}"
+
+
+def study_plan_job_id(loaded: LoadedModel, study_id: str) -> str:
+    return f"{model_scope(loaded)}study-plan/{study_id}"
+
+
+def _ensure_validation_reference(session: SharedModelSession, settings: StudySettings) -> None:
+    """The original model's distribution on the study's candidate windows, computed (and stored) now.
+
+    `StudyRunner` computes it first thing with the model itself, outside any guard; computed here under the
+    model guard, the runner finds it in the store, so no other job can have compressed the model meanwhile.
+    The windows are the runner's: `subset_candidates` windows after the evaluation windows.
+    """
+    texts = session.texts
+    windowing = Windowing(texts.evaluation_windowing.window_len, settings.subset_candidates,
+                          start_window=texts.evaluation_windowing.n_windows or 0)
+    _, windows = load_windows(session.store, session.loaded, texts.evaluation_text, windowing)
+    ensure_reference(session.store, session.loaded, texts.evaluation_text, windowing, windows)
+
+
+def start_study(loaded: LoadedModel, settings: StudySettings, study_id: str, create: bool) -> Job:
+    """Run a search study (`create`: register it first) or resume a stored one, trial by trial into the store.
+
+    Stop is cooperative: the study stops before its next trial and is stored as stopped, resumable.
+    """
+    open_session = _texts_session_opener(loaded, settings.method, study_text_settings(settings))
+    storage, guard = DuckDBStudyStorage(current_store()), get_model_guard(loaded.fingerprint)
+
+    def work(job: Job) -> str:
+        session = open_session(job)
+        if create:
+            create_study(storage, session, settings, name=study_id)
+        with guard.hold(f"preparing the validation windows of study {study_id}"):
+            _ensure_validation_reference(session, settings)
+        record = StudyRunner(storage, session, study_id, progress=job.observe, stop_event=job.stop_event).run()
+        return record.state.value
+
+    return get_job_board().start(study_job_id(loaded, study_id), f"Study {study_id}", work, resumable=True)
+
+
+def start_study_plan(loaded: LoadedModel, study_id: str) -> Job:
+    """The best trial of a study as a rank plan, with its metrics on the full evaluation text.
+
+    The study's re-measurement is used when it has one for that trial; otherwise (a study still
+    running or stopped early) the plan is evaluated now, as `rankscope search export-plan` does.
+    """
+    storage = DuckDBStudyStorage(current_store())
+    record = storage.get_study(study_id)
+    if record is None:
+        raise RankScopeError(f"No study with id '{study_id}'.")
+    settings = StudySettings.from_dict(record.settings)
+    open_session = _texts_session_opener(loaded, settings.method, study_text_settings(settings))
+
+    def work(job: Job) -> RankPlan:
+        best = best_trial(storage, study_id)
+        if best is None:
+            raise RankScopeError(f"Study '{study_id}' has no finished trial yet.")
+        session = open_session(job)
+        full = storage.results(study_id).get("best")
+        metrics = full if full and full.get("trial") == best.number else \
+            session.evaluate_ranks(best.ranks, job.report).to_dict()
+        plan = session.plan(best.ranks, grouping=trial_plan_grouping(record.settings, best), seed=settings.seed,
+                            study_id=study_id)
+        return plan.with_metrics({k: metrics[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")})
+
+    return get_job_board().start(study_plan_job_id(loaded, study_id), f"Best plan of {study_id}", work)
+
+
+# -- export ----------------------------------------------------------------------------------------------------
+
+
+def export_text_settings(workspace: Workspace, plan: RankPlan) -> TextSettings:
+    """The plan's calibration (the factors it was measured with, when it names one) and the workspace's
+    evaluation set (what the export report measures on)."""
+    c = plan.calibration
+    if c is None:
+        calibration = (workspace.calibration_text, workspace.calibration_windowing, workspace.n_groups)
+    else:
+        calibration = (c["text"], Windowing(c["window_len"], c["n_windows"]), c["n_groups"])
+    return TextSettings(*calibration, workspace.evaluation_text, workspace.evaluation_windowing)
+
+
+def export_job_prefix(loaded: LoadedModel) -> str:
+    return f"{model_scope(loaded)}export/"
+
+
+def start_export(loaded: LoadedModel, plan: RankPlan, texts: TextSettings, out_dir: Path, dense: bool, prompt: str,
+                 new_tokens: int, timing_runs: int) -> Job:
+    """Export the plan's compressed model to `out_dir`, verified by reloading (`engine.export`); stored in the
+    store's exports. Returns the directory."""
+    open_session = _texts_session_opener(loaded, plan.method, texts)
+    guard = get_model_guard(loaded.fingerprint)
+
+    def work(job: Job) -> str:
+        session = open_session(job)
+        with guard.hold(f"exporting to {out_dir}"):
+            report = export_compressed(session, plan, out_dir, dense=dense, prompt=prompt, progress=job.report,
+                                       max_new_tokens=new_tokens, timing_runs=timing_runs)
+        return report.out_dir
+
+    return get_job_board().start(export_job_prefix(loaded) + _digest(str(out_dir)), f"Export to {out_dir}", work)
+
+
+def generation_job_id(loaded: LoadedModel, directory: str) -> str:
+    return f"{model_scope(loaded)}generate/{_digest(directory)}"
+
+
+def start_generation(loaded: LoadedModel, directory: str, prompt: str, new_tokens: int) -> Job:
+    """Greedy continuations of `prompt` by the original model and by the export in `directory`, reloaded."""
+    guard = get_model_guard(loaded.fingerprint)
+
+    def work(job: Job) -> SideBySide:
+        compressed, _, _ = load_compressed(directory)
+        with guard.hold("generating with the original model"):
+            return generate_side_by_side(loaded.model, compressed, loaded.tokenizer, prompt, new_tokens)
+
+    return get_job_board().start(generation_job_id(loaded, directory), "Side-by-side generation", work)

@@ -63,6 +63,12 @@ class Workspace:
         return TextSettings(self.calibration_text, self.calibration_windowing, self.n_groups,
                             self.evaluation_text, self.evaluation_windowing)
 
+    def study_texts(self) -> dict:
+        """The `texts` section of a search study's settings, as `rankscope search start` writes it."""
+        return {"calibration_text": self.calibration_text, "calibration_windows": self.calibration_windows,
+                "evaluation_text": self.evaluation_text, "evaluation_windows": self.evaluation_windows,
+                "window_len": self.window_len, "groups": self.n_groups}
+
     def describe_calibration(self) -> str:
         return (f"'{self.calibration_text}', {self.calibration_windows} windows of {self.window_len} tokens, "
                 f"{self.n_groups} groups")

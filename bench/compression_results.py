@@ -10,6 +10,7 @@ Run: `.venv/bin/python bench/compression_results.py` (about 25 minutes cold; cac
 
 from __future__ import annotations
 
+import json
 import gc
 import sys
 from pathlib import Path
@@ -81,7 +82,7 @@ def main() -> None:
     payload = {"model": "smollm2-135m", "texts": repr(texts), "original": original, "uniform": uniform,
                "sensitivity_feature_pca": sensitivity, "kl_approximation": kl_checks, "peak_rss_mib": peak_rss_mib()}
     path = write_json("compression_results", payload)
-    DOC.write_text(render(payload))
+    DOC.write_text(render(json.loads(path.read_text())))  # the written file carries the environment too
     print(f"wrote {DOC} and {path}")
 
 

@@ -14,6 +14,7 @@ this script is run again after an interruption. Run: `.venv/bin/python bench/sea
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,7 @@ def main() -> None:
     summaries["results-5x1"] = study_summary(storage, "results-5x1")
     payload = {"original": session.original_quality(), "studies": summaries}
     path = write_json("search_results", payload)
-    DOC.write_text(render(payload))
+    DOC.write_text(render(json.loads(path.read_text())))  # the written file carries the environment too
     print(f"wrote {DOC} and {path}")
 
 

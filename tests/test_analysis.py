@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from engine.analysis import METRIC_LABELS
 from engine.analysis.allocation import budget_meter_rows, plan_summary, ranks_from_unit_ranks, unit_rank_rows
+from engine.analysis.export_summary import check_rows, export_overview, export_rows, quality_rows, size_speed_rows
+from engine.analysis.search_summary import (
+    INTERRUPTED, achieved_ratios, baseline_marks, best_so_far_rows, full_text_rows, study_rows, study_state, trial_plan_grouping,
+    trial_rows,
+)
+from engine.compression.grouping import Grouping
 from engine.analysis.sensitivity_summary import layer_grid, layer_sweep_ratios, sweep_unit_labels, type_curve_rows
 from engine.analysis.spectra_summary import KIND_LABELS, energy_curve_rows, find_spectrum, rank_share_grid
 from engine.compression.plan import PlanError, RankPlan
 from engine.compression.units import LinearShape, ModelShapes, count_parameters
 from engine.energy import rank_table
 from engine.errors import RankScopeError
+from engine.search.records import StudyRecord, StudyState, TrialKind, TrialRecord
 from engine.store.duckdb_store import SensitivityPoint, SpectrumRow
 
 
@@ -139,3 +147,145 @@ def test_plan_summary_and_budget_meter_report_both_ways():
     assert meter[("whole model", "kept")] == shapes.total_params - removed
     assert math.isclose(meter[("decoder linears", "kept")] / shapes.decoder_linear_params, 1 - counts.decoder_reduction)
     assert np.isfinite(list(meter.values())).all()
+
+
+# -- search ---------------------------------------------------------------------------------------------------
+
+
+def _trial(number, kind, objective, label=None, ranks=None, perplexity=None):
+    return TrialRecord("s", number, kind, label or f"trial {number}", {}, {"qk": 0.1}, ranks or {}, objective,
+                       perplexity or 10.0 + number, 0.01 * number, 0.02 * number, 1000 - number, 5000 - number, 0.5)
+
+
+def _study_trials():
+    return [_trial(0, TrialKind.BASELINE, 2.0, "uniform"), _trial(1, TrialKind.WARM_START, 2.5, "warm start"),
+            _trial(2, TrialKind.SEARCH, 3.0), _trial(3, TrialKind.SEARCH, math.inf), _trial(4, TrialKind.SEARCH, 1.5),
+            _trial(5, TrialKind.BASELINE, 1.8, "lord")]
+
+
+def test_best_so_far_follows_the_told_trials_and_skips_non_finite_objectives():
+    rows = best_so_far_rows(list(reversed(_study_trials())))  # any order in, run order out
+    assert [r["trial"] for r in rows] == [1, 2, 3, 4] and [r["number"] for r in rows] == [1, 2, 3, 4]
+    assert [r["objective"] for r in rows] == [2.5, 3.0, None, 1.5]
+    assert [r["best_so_far"] for r in rows] == [2.5, 2.5, 2.5, 1.5]
+    assert [r["kind"] for r in rows] == ["warm start", "search", "search", "search"]
+
+
+def test_trial_rows_list_baselines_without_a_best_so_far_and_add_group_columns():
+    trials = _study_trials()
+    rows = trial_rows(trials, {0: {"qk": 0.2, "o": 0.0}, 4: {"qk": 0.5, "o": 0.1}})
+    assert [r["label"] for r in rows] == ["uniform", "warm start", "trial 2", "trial 3", "trial 4", "lord"]
+    assert rows[0]["kind"] == "baseline" and rows[0]["best_so_far"] is None and rows[0]["qk"] == 0.2
+    assert rows[3]["objective"] is None and rows[3]["best_so_far"] == 2.5
+    assert rows[4] | {"seconds": None} == {
+        "number": 4, "label": "trial 4", "kind": "search", "objective": 1.5, "best_so_far": 1.5, "perplexity": 14.0,
+        "kl_forward": 0.04, "kl_reverse": 0.08, "decoder_params": 996, "total_params": 4996, "seconds": None,
+        "qk": 0.5, "o": 0.1}
+    assert "qk" not in trial_rows(trials)[0]
+
+
+def test_achieved_ratios_measure_every_trial_on_the_study_groups():
+    shapes = _shapes()
+    qk_rank2 = {f"layers.{layer}.{t}": 2 for layer in range(2) for t in ("q", "k")}
+    ratios = achieved_ratios([_trial(0, TrialKind.BASELINE, 1.0, ranks=qk_rank2)], shapes, "svd", Grouping("5x1"))
+    # q 8x8 at rank 2: 32 of 64 kept; k 4x8 at rank 2: 24 of 32 kept; two layers
+    assert ratios[0]["qk"] == pytest.approx(1 - (32 + 24) / (64 + 32))
+    assert ratios[0]["o"] == ratios[0]["down"] == 0.0 and "v" not in ratios[0]
+
+
+def test_baseline_marks_name_identical_baselines_once():
+    twin = replace(_trial(6, TrialKind.BASELINE, 2.0, "lord", perplexity=10.0), decoder_params=1000)  # as trial 0
+    trials = [_trial(0, TrialKind.BASELINE, 2.0, "uniform", perplexity=10.0), _trial(3, TrialKind.SEARCH, 1.0),
+              _trial(5, TrialKind.BASELINE, math.inf, "greedy"), twin]
+    assert baseline_marks(trials) == [{"objective": 2.0, "perplexity": 10.0, "decoder_params": 1000,
+                                       "label": "uniform = lord"}]
+    assert [m["label"] for m in baseline_marks(_study_trials())] == ["uniform", "lord"]
+
+
+def test_full_text_rows_put_the_best_first_and_compare_with_it():
+    results = {"lord": {"trial": 5, "perplexity": 12.0, "kl_forward": 0.2, "kl_reverse": 0.3, "tokens": 9},
+               "best": {"trial": 4, "perplexity": 10.0, "kl_forward": 0.1, "kl_reverse": 0.15, "tokens": 9,
+                        "decoder_params": 996, "total_params": 4996},
+               "uniform": {"trial": 0, "perplexity": 11.0, "kl_forward": 0.2, "kl_reverse": 0.2, "tokens": 9}}
+    rows = full_text_rows(results, _study_trials())
+    assert [r["plan"] for r in rows] == ["best", "uniform", "lord"]
+    assert [r["perplexity_vs_best"] for r in rows] == pytest.approx([0.0, 0.1, 0.2])
+    assert rows[0]["decoder_params"] == 996 and rows[1]["decoder_params"] is None
+    assert full_text_rows({}, _study_trials()) == []
+
+
+def test_study_state_and_rows_call_an_orphaned_running_study_interrupted():
+    record = StudyRecord("s", "s", "f" * 64, {}, StudyState.RUNNING)
+    assert study_state(record, running_here=True) == "running"
+    assert study_state(record, running_here=False) == INTERRUPTED
+    stopped = StudyRecord("s", "s", "f" * 64, {}, StudyState.STOPPED)
+    assert study_state(stopped, running_here=False) == "stopped"
+    summary = {"study_id": "a", "state": "running", "settings": {"method": "svd", "grouping": "5x1", "budget": 0.2},
+               "trials_done": 3, "trials_planned": 4, "best": {"objective": 2.25},
+               "full_text": {"best": {"perplexity": 11.5}}}
+    assert study_rows([summary], set()) == [{"study": "a", "state": INTERRUPTED, "method": "svd", "grouping": "5x1",
+                                             "budget": 0.2, "trials": "3/4", "best_objective": 2.25,
+                                             "best_perplexity": 11.5}]
+    assert study_rows([summary | {"best": None, "full_text": {}}], {"a"})[0] | {"study": None} == {
+        "study": None, "state": "running", "method": "svd", "grouping": "5x1", "budget": 0.2, "trials": "3/4",
+        "best_objective": None, "best_perplexity": None}
+
+
+def test_trial_plan_grouping_names_the_study_grouping_values_and_budget():
+    trial = _trial(4, TrialKind.SEARCH, 1.5)
+    assert trial_plan_grouping({"grouping": "5x2", "search_v": True, "budget": 0.3}, trial) == {
+        "kind": "5xG", "layer_blocks": 2, "search_v": True, "values": {"qk": 0.1}, "budget": 0.3}
+
+
+# -- export -----------------------------------------------------------------------------------------------------
+
+
+def _report(passed=True, original_bytes=4 * 2 ** 20, storage="low-rank", out_dir="/x/e"):
+    quality = {"perplexity": 10.0, "kl_forward": 0.0, "kl_reverse": 0.0, "tokens": 62}
+    return {
+        "out_dir": out_dir, "storage": storage, "method": "svd", "model_id": "toy", "files": {},
+        "weights_bytes": 3 * 2 ** 20, "original_weights_bytes": original_bytes,
+        "parameters": {"decoder_linear": {"dense": 1000, "compressed": 800, "reduction": 0.2},
+                       "total": {"dense": 5000, "compressed": 4800, "reduction": 0.04}, "reloaded": 4816},
+        "quality": {"original": quality, "compressed": {**quality, "perplexity": 11.0, "kl_forward": 0.1,
+                                                        "kl_reverse": 0.12},
+                    "reloaded": {**quality, "perplexity": 11.00001, "kl_forward": 0.1, "kl_reverse": 0.12}},
+        "evaluation": {"text": "t", "n_windows": 2, "window_len": 32},
+        "speed": {"original": {"tokens_per_second": 50.0}, "compressed": {"tokens_per_second": 60.0}},
+        "generation": {"prompt": "p", "original": "a", "compressed": "b", "new_tokens": 8, "matching_tokens": 3},
+        "checks": [{"name": "logits via load_compressed", "passed": True, "detail": "max abs diff 1e-7"},
+                   {"name": "perplexity re-evaluated after reload", "passed": passed, "detail": "..."}],
+        "passed": passed,
+    }
+
+
+def test_export_overview_reads_sizes_quality_speed_and_checks():
+    overview = export_overview(_report())
+    assert overview["size_ratio"] == pytest.approx(0.75) and overview["speedup"] == pytest.approx(1.2)
+    assert overview["perplexity"] == 11.00001 and overview["original_perplexity"] == 10.0
+    assert (overview["kl_forward"], overview["kl_reverse"]) == (0.1, 0.12)
+    assert (overview["decoder_compressed"], overview["total_compressed"], overview["reloaded_parameters"]) == \
+        (800, 4800, 4816)
+    assert overview["passed"] and (overview["checks_passed"], overview["checks_total"]) == (2, 2)
+    failed = export_overview(_report(passed=False, original_bytes=None))
+    assert not failed["passed"] and failed["checks_passed"] == 1 and failed["size_ratio"] is None
+
+
+def test_export_rows_for_tables_and_charts():
+    report = _report()
+    assert [r["model"] for r in quality_rows(report)] == ["original", "compressed (in memory)",
+                                                          "reloaded from the directory"]
+    assert quality_rows(report)[1]["kl_reverse"] == 0.12
+    sizes = {(r["measure"], r["model"]): r["value"] for r in size_speed_rows(report)}
+    assert sizes[("weights file (MiB)", "original")] == 4.0 and sizes[("weights file (MiB)", "compressed")] == 3.0
+    assert sizes[("tokens/s (batch 1, greedy)", "compressed")] == 60.0
+    assert len(size_speed_rows(_report(original_bytes=None))) == 3
+    assert [r["result"] for r in check_rows(_report(passed=False))] == ["passed", "FAILED"]
+    entries = [{"export_id": "old", "path": "/x/e", "created_at": "2025-01-01 10:00", "report": _report()},
+               {"export_id": "new", "path": "/x/e", "created_at": "2025-01-02 10:00", "report": _report(passed=False)},
+               {"export_id": "dense", "path": "/x/d", "created_at": "2025-01-01 12:00",
+                "report": _report(storage="dense", out_dir="/x/d")}]
+    rows = export_rows(entries)
+    assert [(r["export_id"], r["current"], r["checks"]) for r in rows] == [
+        ("new", True, "FAILED"), ("dense", True, "passed"), ("old", False, "passed")]
+    assert rows[1]["storage"] == "dense" and rows[0]["size_ratio"] == pytest.approx(0.75)

@@ -1,9 +1,10 @@
 """The workbench in a real browser: Debian's chromium, driven by Playwright, against a live app server.
 
 Starts `streamlit run app/main.py` on a free local port with the tiny llama model, small windows and
-a temporary cache; walks Model -> Spectra -> Sensitivity -> Allocate (calibrate, compute spectra,
-run a per-type sweep, apply a plan); checks that the numbers the pages show equal the engine's for
-the same settings (computed here, in a separate cache); saves a screenshot of every page under
+a temporary cache; walks Model -> Spectra -> Sensitivity -> Allocate -> Search -> Export (calibrate,
+compute spectra, run a per-type sweep, apply a plan, run a short study and keep its best plan,
+export that plan and generate from it); checks that the numbers the pages show equal the engine's
+for the same settings (computed here, in a separate cache); saves a screenshot of every page under
 `test-output/screenshots/` (used by the README tour); and stops the server whatever happens.
 Chromium comes from `make setup` (`apt-get install chromium`); `playwright install` is never run.
 """
@@ -27,7 +28,10 @@ from engine.compression.units import count_parameters
 from engine.energy import rank_table
 from engine.models.loading import load_model
 from engine.paths import PROJECT_ROOT
+from engine.search.runner import StudyRunner, create_study
+from engine.search.settings import StudySettings
 from engine.store import open_store
+from engine.store.study_storage import DuckDBStudyStorage
 from engine.texts.windows import Windowing
 from engine.workspace import ensure_baseline_evaluation, ensure_calibration, ensure_spectra
 from tests.tiny_models import TRAINING_TEXT
@@ -38,6 +42,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 SCREENSHOTS = PROJECT_ROOT / "test-output" / "screenshots"
 WINDOW_LEN, CALIBRATION_WINDOWS, EVALUATION_WINDOWS, GROUPS = 32, 4, 2, 2
 METHOD, DEFAULT_RATIO = "feature-pca", 0.2  # the Allocate page's defaults
+# a short study: 4 trials (3 random first) at budget 0.3, on 4 sensitive windows of 8 candidates found by 2 probes
+STUDY = {"Budget: share of decoder-linear parameters removed": "0.30", "Trials": "4", "Initial random points": "3",
+         "Candidate windows": "8", "Subset size": "4", "Probe plans": "2"}
+STUDY_SETTINGS = dict(budget=0.3, n_trials=4, n_initial_points=3, subset_candidates=8, subset_size=4,
+                      subset_probe_plans=2)
 WAIT_MS = 120_000
 
 
@@ -86,6 +95,7 @@ def app_server(tiny_model_dirs, texts, tmp_path):
         "RANKSCOPE_EVALUATION_WINDOWS": str(EVALUATION_WINDOWS),
         "RANKSCOPE_GROUPS": str(GROUPS),
         "RANKSCOPE_METHOD": METHOD,
+        "OMP_NUM_THREADS": "1",  # as the engine side of this test (single_torch_thread): the same numbers, no oversubscription
     }
     log = tmp_path / "server.log"
     with log.open("w") as output:
@@ -120,12 +130,20 @@ def engine_numbers(tiny_model_dirs, texts) -> dict:
     groups = Grouping("5x1").groups(session.shapes, METHOD)
     ranks = ranks_from_ratios(groups, {name: DEFAULT_RATIO for name in groups})
     evaluated = session.evaluate(session.plan(ranks))
+    storage = DuckDBStudyStorage(store)  # the same study as the Search page runs (same seed, same windows)
+    texts_section = {"calibration_text": texts.calibration_text, "calibration_windows": CALIBRATION_WINDOWS,
+                     "evaluation_text": texts.evaluation_text, "evaluation_windows": EVALUATION_WINDOWS,
+                     "window_len": WINDOW_LEN, "groups": GROUPS}
+    settings = StudySettings(model=str(tiny_model_dirs["llama"]), method=METHOD, texts=texts_section, **STUDY_SETTINGS)
+    create_study(storage, session, settings, name="walk")
+    StudyRunner(storage, session, "walk").run()
     return {
         "baseline_perplexity": baseline.perplexity,
         "spectrum": spectrum,
         "counts": count_parameters(session.shapes, METHOD, ranks),
         "metrics": evaluated.metrics,
         "original_perplexity": session.reference.perplexity,
+        "study_best_perplexity": storage.results("walk")["best"]["perplexity"],
     }
 
 
@@ -141,6 +159,7 @@ def _metric(page, label: str) -> str:
 def _open_page(page, title: str) -> None:
     page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=title).click()
     page.get_by_role("heading", name=title, exact=True).first.wait_for(timeout=WAIT_MS)
+    _settle(page)  # the previous page's elements linger until the new page's first run ends
 
 
 def _settle(page) -> None:
@@ -162,7 +181,15 @@ def _screenshot(page, name: str) -> None:
     page.set_viewport_size(viewport)
 
 
-def test_walk_model_spectra_sensitivity_allocate_in_chromium(app_server, engine_numbers):
+def _fill(page, label: str, value: str) -> None:
+    """Type into the text or number input labelled `label` and commit it (Enter), then wait for the rerun."""
+    field = page.get_by_label(label, exact=True)
+    field.fill(value)
+    field.press("Enter")
+    _settle(page)
+
+
+def test_walk_model_spectra_sensitivity_allocate_search_export_in_chromium(app_server, engine_numbers, tmp_path):
     if not CHROMIUM.is_file():
         pytest.fail(f"Chromium is missing at {CHROMIUM}: run `make setup` (it installs Debian's chromium).")
     from playwright.sync_api import sync_playwright
@@ -196,7 +223,7 @@ def test_walk_model_spectra_sensitivity_allocate_in_chromium(app_server, engine_
             page.locator(".js-plotly-plot").first.wait_for(timeout=WAIT_MS)  # points arrive (live while it runs)
             page.wait_for_function("() => document.querySelectorAll('[data-testid=stProgress]').length === 0",
                                    timeout=WAIT_MS)  # and the sweep has ended
-            assert page.get_by_text("No sensitivity points stored").count() == 0
+            page.get_by_text("No sensitivity points stored").wait_for(state="detached", timeout=WAIT_MS)
             _screenshot(page, "03-sensitivity")
 
             # Allocate: the budget meter, then Apply and the measured quality
@@ -216,6 +243,35 @@ def test_walk_model_spectra_sensitivity_allocate_in_chromium(app_server, engine_
             assert float(_metric(page, "KL(P_comp‖P_orig)")) == pytest.approx(
                 engine_numbers["metrics"]["kl_reverse"], rel=1e-2, abs=1e-7)
             _screenshot(page, "04-allocate")
-            # Export comes next in the walk once its page exists.
+
+            # Search: a short study, watched until it has re-measured its best plan on the full text
+            _open_page(page, "Search")
+            for label, value in STUDY.items():
+                _fill(page, label, value)
+            _fill(page, "Study name (optional; also its id)", "walk")
+            page.get_by_role("button", name="Start study").click()
+            _metric(page, "Trials")  # trials arrive while it runs
+            page.wait_for_function(
+                "() => Array.from(document.querySelectorAll('[data-testid=stMetric]')).some(m => "
+                "m.innerText.includes('Best perplexity (full text)') && /\\d/.test("
+                "m.querySelector('[data-testid=stMetricValue]').innerText))", timeout=WAIT_MS)
+            best = float(_metric(page, "Best perplexity (full text)"))
+            assert best == pytest.approx(engine_numbers["study_best_perplexity"], abs=2e-3)
+            assert _metric(page, "Trials") == "4/4"
+            page.wait_for_function("() => document.querySelectorAll('.js-plotly-plot').length === 3", timeout=WAIT_MS)
+            page.get_by_role("button", name="Use best plan").click()
+            page.get_by_text("'walk-best' is in the saved plans").wait_for(timeout=WAIT_MS)
+            _screenshot(page, "05-search")
+
+            # Export: the study's best plan, written to a temporary directory, reloaded and re-measured
+            _open_page(page, "Export")
+            _fill(page, "Directory", str(tmp_path / "walk-export"))
+            page.get_by_role("button", name="Export", exact=True).click()
+            assert _metric(page, "Reload check") == "passed"
+            assert float(_metric(page, "Perplexity")) == pytest.approx(best, abs=2e-3)
+            assert (tmp_path / "walk-export" / "model.safetensors").is_file()
+            page.get_by_role("button", name="Generate").click()
+            page.get_by_text("Greedy decoding,").wait_for(timeout=WAIT_MS)
+            _screenshot(page, "06-export")
         finally:
             browser.close()

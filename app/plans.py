@@ -1,0 +1,43 @@
+"""Rank plans in the browser session: the saved plans the pages share, and checked plan uploads.
+
+Saved plans live in the browser session (`st.session_state`), by name, as plan dicts; the Allocate
+page saves them, the Search page adds a study's best plan, and the Export page exports them.
+An upload is refused with a reason (not UTF-8, not JSON, another schema, a plan for another model).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import streamlit as st
+
+from engine.compression.plan import PlanError, RankPlan
+from engine.compression.units import ModelShapes
+
+SAVED_PLANS = "alloc_saved_plans"  # the Allocate page's saved plans (pages/allocate.py SAVED): name -> plan dict
+
+
+def saved_plans() -> dict[str, dict]:
+    """The saved plans of this browser session (shared with the Allocate page), name -> plan dict."""
+    return st.session_state.setdefault(SAVED_PLANS, {})
+
+
+def plans_for_model(shapes: ModelShapes) -> dict[str, RankPlan]:
+    """The saved plans made for this model, by name."""
+    return {name: RankPlan.from_dict(data) for name, data in saved_plans().items()
+            if data.get("model", {}).get("fingerprint") == shapes.fingerprint}
+
+
+def read_uploaded_plan(upload, shapes: ModelShapes) -> Optional[RankPlan]:
+    """The uploaded plan checked against the model, or None after an `st.error` saying why it was refused."""
+    try:
+        plan = RankPlan.from_json(upload.getvalue().decode("utf-8"))
+        plan.validate_for(shapes)
+        return plan
+    except UnicodeDecodeError:
+        st.error(f"Refused '{upload.name}': it is not a UTF-8 text file, so it cannot be a plan JSON.")
+    except PlanError as exc:
+        st.error(f"Refused '{upload.name}': {exc}")
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        st.error(f"Refused '{upload.name}': it does not follow the rankscope.plan/v1 schema ({exc}).")
+    return None
