@@ -126,6 +126,16 @@ def render(p: dict) -> str:
             row = by_type[t]
             lines.append(f"| {t} | " + " | ".join(f"{row[round(r, 2)]['perplexity']:.2f}" for r in SENSITIVITY_RATIOS)
                          + " | " + " | ".join(f"{row[round(r, 2)]['kl_reverse']:.4f}" for r in SENSITIVITY_RATIOS) + " |")
+    order = sorted(by_type, key=lambda t: by_type[t][round(SENSITIVITY_RATIOS[-1], 2)]["perplexity"])
+    at = f"{SENSITIVITY_RATIOS[-1]:.1f}"
+    lines += ["", f"Ordered by perplexity at ratio {at}, from most robust to most sensitive: "
+              + ", ".join(f"{t} ({by_type[t][round(SENSITIVITY_RATIOS[-1], 2)]['perplexity']:.1f})" for t in order)
+              + f". The Bolaco paper reports for LLaMA-2 that q and k are robust and v is very sensitive; on this model "
+              f"the three most robust types are {', '.join(order[:3])} and the most sensitive at ratio {at} are "
+              f"{', '.join(order[-3:][::-1])}."
+              + (" Unlike the large models of the paper, all three MLP types are in the sensitive half here: this "
+                 "135M-parameter model has little spare rank in its MLP either."
+                 if {"gate", "up", "down"} <= set(order[len(order) // 2:]) else "")]
     lines += ["", "## Error of the top-k KL", "",
               f"Exact KL (full 49,152-token distributions) against the stored top-k KL, on the first "
               f"{KL_CHECK_WINDOWS} evaluation windows. The top-k form is a lower bound (data-processing inequality).", "",
