@@ -67,7 +67,7 @@ def models(
                 vocab_size=summary.vocab_size,
                 parameters=summary.total,
                 decoder_linear_parameters=summary.decoder_linear,
-                embedding_share=round(summary.embedding_share, 4),
+                embedding_share=summary.embedding_share,
                 parameters_by_group={row["group"]: row["parameters"] for row in summary.rows()},
             )
             if evaluate:
@@ -77,7 +77,7 @@ def models(
                     "windows": record.n_windows,
                     "window_len": record.window_len,
                     "predicted_tokens": record.n_tokens,
-                    "perplexity": round(record.perplexity, 4),
+                    "perplexity": record.perplexity,
                 }
             results.append(entry)
     except RankScopeError as exc:
