@@ -8,9 +8,11 @@ Groupings (DESIGN.md §7):
 `v` is kept dense unless `search_v` is set. A ratio of 0 keeps a group dense.
 
 `project_to_budget` scales all group ratios by one factor (so dense groups stay dense and relative
-ratios are kept) until the plan meets the target parameter count, then tops matrices up by one
-rank step at a time, so the result lies within one rank step of the target and never above it.
-An infeasible target raises `BudgetError` saying what is feasible.
+ratios are kept) until the plan meets the target parameter count; if the groups with a positive
+ratio cannot meet it on their own, it then raises every group together until it does. It finally
+tops matrices up by one rank step at a time, so the result lies within one rank step of the target
+and never above it. Any ratios can be projected onto any feasible target (a search may ask for a
+point with a single compressed group); an infeasible target raises `BudgetError` saying what is.
 """
 
 from __future__ import annotations
@@ -160,30 +162,39 @@ def project_to_budget(
     unknown = set(ratios) - set(groups)
     if unknown:
         raise BudgetError(f"Unknown group(s) {', '.join(sorted(unknown))}; this grouping's groups are: {', '.join(groups)}.")
-    positive = {k: float(v) for k, v in ratios.items() if float(v) > 0}
-    if not positive:
-        raise BudgetError("Every group has ratio 0 (dense), so no scaling can meet the budget: give a group a positive ratio.")
+    values = {k: float(ratios.get(k, 0.0)) for k in groups}
 
-    def evaluate(scale: float) -> tuple[int, dict[str, float]]:
-        scaled = {k: min(MAX_RATIO, v * scale) for k, v in positive.items()}
-        ranks = ranks_from_ratios(groups, scaled)
-        return _params(shapes, method, ranks), scaled
+    def evaluate(ratio_of: dict[str, float]) -> int:
+        return _params(shapes, method, ranks_from_ratios(groups, ratio_of))
 
-    low, high = 0.0, MAX_RATIO / min(positive.values())
-    if evaluate(high)[0] > target:
-        raise BudgetError(
-            f"The groups with a positive ratio ({', '.join(positive)}) cannot remove enough on their own to reach "
-            f"{1 - target / dense:.1%}; give more groups a positive ratio."
-        )
-    for _ in range(60):  # bisection for the smallest scale that meets the target
-        mid = (low + high) / 2
-        if evaluate(mid)[0] <= target:
-            high = mid
-        else:
-            low = mid
-    params, scaled = evaluate(high)
-    ranks = ranks_from_ratios(groups, scaled)
-    return _top_up(shapes, method, groups, ranks, target), scaled
+    def bisect(path) -> dict[str, float]:
+        """The first point along a monotone path t in [0, 1] (fewer parameters as t grows) that meets the target."""
+        low, high = 0.0, 1.0
+        for _ in range(60):
+            mid = (low + high) / 2
+            if evaluate(path(mid)) <= target:
+                high = mid
+            else:
+                low = mid
+        return path(high)
+
+    # 1. scale the positive ratios by one factor, up to where the largest-scaled one reaches MAX_RATIO
+    #    (dense groups stay dense, proportions are kept)
+    positive = {k: v for k, v in values.items() if v > 0}
+    reach = MAX_RATIO / min(positive.values()) if positive else 0.0
+
+    def scaled(t: float) -> dict[str, float]:
+        return {k: min(MAX_RATIO, v * t * reach) for k, v in values.items()}
+
+    if positive and evaluate(scaled(1.0)) <= target:
+        chosen = bisect(scaled)
+    else:
+        # 2. not enough on their own (or all groups dense): from there, raise every group together,
+        #    which reaches rank 8 everywhere (feasible, checked above) at the end of the path
+        base = scaled(1.0)
+        chosen = bisect(lambda t: {k: min(MAX_RATIO, b + t * MAX_RATIO) for k, b in base.items()})
+    ranks = ranks_from_ratios(groups, chosen)
+    return _top_up(shapes, method, groups, ranks, target), chosen
 
 
 def _params(shapes: ModelShapes, method: str, ranks: Mapping[str, Optional[int]]) -> int:
