@@ -5,7 +5,8 @@ windows) in a throwaway in-memory study storage, and reports seconds per trial a
 the search loop's wall time spent outside model evaluation (optimiser ask/tell, budget projection,
 storing), which should stay under 10%.
 Run: `.venv/bin/python bench/bench_search.py [--trials N]`, or `--from-study ID` to measure a study
-already in the cache database (loop time from the stored trials' timestamps).
+already in the cache database (loop time from the stored trials' timestamps; use an uninterrupted
+study, since a resumed one's loop time includes the pause).
 """
 
 from __future__ import annotations
