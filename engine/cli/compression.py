@@ -20,8 +20,9 @@ Groups = typer.Option(32, "--groups", help="Groups of calibration windows for th
 JsonOption = typer.Option(False, "--json", help="Print JSON.")
 
 
-def _open_session(model: str, method: str, calibration_text: str, calibration_windows: int, eval_text: str,
+def open_session(model: str, method: str, calibration_text: str, calibration_windows: int, eval_text: str,
                   eval_windows: int, window_len: int, groups: int):
+    """Load the model and open a compression session for these texts (shared by every command that evaluates)."""
     from engine.compression.session import CompressionSession, TextSettings
     from engine.models.loading import load_model
     from engine.progress import TerminalProgress
@@ -69,7 +70,7 @@ def compress(
         if (uniform is None) == (plan is None):
             raise RankScopeError("Give exactly one of --uniform RATIO or --plan FILE.")
         given = RankPlan.load(plan) if plan is not None else None
-        session = _open_session(model, given.method if given else method, calibration_text, calibration_windows,
+        session = open_session(model, given.method if given else method, calibration_text, calibration_windows,
                                 eval_text, eval_windows, window_len, groups)
         candidate = given if given is not None else session.uniform_plan(uniform)
         evaluated = session.evaluate(candidate, TerminalProgress())
@@ -112,7 +113,7 @@ def evaluate(
     try:
         if plan is not None:
             given = RankPlan.load(plan)
-            session = _open_session(model, given.method, calibration_text, calibration_windows, eval_text,
+            session = open_session(model, given.method, calibration_text, calibration_windows, eval_text,
                                     eval_windows, window_len, groups)
             metrics = session.evaluate(given, TerminalProgress()).metrics
         else:
@@ -169,7 +170,7 @@ def sweep(
             grid = [float(r) for r in ratios.split(",") if r.strip()]
         except ValueError as exc:
             raise RankScopeError(f"--ratios must be comma-separated numbers, got '{ratios}'.") from exc
-        session = _open_session(model, method, calibration_text, calibration_windows, eval_text, eval_windows,
+        session = open_session(model, method, calibration_text, calibration_windows, eval_text, eval_windows,
                                 window_len, groups)
         if by == "type":
             chosen = [t.strip() for t in types.split(",")] if types else None

@@ -16,7 +16,7 @@ from engine.cli.compression import (
     Groups,
     JsonOption,
     WindowLen,
-    _open_session,
+    open_session,
     _parameters_lines,
     _quality_line,
 )
@@ -58,7 +58,7 @@ def export(
 
     try:
         given = RankPlan.load(plan)
-        session = _open_session(model or given.model["id"], given.method, calibration_text, calibration_windows,
+        session = open_session(model or given.model["id"], given.method, calibration_text, calibration_windows,
                                 eval_text, eval_windows, window_len, groups)
         report = export_compressed(session, given, out, dense=dense, prompt=prompt, progress=TerminalProgress(),
                                    max_new_tokens=new_tokens, timing_runs=timing_runs)

@@ -9,6 +9,7 @@ import typer
 
 from engine.cli import app, echo_json, fail
 from engine.cli.compression import (
+    open_session,
     CalibrationText, CalibrationWindows, EvaluationText, EvaluationWindows, Groups, JsonOption, WindowLen,
 )
 from engine.errors import RankScopeError
@@ -27,18 +28,10 @@ def _storage():
 
 
 def _session_for(settings):
-    from engine.compression.session import CompressionSession, TextSettings
-    from engine.models.loading import load_model
-    from engine.progress import TerminalProgress
-    from engine.store import open_store
-    from engine.texts.windows import Windowing
-
-    store = open_store()
-    loaded = load_model(settings.model, store, TerminalProgress())
+    """The compression session a study's settings describe (its texts were stored with it)."""
     t = settings.texts
-    texts = TextSettings(t["calibration_text"], Windowing(t["window_len"], t["calibration_windows"]), t["groups"],
-                         t["evaluation_text"], Windowing(t["window_len"], t["evaluation_windows"]))
-    return CompressionSession.open(store, loaded, settings.method, texts, TerminalProgress())
+    return open_session(settings.model, settings.method, t["calibration_text"], t["calibration_windows"],
+                         t["evaluation_text"], t["evaluation_windows"], t["window_len"], t["groups"])
 
 
 def _run(storage, session, study_id: str) -> None:
