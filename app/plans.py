@@ -14,7 +14,7 @@ import streamlit as st
 from engine.compression.plan import PlanError, RankPlan
 from engine.compression.units import ModelShapes
 
-SAVED_PLANS = "alloc_saved_plans"  # the Allocate page's saved plans (pages/allocate.py SAVED): name -> plan dict
+SAVED_PLANS = "alloc_saved_plans"  # name -> plan dict
 
 
 def saved_plans() -> dict[str, dict]:

@@ -6,6 +6,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from app.plans import read_uploaded_plan, saved_plans
 from app.progress import watch_job
 from app.tasks import AppliedPlan, start_apply
 from app.workspace import choose_method, load_workspace_model, persistent, set_persistent, workspace_sidebar
@@ -17,7 +18,6 @@ from engine.compression.units import ModelShapes, count_parameters
 from engine.errors import RankScopeError
 from engine.hashing import sha256_json
 
-SAVED = "alloc_saved_plans"  # plan name -> plan dict, for this browser session
 BASE = "alloc_base"  # None: ranks from the sliders; else the name of a saved plan being edited
 APPLY_JOB = "alloc_apply_job"
 APPLIED = "alloc_applied"
@@ -29,7 +29,7 @@ st.caption("Set a ratio per group (0 keeps it dense), fine-tune ranks per module
 
 workspace = workspace_sidebar()
 loaded = load_workspace_model(workspace)
-saved: dict[str, dict] = st.session_state.setdefault(SAVED, {})
+saved = saved_plans()  # plan name -> plan dict, for this browser session
 st.session_state.setdefault(BASE, None)
 
 
@@ -183,16 +183,8 @@ keep[2].download_button("Download this plan (JSON)", data=current.to_json(), mim
 
 upload = st.file_uploader("Load a plan (rankscope.plan/v1 JSON)", type=["json"], key="alloc_upload")
 if upload is not None:
-    try:
-        uploaded_plan = RankPlan.from_json(upload.getvalue().decode("utf-8"))
-        uploaded_plan.validate_for(shapes)
-    except UnicodeDecodeError:
-        st.error(f"Refused '{upload.name}': it is not a UTF-8 text file, so it cannot be a plan JSON.")
-    except PlanError as exc:
-        st.error(f"Refused '{upload.name}': {exc}")
-    except (TypeError, ValueError, AttributeError, KeyError) as exc:
-        st.error(f"Refused '{upload.name}': it does not follow the rankscope.plan/v1 schema ({exc}).")
-    else:
+    uploaded_plan = read_uploaded_plan(upload, shapes)  # None after an error saying why it was refused
+    if uploaded_plan is not None:
         loaded_name = upload.name.removesuffix(".json")
         if saved.get(loaded_name) != uploaded_plan.to_dict():
             saved[loaded_name] = uploaded_plan.to_dict()
