@@ -1,0 +1,97 @@
+"""AppTests of the Export page on a tiny llama model: export, reload report, refusals."""
+
+from __future__ import annotations
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from engine.compression.grouping import Grouping, ranks_from_ratios
+from engine.compression.plan import RankPlan
+from engine.compression.units import ModelShapes
+from engine.models.loading import load_model
+from engine.paths import PROJECT_ROOT
+from engine.store import open_store
+from tests.app_testing import (
+    APP, DEFAULT_RATIO, METHOD, assert_clean, chart_keys, engine_session, has_metric, metric_value, open_app, run_until,
+)
+from tests.app_testing import workbench  # noqa: F401 (a fixture)
+
+
+def test_export_page_exports_a_plan_that_reloads_and_reports_its_numbers(workbench, tmp_path):
+    from engine.export_format import count_parameters as reloaded_parameters
+    from engine.export_format import load_compressed
+
+    store = open_store()
+    session, shapes = engine_session(workbench, store)
+    groups = Grouping("5x1").groups(shapes, METHOD)
+    plan = session.plan(ranks_from_ratios(groups, {name: DEFAULT_RATIO for name in groups}))
+    expected = session.evaluate(plan).metrics
+
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["alloc_saved_plans"] = {"by-hand": plan.to_dict()}
+    at.run()
+    at.switch_page("../pages/export.py").run()
+    assert_clean(at)
+    assert at.selectbox(key="export_saved_plan").value == "by-hand"
+    assert any(i.value.startswith("No exports of this model yet") for i in at.info)
+    assert at.text_input(key="export_dir.by-hand").value.startswith(str(PROJECT_ROOT / "exports") + "/")
+    out = tmp_path / "exported"
+    at.text_input(key="export_dir.by-hand").set_value(str(out))
+    at.number_input(key="export_new_tokens").set_value(8)
+    at.number_input(key="export_runs").set_value(1)
+    at.button(key="export_model").click().run()
+    run_until(at, has_metric("Reload check"))
+    assert_clean(at)
+
+    [entry] = store.exports(session.loaded.fingerprint)
+    report = entry["report"]
+    assert entry["path"] == str(out.resolve()) and report["passed"]
+    assert metric_value(at, "Reload check") == "passed"
+    assert metric_value(at, "Perplexity") == f"{report['quality']['reloaded']['perplexity']:.3f}"
+    assert float(metric_value(at, "Perplexity")) == pytest.approx(expected["perplexity"], abs=2e-3)
+    assert float(metric_value(at, "Original perplexity")) == pytest.approx(session.reference.perplexity, abs=2e-3)
+    assert float(metric_value(at, "KL(P_comp‖P_orig)")) == pytest.approx(expected["kl_reverse"], rel=1e-2, abs=1e-7)
+    assert metric_value(at, "Decoder-linear parameters") == f"{plan.parameters['decoder_linear']['compressed']:,}"
+    assert metric_value(at, "Model parameters") == f"{plan.parameters['total']['compressed']:,}"
+    assert metric_value(at, "Weights file") == f"{report['weights_bytes'] / 2 ** 20:,.2f} MiB"
+    assert metric_value(at, "Tokens/s compressed") == f"{report['speed']['compressed']['tokens_per_second']:.1f}"
+    assert "size_and_speed" in chart_keys(at)
+    checks = next(df.value for df in at.dataframe if "check" in df.value.columns)
+    assert len(checks) == len(report["checks"]) and set(checks["result"]) == {"passed"}
+    assert {b.proto.label for b in at.get("download_button")} >= {
+        "Download the rank plan (JSON)", "Download rank_plan.json (with the export's metrics)"}
+
+    model, _, reloaded_plan = load_compressed(out)  # the directory the page wrote reloads on its own
+    assert reloaded_plan.ranks == plan.ranks
+    assert reloaded_parameters(model) == report["parameters"]["reloaded"]
+
+    at.text_input(key="generate_prompt").set_value("Sherlock Holmes")
+    at.number_input(key="generate_new_tokens").set_value(6)
+    at.button(key="generate").click().run()
+    run_until(at, lambda a: len(a.text) >= 2)
+    assert_clean(at)
+    assert all(t.value.startswith("Sherlock Holmes") for t in at.text[:2])
+
+
+def test_export_page_refuses_a_foreign_plan_and_an_occupied_directory(workbench, tiny_model_dirs, tmp_path):
+    store = open_store()
+    foreign = RankPlan.build(ModelShapes.of(load_model(str(tiny_model_dirs["qwen2"]), store)), METHOD, {})
+    at = open_app("export")
+    at.radio(key="export_source").set_value("upload").run()
+    at.file_uploader(key="export_upload").set_value(("qwen.json", foreign.to_json().encode(), "application/json")).run()
+    assert not at.exception and "was made for model" in at.error[0].value
+    assert "export_model" not in {b.key for b in at.button}
+
+    shapes = ModelShapes.of(load_model(str(workbench["model"]), store))
+    mine = RankPlan.build(shapes, METHOD, {s.path: 8 for s in shapes.linears if s.linear_type == "down"})
+    at.file_uploader(key="export_upload").set_value(("mine.json", mine.to_json().encode(), "application/json")).run()
+    assert_clean(at)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("not an export")
+    at.text_input(key="export_dir.mine").set_value(str(occupied))
+    at.button(key="export_model").click().run()
+    run_until(at, lambda a: bool(a.error))
+    assert not at.exception
+    assert "is not an earlier RankScope export" in at.error[0].value and "Choose another directory" in at.error[0].value
+    assert (occupied / "notes.txt").read_text() == "not an export" and len(list(occupied.iterdir())) == 1
