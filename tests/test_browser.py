@@ -286,6 +286,9 @@ def walk_the_mission(url: str, setup: WalkSetup, export_dir: Path) -> dict:
             page.get_by_role("button", name="Generate").click()
             page.get_by_text("Greedy decoding,").wait_for(timeout=setup.wait_ms)
             b.screenshot("06-export")
+        except Exception:
+            b.screenshot("failed")  # where the walk stopped, for the report
+            raise
         finally:
             chromium.close()
     return shown
