@@ -187,10 +187,11 @@ class Browser:
         self.page.wait_for_timeout(300)
         self.page.locator('[data-testid="stStatusWidget"]').wait_for(state="detached", timeout=self.wait_ms)
 
-    def screenshot(self, name: str) -> None:
+    def screenshot(self, name: str, settle: bool = True) -> None:
         """The whole page: the viewport is stretched to the content's height, since the app scrolls inside it."""
         page = self.page
-        self.settle()
+        if settle:
+            self.settle()
         self.screenshots.mkdir(parents=True, exist_ok=True)
         viewport = page.viewport_size
         height = page.evaluate("() => Math.max(...Array.from(document.querySelectorAll('section, div'))"
@@ -222,76 +223,81 @@ def walk_the_mission(url: str, setup: WalkSetup, export_dir: Path) -> dict:
         chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
             b = Browser(chromium.new_page(viewport={"width": 1440, "height": 1100}), setup.wait_ms, setup.screenshots)
-            page = b.page
-            page.goto(url, timeout=setup.wait_ms)
-
-            # Model & texts: the original perplexity, then a calibration run with its progress
-            shown["baseline_perplexity"] = float(b.metric("Perplexity"))
-            shown["predicted_tokens"] = b.metric("Predicted tokens")
-            page.get_by_role("button", name="Run calibration").click()
-            page.get_by_text(re.compile(r"Cached: [\d,]+ tokens in \d+ windows")).wait_for(timeout=setup.wait_ms)
-            b.screenshot("01-model")
-
-            # Spectra: compute, then read the ranks for layer 0, q at 90% energy
-            b.open_page("Spectra")
-            page.get_by_role("button", name="Compute spectra").click()
-            shown["full_rank"] = b.metric("Full rank")
-            shown["weight_rank_90"] = b.metric("Weight rank for 90%")
-            shown["feature_rank_90"] = b.metric("Feature rank for 90%")
-            b.wait_for("() => document.querySelectorAll('.js-plotly-plot').length === 3")
-            b.screenshot("02-spectra")
-
-            # Sensitivity: a per-type sweep at the default grid, drawn from the store when it ends
-            b.open_page("Sensitivity")
-            page.get_by_role("button", name="Run per-type sweep").click()
-            page.locator(".js-plotly-plot").first.wait_for(timeout=setup.wait_ms)  # points arrive (live while it runs)
-            b.wait_for("() => document.querySelectorAll('[data-testid=stProgress]').length === 0")  # and it has ended
-            page.get_by_text("No sensitivity points stored").wait_for(state="detached", timeout=setup.wait_ms)
-            b.screenshot("03-sensitivity")
-
-            # Allocate: the budget meter, then Apply and the measured quality
-            b.open_page("Allocate")
-            for label in ("Decoder-linear parameters", "Model parameters", "Removed from decoder linears"):
-                shown[label] = b.metric(label)
-            page.get_by_role("button", name="Apply", exact=True).click()
-            b.metric("Original perplexity")  # shown once the evaluation has finished
-            for label in ("Perplexity", "Original perplexity", "KL(P_orig‖P_comp)", "KL(P_comp‖P_orig)"):
-                shown[f"applied {label}"] = float(b.metric(label))
-            b.screenshot("04-allocate")
-
-            # Search: a short study, watched until it has re-measured its best plan on the full text
-            b.open_page("Search")
-            b.fill("Budget: share of decoder-linear parameters removed", f"{setup.budget:.2f}")
-            for label, value in STUDY_PAGE_FIELDS.items():
-                b.fill(label, value)
-            b.fill("Study name (optional; also its id)", "walk")
-            page.get_by_role("button", name="Start study").click()
-            b.metric("Trials")  # trials arrive while it runs
-            b.wait_for("() => Array.from(document.querySelectorAll('[data-testid=stMetric]')).some(m => "
-                       "m.innerText.includes('Best perplexity (full text)') && /\\d/.test("
-                       "m.querySelector('[data-testid=stMetricValue]').innerText))")
-            shown["study_best_perplexity"] = float(b.metric("Best perplexity (full text)"))
-            shown["trials"] = b.metric("Trials")
-            b.wait_for("() => document.querySelectorAll('.js-plotly-plot').length === 3")
-            page.get_by_role("button", name="Use best plan").click()
-            page.get_by_text("'walk-best' is in the saved plans").wait_for(timeout=setup.wait_ms)
-            b.screenshot("05-search")
-
-            # Export: the study's best plan, written to a directory, reloaded and re-measured; then generate
-            b.open_page("Export")
-            b.fill("Directory", str(export_dir))
-            page.get_by_role("button", name="Export", exact=True).click()
-            shown["reload_check"] = b.metric("Reload check")
-            shown["export_perplexity"] = float(b.metric("Perplexity"))
-            page.get_by_role("button", name="Generate").click()
-            page.get_by_text("Greedy decoding,").wait_for(timeout=setup.wait_ms)
-            b.screenshot("06-export")
-        except Exception:
-            b.screenshot("failed")  # where the walk stopped, for the report
-            raise
+            try:
+                _walk_pages(b, url, setup, export_dir, shown)
+            except Exception:
+                b.screenshot("failed", settle=False)  # where the walk stopped, as it stands
+                raise
         finally:
             chromium.close()
     return shown
+
+
+def _walk_pages(b: Browser, url: str, setup: WalkSetup, export_dir: Path, shown: dict) -> None:
+    page = b.page
+    page.goto(url, timeout=setup.wait_ms)
+
+    # Model & texts: the original perplexity, then a calibration run with its progress
+    shown["baseline_perplexity"] = float(b.metric("Perplexity"))
+    shown["predicted_tokens"] = b.metric("Predicted tokens")
+    page.get_by_role("button", name="Run calibration").click()
+    page.get_by_text(re.compile(r"Cached: [\d,]+ tokens in \d+ windows")).wait_for(timeout=setup.wait_ms)
+    b.screenshot("01-model")
+
+    # Spectra: compute, then read the ranks for layer 0, q at 90% energy
+    b.open_page("Spectra")
+    page.get_by_role("button", name="Compute spectra").click()
+    shown["full_rank"] = b.metric("Full rank")
+    shown["weight_rank_90"] = b.metric("Weight rank for 90%")
+    shown["feature_rank_90"] = b.metric("Feature rank for 90%")
+    b.wait_for("() => document.querySelectorAll('.js-plotly-plot').length === 3")
+    b.screenshot("02-spectra")
+
+    # Sensitivity: a per-type sweep at the default grid, drawn from the store when it ends
+    b.open_page("Sensitivity")
+    page.get_by_role("button", name="Run per-type sweep").click()
+    page.locator(".js-plotly-plot").first.wait_for(timeout=setup.wait_ms)  # points arrive (live while it runs)
+    b.wait_for("() => document.querySelectorAll('[data-testid=stProgress]').length === 0")  # and it has ended
+    page.get_by_text("No sensitivity points stored").wait_for(state="detached", timeout=setup.wait_ms)
+    b.screenshot("03-sensitivity")
+
+    # Allocate: the budget meter, then Apply and the measured quality
+    b.open_page("Allocate")
+    for label in ("Decoder-linear parameters", "Model parameters", "Removed from decoder linears"):
+        shown[label] = b.metric(label)
+    page.get_by_role("button", name="Apply", exact=True).click()
+    b.metric("Original perplexity")  # shown once the evaluation has finished
+    for label in ("Perplexity", "Original perplexity", "KL(P_orig‖P_comp)", "KL(P_comp‖P_orig)"):
+        shown[f"applied {label}"] = float(b.metric(label))
+    b.screenshot("04-allocate")
+
+    # Search: a short study, watched until it has re-measured its best plan on the full text
+    b.open_page("Search")
+    b.fill("Budget: share of decoder-linear parameters removed", f"{setup.budget:.2f}")
+    for label, value in STUDY_PAGE_FIELDS.items():
+        b.fill(label, value)
+    b.fill("Study name (optional; also its id)", "walk")
+    page.get_by_role("button", name="Start study").click()
+    b.metric("Trials")  # trials arrive while it runs
+    b.wait_for("() => Array.from(document.querySelectorAll('[data-testid=stMetric]')).some(m => "
+               "m.innerText.includes('Best perplexity (full text)') && /\\d/.test("
+               "m.querySelector('[data-testid=stMetricValue]').innerText))")
+    shown["study_best_perplexity"] = float(b.metric("Best perplexity (full text)"))
+    shown["trials"] = b.metric("Trials")
+    b.wait_for("() => document.querySelectorAll('.js-plotly-plot').length === 3")
+    page.get_by_role("button", name="Use best plan").click()
+    page.get_by_text("'walk-best' is in the saved plans").wait_for(timeout=setup.wait_ms)
+    b.screenshot("05-search")
+
+    # Export: the study's best plan, written to a directory, reloaded and re-measured; then generate
+    b.open_page("Export")
+    b.fill("Directory", str(export_dir))
+    page.get_by_role("button", name="Export", exact=True).click()
+    shown["reload_check"] = b.metric("Reload check")
+    shown["export_perplexity"] = float(b.metric("Perplexity"))
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text("Greedy decoding,").wait_for(timeout=setup.wait_ms)
+    b.screenshot("06-export")
 
 
 def check_shown_numbers(shown: dict, expected: dict, setup: WalkSetup, export_dir: Path) -> None:
