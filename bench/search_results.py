@@ -44,27 +44,31 @@ STUDIES = {
 ARM_TRIALS = 30
 
 
-def best_of_first(storage, session, name: str, n: int) -> dict:
-    """Full-text measurement of the best of a study's first `n` optimiser trials (stored once)."""
-    from engine.search.records import TrialKind
-
-    label = f"best@{n}"
-    searched = [t for t in storage.trials(name) if t.kind != TrialKind.BASELINE][:n]
-    best = min(searched, key=lambda t: t.objective)
+def full_text_result(storage, session, name: str, label: str, trial) -> dict:
+    """Full-text measurement of one trial of a study, stored under `label` (measured once)."""
     stored = storage.results(name).get(label)
-    if stored is None or stored["trial"] != best.number:
-        r = session.evaluate_ranks(best.ranks)
-        stored = {"trial": best.number, "perplexity": r.perplexity, "kl_forward": r.kl_forward,
-                  "kl_reverse": r.kl_reverse, "tokens": r.n_tokens, "decoder_params": best.decoder_params,
-                  "total_params": best.total_params}
+    if stored is None or stored["trial"] != trial.number:
+        r = session.evaluate_ranks(trial.ranks)
+        stored = {"trial": trial.number, "perplexity": r.perplexity, "kl_forward": r.kl_forward,
+                  "kl_reverse": r.kl_reverse, "tokens": r.n_tokens, "decoder_params": trial.decoder_params,
+                  "total_params": trial.total_params}
         storage.put_result(name, label, stored)
     return stored
 
 
+def best_of_first(storage, session, name: str, n: int) -> dict:
+    """Full-text measurement of the best of a study's first `n` optimiser trials (stored once)."""
+    from engine.search.records import TrialKind
+
+    searched = [t for t in storage.trials(name) if t.kind != TrialKind.BASELINE][:n]
+    return full_text_result(storage, session, name, f"best@{n}", min(searched, key=lambda t: t.objective))
+
+
 def run_study(storage, session, name: str, overrides: dict) -> dict:
+    """Create (default: feature-pca, 20% budget, seed 0, the default texts) or resume, then summarise."""
     existing = storage.get_study(name)
     if existing is None:
-        settings = StudySettings(method="feature-pca", budget=0.2, seed=0, texts=TEXTS, **overrides)
+        settings = StudySettings(**{"method": "feature-pca", "budget": 0.2, "seed": 0, "texts": TEXTS, **overrides})
         create_study(storage, session, settings, name=name)
     if storage.get_study(name).state != StudyState.FINISHED:
         start = time.perf_counter()
