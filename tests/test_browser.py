@@ -203,7 +203,7 @@ class Browser:
 
     def fill(self, label: str, value: str) -> None:
         """Type into the text or number input labelled `label` and commit it (Enter), then wait for the rerun."""
-        field = self.page.get_by_label(label, exact=True)
+        field = self.page.locator(f'input[aria-label="{label}"]')  # not a heading of the same name
         field.fill(value)
         field.press("Enter")
         self.settle()
