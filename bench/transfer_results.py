@@ -34,7 +34,7 @@ from engine.compression.grouping import Grouping  # noqa: E402
 from engine.compression.session import CompressionSession, TextSettings  # noqa: E402
 from engine.models.loading import load_model  # noqa: E402
 from engine.progress import TerminalProgress  # noqa: E402
-from engine.search.records import TrialKind  # noqa: E402
+from engine.search.records import StudyState, TrialKind  # noqa: E402
 from engine.search.summary import best_trial, ratios_from_ranks  # noqa: E402
 from engine.store import open_store  # noqa: E402
 from engine.store.study_storage import DuckDBStudyStorage  # noqa: E402
@@ -75,7 +75,10 @@ def main() -> None:
     transfers = {}
     for kind, (source, overrides, description) in SOURCES.items():
         texts = overrides.get("texts", TEXTS)
-        source_session = target if texts == TEXTS else CompressionSession.open(
+        record = storage.get_study(source)
+        finished = record is not None and record.state == StudyState.FINISHED
+        # a finished study is only read back, so its calibration is not loaded again
+        source_session = target if texts == TEXTS or finished else CompressionSession.open(
             store, loaded, "feature-pca", TextSettings(calibration_text=texts["calibration_text"]), TerminalProgress())
         source_summary = run_study(storage, source_session, source, overrides)
         del source_session

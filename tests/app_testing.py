@@ -9,7 +9,9 @@ Test modules import the `workbench` fixture from here.
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -84,6 +86,26 @@ def metric_value(at: AppTest, label: str) -> str:
 
 def has_metric(label: str):
     return lambda at: any(m.label == label for m in at.metric)
+
+
+@contextmanager
+def guard_held_elsewhere(guard, holder: str):
+    """Hold a model guard from another thread (as another tab's task would) until the block ends."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with guard.hold(holder):
+            holding.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert holding.wait(30), "the other thread never got the guard"
+        yield
+    finally:
+        release.set()
+        thread.join()
 
 
 def no_running_jobs(at: AppTest) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 
 import pytest
 
@@ -15,7 +14,7 @@ from engine.store.cache_inventory import find_sweep
 from engine.texts.corpus import text_fingerprint
 from tests.app_testing import (
     CALIBRATION_WINDOWS, EVALUATION_WINDOWS, GROUPS, METHOD, WINDOW_LEN, assert_clean, chart_keys, engine_session,
-    has_metric, metric_value, no_running_jobs, open_app, run_until,
+    guard_held_elsewhere, has_metric, metric_value, no_running_jobs, open_app, run_until,
 )
 from tests.app_testing import workbench  # noqa: F401 (a fixture)
 
@@ -65,25 +64,11 @@ def test_model_page_waits_politely_while_another_task_holds_the_model(workbench)
 
     at = open_app()
     loaded = load_model(str(workbench["model"]), open_store())
-    guard = get_model_guard(loaded.fingerprint)
-    holding, release = threading.Event(), threading.Event()
-
-    def hold():
-        with guard.hold("a sweep in another tab"):
-            holding.set()
-            release.wait(30)
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    try:
-        holding.wait(5)
+    with guard_held_elsewhere(get_model_guard(loaded.fingerprint), "a sweep in another tab"):
         at.sidebar.number_input(key="evaluation_windows").set_value(3).run()  # not measured yet
         assert not at.exception and not at.error
         assert any("The model is busy (a sweep in another tab)" in info.value for info in at.info)
         assert not any(m.label == "Perplexity" for m in at.metric)
-    finally:
-        release.set()
-        thread.join()
     at.run()
     assert_clean(at)
     assert metric_value(at, "Predicted tokens") == f"{3 * (WINDOW_LEN - 1)}"

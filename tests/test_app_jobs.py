@@ -8,6 +8,7 @@ import pytest
 
 from app.jobs import JobBoard, JobState, ModelBusy, ModelGuard
 from engine.progress import ProgressTracker
+from tests.app_testing import guard_held_elsewhere
 
 
 def test_job_board_reports_progress_errors_and_stops_between_units():
@@ -41,21 +42,10 @@ def test_job_board_reports_progress_errors_and_stops_between_units():
 
 def test_model_guard_names_its_holder_when_busy():
     guard = ModelGuard()
-    holding, release = threading.Event(), threading.Event()
-
-    def hold():
-        with guard.hold("calibrating on 'war-and-peace'"):
-            holding.set()
-            release.wait(5)
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    holding.wait(5)
-    with pytest.raises(ModelBusy, match="calibrating on 'war-and-peace'"):
-        with guard.hold("measuring", timeout=0.05):
-            pass
-    release.set()
-    thread.join()
+    with guard_held_elsewhere(guard, "calibrating on 'war-and-peace'"):
+        with pytest.raises(ModelBusy, match="calibrating on 'war-and-peace'"):
+            with guard.hold("measuring", timeout=0.05):
+                pass
     with guard.hold("measuring", timeout=0.05):
         assert guard.holder == "measuring"
     assert guard.holder is None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -13,8 +11,8 @@ from engine.compression.units import ModelShapes
 from engine.models.loading import load_model
 from engine.store import open_store
 from tests.app_testing import (
-    APP, CALIBRATION_WINDOWS, EVALUATION_WINDOWS, GROUPS, METHOD, WINDOW_LEN, assert_clean, chart_keys, has_metric,
-    metric_value, no_running_jobs, open_app, run_until,
+    APP, CALIBRATION_WINDOWS, EVALUATION_WINDOWS, GROUPS, METHOD, WINDOW_LEN, assert_clean, chart_keys,
+    guard_held_elsewhere, has_metric, metric_value, no_running_jobs, open_app, run_until,
 )
 from tests.app_testing import workbench  # noqa: F401 (a fixture)
 
@@ -106,22 +104,9 @@ def test_search_page_stops_a_study_between_trials_and_resumes_it(workbench):
     _start_tiny_study(at, "stopped-study", trials=8)
     guard = get_model_guard(load_model(str(workbench["model"]), open_store()).fingerprint)
     run_until(at, lambda a: any(m.label == "Trials" for m in a.metric))
-    holding, release = threading.Event(), threading.Event()
-
-    def hold():  # keep the study from evaluating while Stop is pressed, so it cannot finish first
-        with guard.hold("a test"):
-            holding.set()
-            release.wait(30)
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    try:
-        holding.wait(30)
+    with guard_held_elsewhere(guard, "a test"):  # the study cannot evaluate, so cannot finish, while Stop is pressed
         at.run()
         at.button(key=next(b.key for b in at.button if b.label == "Stop")).click().run()
-    finally:
-        release.set()
-        thread.join()
     run_until(at, lambda a: no_running_jobs(a) and any(b.key == "resume_study" for b in a.button))
     assert_clean(at)
     storage = DuckDBStudyStorage(open_store())
