@@ -18,13 +18,10 @@ from typing import Any, Mapping, Optional
 from engine import __version__
 from engine.compression.units import ModelShapes, count_parameters
 from engine.errors import RankScopeError
+from engine.metric_definitions import metric_definitions
 
 SCHEMA = "rankscope.plan/v1"
-METRIC_DEFINITIONS = {
-    "perplexity": "exp(mean next-token negative log-likelihood) over all predicted tokens of the evaluation windows",
-    "kl_forward": "KL(P_orig || P_comp) per predicted token, averaged (nats)",
-    "kl_reverse": "KL(P_comp || P_orig) per predicted token, averaged (nats)",
-}
+METRIC_DEFINITIONS: dict[str, str] = metric_definitions()  # recorded in every plan's `metrics.definitions`
 
 
 class PlanError(RankScopeError):
