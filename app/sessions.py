@@ -16,7 +16,8 @@ from typing import Mapping, Optional
 
 from app.jobs import ModelGuard
 from engine.compression.plan import RankPlan
-from engine.compression.session import CompressionSession, TextSettings
+from engine.compression.session import CompressionSession
+from engine.texts.settings import TextSettings
 from engine.metrics import QualityResult
 from engine.models.loading import LoadedModel
 from engine.progress import ProgressCallback

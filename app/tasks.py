@@ -18,25 +18,20 @@ from app.jobs import Job
 from app.resources import current_database, current_store, get_job_board, get_model_guard, get_session_pool
 from app.sessions import SessionKey, SharedModelSession
 from app.workspace import Workspace
-from engine.analysis.search_summary import trial_plan_grouping
 from engine.compression.plan import RankPlan
-from engine.compression.session import TextSettings, ensure_reference
+from engine.texts.settings import TextSettings
 from engine.compression.sweep import sweep_by_layer, sweep_by_type
 from engine.errors import RankScopeError
 from engine.export import export_compressed, generate_side_by_side, load_compressed
-from engine.export_report import SideBySide
-from engine.hashing import sha256_json
+from engine.export.report import SideBySide
+from engine.cache.keys import digest
 from engine.models.loading import LoadedModel
 from engine.search.runner import StudyRunner, create_study
 from engine.search.settings import StudySettings
-from engine.search.summary import best_trial
-from engine.store.study_storage import DuckDBStudyStorage
-from engine.texts.windows import Windowing
-from engine.workspace import ensure_calibration, ensure_spectra, load_windows
-
-
-def _digest(*parts) -> str:
-    return sha256_json([repr(part) for part in parts])[:16]
+from engine.search.summary import trial_plan
+from engine.search.duckdb_storage import DuckDBStudyStorage
+from engine.cache.calibration import ensure_calibration
+from engine.cache.spectra import ensure_spectra
 
 
 def model_scope(loaded: LoadedModel) -> str:
@@ -45,16 +40,16 @@ def model_scope(loaded: LoadedModel) -> str:
 
 
 def calibration_scope(workspace: Workspace, loaded: LoadedModel) -> str:
-    return f"{model_scope(loaded)}calibration/{_digest(workspace.calibration_text, workspace.calibration_windowing, workspace.n_groups)}/"
+    return f"{model_scope(loaded)}calibration/{digest(workspace.calibration_text, workspace.calibration_windowing, workspace.n_groups)}/"
 
 
 def spectra_scope(workspace: Workspace, loaded: LoadedModel, covariance: str) -> str:
     return (f"{model_scope(loaded)}spectra/"
-            f"{_digest(workspace.calibration_text, workspace.calibration_windowing, workspace.n_groups, covariance)}/")
+            f"{digest(workspace.calibration_text, workspace.calibration_windowing, workspace.n_groups, covariance)}/")
 
 
 def session_scope(kind: str, workspace: Workspace, loaded: LoadedModel, method: str) -> str:
-    return f"{model_scope(loaded)}{kind}/{_digest(method, workspace.text_settings())}/"
+    return f"{model_scope(loaded)}{kind}/{digest(method, workspace.text_settings())}/"
 
 
 def _texts_session_opener(loaded: LoadedModel, method: str, texts: TextSettings) -> Callable[[Job], SharedModelSession]:
@@ -106,7 +101,7 @@ def start_type_sweep(workspace: Workspace, loaded: LoadedModel, method: str, rat
         return len(sweep_by_type(session, list(ratios), list(types), job.report))
 
     scope = session_scope("sweep", workspace, loaded, method)
-    return get_job_board().start(scope + f"type-{_digest(sorted(ratios), list(types))}",
+    return get_job_board().start(scope + f"type-{digest(sorted(ratios), list(types))}",
                                  f"Per-type sweep ({method})", work, resumable=True)
 
 
@@ -121,7 +116,7 @@ def start_layer_sweep(workspace: Workspace, loaded: LoadedModel, method: str, ty
         return sum(len(sweep_by_layer(session, linear_type, ratio, progress=job.report)) for linear_type in types)
 
     scope = session_scope("sweep", workspace, loaded, method)
-    return get_job_board().start(scope + f"layer-{_digest(list(types), ratio)}", f"Per-layer sweep ({method})", work,
+    return get_job_board().start(scope + f"layer-{digest(list(types), ratio)}", f"Per-layer sweep ({method})", work,
                                  resumable=True)
 
 
@@ -145,18 +140,11 @@ def start_apply(workspace: Workspace, loaded: LoadedModel, method: str, ranks: M
         return AppliedPlan(session.evaluate(plan, job.report), session.original_quality())
 
     scope = session_scope("apply", workspace, loaded, method)
-    return get_job_board().start(scope + _digest(sorted(ranks.items(), key=str), grouping),
+    return get_job_board().start(scope + digest(sorted(ranks.items(), key=str), grouping),
                                  f"Evaluating the plan ({method})", work)
 
 
 # -- search studies ------------------------------------------------------------------------------------------
-
-
-def study_text_settings(settings: StudySettings) -> TextSettings:
-    """The texts a study was made with (its settings' `texts`, as `Workspace.study_texts` writes them)."""
-    t = settings.texts
-    return TextSettings(t["calibration_text"], Windowing(t["window_len"], t["calibration_windows"]), t["groups"],
-                        t["evaluation_text"], Windowing(t["window_len"], t["evaluation_windows"]))
 
 
 def study_job_id(loaded: LoadedModel, study_id: str) -> str:
@@ -167,36 +155,24 @@ def study_plan_job_id(loaded: LoadedModel, study_id: str) -> str:
     return f"{model_scope(loaded)}study-plan/{study_id}"
 
 
-def _ensure_validation_reference(session: SharedModelSession, settings: StudySettings) -> None:
-    """The original model's distribution on the study's candidate windows, computed (and stored) now.
-
-    `StudyRunner` computes it first thing with the model itself, outside any guard; computed here under the
-    model guard, the runner finds it in the store, so no other job can have compressed the model meanwhile.
-    The windows are the runner's: `subset_candidates` windows after the evaluation windows.
-    """
-    texts = session.texts
-    windowing = Windowing(texts.evaluation_windowing.window_len, settings.subset_candidates,
-                          start_window=texts.evaluation_windowing.n_windows or 0)
-    _, windows = load_windows(session.store, session.loaded, texts.evaluation_text, windowing)
-    ensure_reference(session.store, session.loaded, texts.evaluation_text, windowing, windows)
-
-
 def start_study(loaded: LoadedModel, settings: StudySettings, study_id: str, create: bool) -> Job:
     """Run a search study (`create`: register it first) or resume a stored one, trial by trial into the store.
 
     Stop is cooperative: the study stops before its next trial and is stored as stopped, resumable.
     """
-    open_session = _texts_session_opener(loaded, settings.method, study_text_settings(settings))
+    open_session = _texts_session_opener(loaded, settings.method, settings.texts)
     storage, guard = DuckDBStudyStorage(current_store()), get_model_guard(loaded.fingerprint)
 
     def work(job: Job) -> str:
         session = open_session(job)
         if create:
             create_study(storage, session, settings, name=study_id)
+        runner = StudyRunner(storage, session, study_id, progress=job.observe, stop_event=job.stop_event)
+        # the runner's first step runs the original model outside the evaluation guard: do it here, guarded, and
+        # the runner finds it in the store, so no other job can have compressed the model meanwhile
         with guard.hold(f"preparing the validation windows of study {study_id}"):
-            _ensure_validation_reference(session, settings)
-        record = StudyRunner(storage, session, study_id, progress=job.observe, stop_event=job.stop_event).run()
-        return record.state.value
+            runner.validation_reference()
+        return runner.run().state.value
 
     return get_job_board().start(study_job_id(loaded, study_id), f"Study {study_id}", work, resumable=True)
 
@@ -212,19 +188,10 @@ def start_study_plan(loaded: LoadedModel, study_id: str) -> Job:
     if record is None:
         raise RankScopeError(f"No study with id '{study_id}'.")
     settings = StudySettings.from_dict(record.settings)
-    open_session = _texts_session_opener(loaded, settings.method, study_text_settings(settings))
+    open_session = _texts_session_opener(loaded, settings.method, settings.texts)
 
     def work(job: Job) -> RankPlan:
-        best = best_trial(storage, study_id)
-        if best is None:
-            raise RankScopeError(f"Study '{study_id}' has no finished trial yet.")
-        session = open_session(job)
-        full = storage.results(study_id).get("best")
-        metrics = full if full and full.get("trial") == best.number else \
-            session.evaluate_ranks(best.ranks, job.report).to_dict()
-        plan = session.plan(best.ranks, grouping=trial_plan_grouping(record.settings, best), seed=settings.seed,
-                            study_id=study_id)
-        return plan.with_metrics({k: metrics[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")})
+        return trial_plan(storage, study_id, lambda _settings: open_session(job), progress=job.report)[1]
 
     return get_job_board().start(study_plan_job_id(loaded, study_id), f"Best plan of {study_id}", work)
 
@@ -235,12 +202,7 @@ def start_study_plan(loaded: LoadedModel, study_id: str) -> Job:
 def export_text_settings(workspace: Workspace, plan: RankPlan) -> TextSettings:
     """The plan's calibration (the factors it was measured with, when it names one) and the workspace's
     evaluation set (what the export report measures on)."""
-    c = plan.calibration
-    if c is None:
-        calibration = (workspace.calibration_text, workspace.calibration_windowing, workspace.n_groups)
-    else:
-        calibration = (c["text"], Windowing(c["window_len"], c["n_windows"]), c["n_groups"])
-    return TextSettings(*calibration, workspace.evaluation_text, workspace.evaluation_windowing)
+    return workspace.text_settings().with_sections(calibration=plan.calibration)
 
 
 def export_job_prefix(loaded: LoadedModel) -> str:
@@ -261,11 +223,11 @@ def start_export(loaded: LoadedModel, plan: RankPlan, texts: TextSettings, out_d
                                        max_new_tokens=new_tokens, timing_runs=timing_runs)
         return report.out_dir
 
-    return get_job_board().start(export_job_prefix(loaded) + _digest(str(out_dir)), f"Export to {out_dir}", work)
+    return get_job_board().start(export_job_prefix(loaded) + digest(str(out_dir)), f"Export to {out_dir}", work)
 
 
 def generation_job_id(loaded: LoadedModel, directory: str) -> str:
-    return f"{model_scope(loaded)}generate/{_digest(directory)}"
+    return f"{model_scope(loaded)}generate/{digest(directory)}"
 
 
 def start_generation(loaded: LoadedModel, directory: str, prompt: str, new_tokens: int) -> Job:

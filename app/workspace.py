@@ -26,14 +26,15 @@ from typing import Any, Callable, Sequence
 import streamlit as st
 
 from app.resources import current_database, default_model_reference, get_model
-from engine.compression.session import TextSettings
+from engine.texts.settings import (
+    DEFAULT_CALIBRATION_WINDOWS, DEFAULT_EVALUATION_WINDOWS, DEFAULT_GROUPS, DEFAULT_WINDOW_LEN, TextSettings,
+)
 from engine.errors import RankScopeError, describe_error
 from engine.methods import METHODS
 from engine.models.loading import LoadedModel
 from engine.models.registry import REGISTRY
 from engine.texts.corpus import BUILTIN_BOOKS, DEFAULT_CALIBRATION_TEXT, DEFAULT_EVALUATION_TEXT
 from engine.texts.windows import Windowing
-from engine.workspace import DEFAULT_CALIBRATION_WINDOWING, DEFAULT_EVALUATION_WINDOWING, DEFAULT_GROUPS
 
 DEFAULT_METHOD = "feature-pca"
 _SHADOW = "_kept."
@@ -51,30 +52,23 @@ class Workspace:
     evaluation_windows: int
     n_groups: int
 
+    def text_settings(self) -> TextSettings:
+        return TextSettings.of(self.calibration_text, self.calibration_windows, self.evaluation_text,
+                               self.evaluation_windows, self.window_len, self.n_groups)
+
     @property
     def calibration_windowing(self) -> Windowing:
-        return Windowing(self.window_len, self.calibration_windows)
+        return self.text_settings().calibration_windowing
 
     @property
     def evaluation_windowing(self) -> Windowing:
-        return Windowing(self.window_len, self.evaluation_windows)
-
-    def text_settings(self) -> TextSettings:
-        return TextSettings(self.calibration_text, self.calibration_windowing, self.n_groups,
-                            self.evaluation_text, self.evaluation_windowing)
-
-    def study_texts(self) -> dict:
-        """The `texts` section of a search study's settings, as `rankscope search start` writes it."""
-        return {"calibration_text": self.calibration_text, "calibration_windows": self.calibration_windows,
-                "evaluation_text": self.evaluation_text, "evaluation_windows": self.evaluation_windows,
-                "window_len": self.window_len, "groups": self.n_groups}
+        return self.text_settings().evaluation_windowing
 
     def describe_calibration(self) -> str:
-        return (f"'{self.calibration_text}', {self.calibration_windows} windows of {self.window_len} tokens, "
-                f"{self.n_groups} groups")
+        return self.text_settings().describe_calibration()
 
     def describe_evaluation(self) -> str:
-        return f"'{self.evaluation_text}', {self.evaluation_windows} windows of {self.window_len} tokens"
+        return self.text_settings().describe_evaluation()
 
 
 def _env_int(name: str, default: int) -> int:
@@ -144,15 +138,15 @@ def workspace_sidebar() -> Workspace:
                        "choose a different evaluation text for honest numbers.")
         st.header("Windows")
         window_len = persistent(st.number_input, "Window length (tokens)", "window_len",
-                                _env_int("RANKSCOPE_WINDOW_LEN", DEFAULT_EVALUATION_WINDOWING.window_len),
+                                _env_int("RANKSCOPE_WINDOW_LEN", DEFAULT_WINDOW_LEN),
                                 min_value=16, max_value=4096, step=16)
         calibration_windows = persistent(
             st.number_input, "Calibration windows", "calibration_windows",
-            _env_int("RANKSCOPE_CALIBRATION_WINDOWS", DEFAULT_CALIBRATION_WINDOWING.n_windows),
+            _env_int("RANKSCOPE_CALIBRATION_WINDOWS", DEFAULT_CALIBRATION_WINDOWS),
             min_value=1, max_value=4096, step=1)
         evaluation_windows = persistent(
             st.number_input, "Evaluation windows", "evaluation_windows",
-            _env_int("RANKSCOPE_EVALUATION_WINDOWS", DEFAULT_EVALUATION_WINDOWING.n_windows),
+            _env_int("RANKSCOPE_EVALUATION_WINDOWS", DEFAULT_EVALUATION_WINDOWS),
             min_value=1, max_value=1024, step=1)
         groups = persistent(st.number_input, "Covariance groups (pooled)", "calibration_groups",
                             _env_int("RANKSCOPE_GROUPS", DEFAULT_GROUPS), min_value=1, max_value=256, step=1,

@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import peak_rss_mib, write_json  # noqa: E402
 from engine.compression.lowrank import compress_, restore_  # noqa: E402
-from engine.compression.session import CompressionSession, TextSettings  # noqa: E402
+from engine.compression.session import CompressionSession  # noqa: E402
+from engine.texts.settings import TextSettings  # noqa: E402
 from engine.methods import METHODS  # noqa: E402
 from engine.metrics import evaluate_quality  # noqa: E402
 from engine.models.loading import load_model  # noqa: E402

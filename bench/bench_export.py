@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.common import peak_rss_mib, timed, write_json  # noqa: E402
-from engine.compression.session import CompressionSession, TextSettings  # noqa: E402
+from engine.compression.session import CompressionSession  # noqa: E402
+from engine.texts.settings import TextSettings  # noqa: E402
 from engine.export import export_compressed, load_compressed  # noqa: E402
 from engine.models.loading import load_model  # noqa: E402
 from engine.progress import TerminalProgress  # noqa: E402

@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import peak_rss_mib, write_json  # noqa: E402
-from engine.compression.session import CompressionSession, TextSettings  # noqa: E402
+from engine.compression.session import CompressionSession  # noqa: E402
+from engine.texts.settings import TextSettings  # noqa: E402
 from engine.models.loading import load_model  # noqa: E402
 from engine.progress import TerminalProgress  # noqa: E402
 from engine.search.records import InMemoryStudyStorage, TrialKind  # noqa: E402
@@ -30,13 +31,13 @@ from engine.store import open_store  # noqa: E402
 
 def from_study(study_id: str) -> None:
     """The same figures for a stored study: consecutive search trials' write times bound each trial."""
-    from engine.store.study_storage import DuckDBStudyStorage
+    from engine.search.duckdb_storage import DuckDBStudyStorage
 
     store = open_store()
     storage = DuckDBStudyStorage(store)
     record = storage.get_study(study_id)
     trials = [t for t in storage.trials(study_id) if t.kind == TrialKind.SEARCH]
-    rows = store._fetchall("SELECT number, epoch_us(created_at) FROM trials WHERE study_id = ? ORDER BY number", [study_id])
+    rows = store.fetch_all("SELECT number, epoch_us(created_at) FROM trials WHERE study_id = ? ORDER BY number", [study_id])
     written = {number: us / 1e6 for number, us in rows}
     loop_s = written[trials[-1].number] - written[trials[0].number]
     evaluate_s = sum(t.extra["evaluate_s"] for t in trials[1:])

@@ -31,9 +31,10 @@ def _run() -> tuple[float, dict]:
 def main() -> None:
     first_s, first = _run()
     warm = [_run()[0] for _ in range(3)]
+    from engine.records import CalibrationRecord
     from engine.store import open_store
 
-    record = open_store().get_calibration(first["calibration_id"])
+    record = open_store().get_record(CalibrationRecord, first["calibration_id"])
     summary = {s["type"]: s for s in first["summary_by_type"]["0.9"]}
     path = write_json("spectra", {
         "command": " ".join(COMMAND[1:]),

@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import peak_rss_mib, write_json  # noqa: E402
 from engine.compression.lowrank import compress_, restore_  # noqa: E402
-from engine.compression.session import REFERENCE_TOP_K, CompressionSession, TextSettings  # noqa: E402
+from engine.cache.reference import REFERENCE_TOP_K  # noqa: E402
+from engine.compression.session import CompressionSession  # noqa: E402
+from engine.texts.settings import TextSettings  # noqa: E402
 from engine.compression.sweep import sweep_by_type  # noqa: E402
 from engine.metrics import exact_kl  # noqa: E402
 from engine.models.loading import load_model  # noqa: E402
@@ -79,7 +81,7 @@ def main() -> None:
                             "kl_forward": p.kl_forward, "kl_reverse": p.kl_reverse} for p in points]
         del session
         gc.collect()
-    payload = {"model": "smollm2-135m", "texts": repr(texts), "original": original, "uniform": uniform,
+    payload = {"model": "smollm2-135m", "texts": texts.to_dict(), "original": original, "uniform": uniform,
                "sensitivity_feature_pca": sensitivity, "kl_approximation": kl_checks, "peak_rss_mib": peak_rss_mib()}
     path = write_json("compression_results", payload)
     DOC.write_text(render(json.loads(path.read_text())))  # the written file carries the environment too

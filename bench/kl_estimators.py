@@ -23,7 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write_json  # noqa: E402
 from engine.compression.lowrank import compress_, restore_  # noqa: E402
-from engine.compression.session import REFERENCE_TOP_K, CompressionSession, TextSettings  # noqa: E402
+from engine.cache.reference import REFERENCE_TOP_K  # noqa: E402
+from engine.compression.session import CompressionSession  # noqa: E402
+from engine.texts.settings import TextSettings  # noqa: E402
 from engine.models.loading import load_model  # noqa: E402
 from engine.progress import TerminalProgress  # noqa: E402
 from engine.store import open_store  # noqa: E402

@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write_json  # noqa: E402
-from engine.compression.session import CompressionSession, TextSettings  # noqa: E402
+from engine.compression.session import CompressionSession  # noqa: E402
+from engine.texts.settings import TextSettings  # noqa: E402
 from engine.models.loading import load_model  # noqa: E402
 from engine.progress import TerminalProgress  # noqa: E402
 from engine.search.records import StudyState  # noqa: E402
@@ -30,11 +31,10 @@ from engine.search.runner import StudyRunner, create_study  # noqa: E402
 from engine.search.settings import StudySettings  # noqa: E402
 from engine.search.summary import study_summary  # noqa: E402
 from engine.store import open_store  # noqa: E402
-from engine.store.study_storage import DuckDBStudyStorage  # noqa: E402
+from engine.search.duckdb_storage import DuckDBStudyStorage  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "search-results.md"
-TEXTS = {"calibration_text": "war-and-peace", "calibration_windows": 128, "evaluation_text": "sherlock-holmes",
-         "evaluation_windows": 16, "window_len": 512, "groups": 32}
+TEXTS = TextSettings()  # War and Peace 128 x 512 calibration, Sherlock Holmes 16 x 512 evaluation
 STUDIES = {
     "results-5x1": dict(grouping="5x1", n_trials=50),
     "results-5x4": dict(grouping="5x4", n_trials=80, n_initial_points=20),
@@ -81,7 +81,7 @@ def main() -> None:
     store = open_store()
     storage = DuckDBStudyStorage(store)
     loaded = load_model("smollm2-135m", store, TerminalProgress())
-    session = CompressionSession.open(store, loaded, "feature-pca", TextSettings(), TerminalProgress())
+    session = CompressionSession.open(store, loaded, "feature-pca", TEXTS, TerminalProgress())
     summaries = {name: run_study(storage, session, name, overrides) for name, overrides in STUDIES.items()}
     best_of_first(storage, session, "results-5x1", ARM_TRIALS)
     summaries["results-5x1"] = study_summary(storage, "results-5x1")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,13 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import write_json  # noqa: E402
 from bench.search_results import STUDIES, TEXTS, full_text_result, run_study  # noqa: E402
 from engine.compression.grouping import Grouping  # noqa: E402
-from engine.compression.session import CompressionSession, TextSettings  # noqa: E402
+from engine.compression.session import CompressionSession  # noqa: E402
 from engine.models.loading import load_model  # noqa: E402
 from engine.progress import TerminalProgress  # noqa: E402
 from engine.search.records import StudyState, TrialKind  # noqa: E402
 from engine.search.summary import best_trial, ratios_from_ranks  # noqa: E402
 from engine.store import open_store  # noqa: E402
-from engine.store.study_storage import DuckDBStudyStorage  # noqa: E402
+from engine.search.duckdb_storage import DuckDBStudyStorage  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "transfer-results.md"
 TARGET = "results-5x1"
@@ -48,7 +49,7 @@ SOURCES = {
                "30% budget, War and Peace calibration"),
     "calibration": ("transfer-source-us-history",
                     dict(grouping="5x1", n_trials=SOURCE_TRIALS,
-                         texts={**TEXTS, "calibration_text": "us-history"}),
+                         texts=replace(TEXTS, calibration_text="us-history")),
                     "20% budget, History of the United States calibration"),
 }
 COLD = "transfer-cold-15"
@@ -66,7 +67,7 @@ def main() -> None:
     store = open_store()
     storage = DuckDBStudyStorage(store)
     loaded = load_model("smollm2-135m", store, TerminalProgress())
-    target = CompressionSession.open(store, loaded, "feature-pca", TextSettings(), TerminalProgress())
+    target = CompressionSession.open(store, loaded, "feature-pca", TEXTS, TerminalProgress())
     run_study(storage, target, TARGET, STUDIES[TARGET])
     reference = best_trial(storage, TARGET)
     reference_full = full_text_result(storage, target, TARGET, "best", reference)
@@ -79,7 +80,7 @@ def main() -> None:
         finished = record is not None and record.state == StudyState.FINISHED
         # a finished study is only read back, so its calibration is not loaded again
         source_session = target if texts == TEXTS or finished else CompressionSession.open(
-            store, loaded, "feature-pca", TextSettings(calibration_text=texts["calibration_text"]), TerminalProgress())
+            store, loaded, "feature-pca", texts, TerminalProgress())
         source_summary = run_study(storage, source_session, source, overrides)
         del source_session
         plan = best_trial(storage, source)

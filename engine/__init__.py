@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # `engine.load_compressed(dir)` without importing torch for every `import engine`
     if name == "load_compressed":
-        from engine.export_format import load_compressed
+        from engine.export.format import load_compressed
 
         return load_compressed
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from engine.store.duckdb_store import SpectrumRow
+from engine.records import SpectrumRow
 
 ENERGY_LEVELS: tuple[float, ...] = (0.80, 0.90, 0.95, 0.99)
 

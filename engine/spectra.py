@@ -16,7 +16,7 @@ import torch
 from engine.calibration import CalibrationStatistics
 from engine.models.adapters import LinearRef
 from engine.progress import ProgressCallback, ProgressTracker
-from engine.store.duckdb_store import SpectrumRow
+from engine.records import SpectrumRow
 
 COVARIANCES: tuple[str, ...] = ("pooled", "sample")
 

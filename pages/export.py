@@ -22,11 +22,11 @@ from engine.analysis.allocation import plan_summary
 from engine.analysis.export_summary import MIB, check_rows, export_overview, export_rows, quality_rows, size_speed_rows
 from engine.compression.plan import RankPlan
 from engine.compression.units import ModelShapes
-from engine.export_format import CARD_FILE, PLAN_FILE
-from engine.export_report import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT, SideBySide
+from engine.export.format import CARD_FILE, PLAN_FILE
+from engine.export.report import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT, SideBySide
 from engine.paths import PROJECT_ROOT
 from engine.search.summary import best_trial
-from engine.store.study_storage import DuckDBStudyStorage
+from engine.search.duckdb_storage import DuckDBStudyStorage
 
 SOURCES = {"saved": "a saved plan", "study": "a study's best plan", "upload": "an uploaded plan JSON"}
 SHOWN = "export_shown"  # the export id whose report is shown

@@ -11,11 +11,11 @@ from app.progress import progress_bar, watch_job
 from app.resources import current_store, get_job_board, get_model_guard
 from app.tasks import calibration_scope, model_scope, start_calibration
 from app.workspace import load_workspace_model, workspace_sidebar
-from engine.cache_keys import find_baseline_evaluation, find_calibration
+from engine.cache.lookups import find_baseline_evaluation, find_calibration
 from engine.errors import RankScopeError
 from engine.models.summary import parameter_summary
 from engine.store.cache_inventory import cached_calibrations, cached_evaluations, cached_sweeps
-from engine.workspace import ensure_baseline_evaluation
+from engine.cache.evaluation import ensure_baseline_evaluation
 
 st.title("RankScope")
 st.caption("Where does a language model's redundancy live? Start by choosing the model and the texts.")

@@ -24,7 +24,7 @@ from engine.search.records import StudyState
 from engine.search.runner import new_study_id
 from engine.search.settings import OBJECTIVE_KL, SUBSETS, StudySettings
 from engine.search.summary import best_trial, ratios_from_ranks, study_summary, warm_start_from_plan
-from engine.store.study_storage import DuckDBStudyStorage
+from engine.search.duckdb_storage import DuckDBStudyStorage
 
 DEFAULTS = StudySettings()  # the engine's defaults, as `rankscope search start` has them
 WARM_STARTS = {"none": "none", "saved": "a saved plan", "upload": "an uploaded plan JSON", "study": "another study's best"}
@@ -115,7 +115,7 @@ with st.expander("New study", expanded=not studies):
                 model=workspace.model_reference, method=method, grouping=grouping_label, search_v=search_v,
                 budget=float(budget), beta=float(beta), kl=kl, n_trials=int(n_trials), n_initial_points=int(n_initial),
                 seed=int(seed), subset=subset, subset_size=int(subset_size), subset_candidates=int(candidates),
-                subset_probe_plans=int(probes), warm_start=warm, texts=workspace.study_texts())
+                subset_probe_plans=int(probes), warm_start=warm, texts=workspace.text_settings())
             if name and storage.get_study(name) is not None:
                 raise RankScopeError(f"A study named '{name}' already exists; choose another name or leave it empty.")
         except RankScopeError as exc:
@@ -270,10 +270,8 @@ def draw_study() -> None:
                                     METRIC_LABELS["kl_forward"]: st.column_config.NumberColumn(format="%.4f"),
                                     METRIC_LABELS["kl_reverse"]: st.column_config.NumberColumn(format="%.4f"),
                                     "perplexity_vs_best": st.column_config.NumberColumn("vs best", format="percent")})
-        t = settings.texts
-        st.caption(f"The best plan and the baselines on '{t['evaluation_text']}', {t['evaluation_windows']} windows of "
-                   f"{t['window_len']} tokens: the honest comparison, since validation scores favour what the search "
-                   "optimised.")
+        st.caption(f"The best plan and the baselines on {settings.texts.describe_evaluation()}: the honest comparison, "
+                   "since validation scores favour what the search optimised.")
 
 
 st.subheader("Trials")

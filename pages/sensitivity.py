@@ -14,7 +14,7 @@ from app.tasks import session_scope, start_layer_sweep, start_type_sweep
 from app.workspace import choose_method, load_workspace_model, persistent, workspace_sidebar
 from engine.analysis import METRIC_LABELS
 from engine.analysis.sensitivity_summary import layer_grid, layer_sweep_ratios, sweep_unit_labels, type_curve_rows
-from engine.cache_keys import calibration_key
+from engine.cache.keys import calibration_key
 from engine.compression.sweep import DEFAULT_RATIOS
 from engine.compression.units import ModelShapes
 from engine.errors import RankScopeError

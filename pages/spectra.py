@@ -13,7 +13,7 @@ from app.resources import current_store, get_job_board
 from app.tasks import spectra_scope, start_spectra
 from app.workspace import load_workspace_model, persistent, workspace_sidebar
 from engine.analysis.spectra_summary import energy_curve_rows, find_spectrum, rank_share_grid
-from engine.cache_keys import find_calibration, stored_spectra
+from engine.cache.lookups import find_calibration, stored_spectra
 from engine.energy import ENERGY_LEVELS, rank_table, summarise_by_type
 from engine.errors import RankScopeError
 from engine.spectra import COVARIANCES

@@ -16,7 +16,8 @@ from contextlib import contextmanager
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine.compression.session import CompressionSession, TextSettings
+from engine.compression.session import CompressionSession
+from engine.texts.settings import TextSettings
 from engine.compression.units import ModelShapes
 from engine.models.loading import load_model
 from engine.paths import PROJECT_ROOT

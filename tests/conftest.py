@@ -37,12 +37,14 @@ def isolated_cache(tmp_path_factory, monkeypatch):
     import gc
     import sys
 
+    from engine.paths import choose_cache_root
     from engine.store.duckdb_store import _OPEN_STORES
 
     if "streamlit" in sys.modules:  # AppTest keeps stores in st.cache_resource; drop them with the test
         sys.modules["streamlit"].cache_resource.clear()
     for store in list(_OPEN_STORES.values()):
         store.close()
+    choose_cache_root(None)  # a CLI test's --cache must not outlive the test
     gc.collect()
 
 

@@ -12,10 +12,11 @@ from engine.analysis import METRIC_LABELS
 from engine.analysis.allocation import budget_meter_rows, plan_summary, ranks_from_unit_ranks, unit_rank_rows
 from engine.analysis.export_summary import check_rows, export_overview, export_rows, quality_rows, size_speed_rows
 from engine.analysis.search_summary import (
-    INTERRUPTED, achieved_ratios, baseline_marks, best_so_far_rows, full_text_rows, study_rows, study_state, trial_plan_grouping,
+    INTERRUPTED, achieved_ratios, baseline_marks, best_so_far_rows, full_text_rows, study_rows, study_state,
     trial_rows,
 )
 from engine.compression.grouping import Grouping
+from engine.search.summary import trial_plan_grouping
 from engine.analysis.sensitivity_summary import layer_grid, layer_sweep_ratios, sweep_unit_labels, type_curve_rows
 from engine.analysis.spectra_summary import KIND_LABELS, energy_curve_rows, find_spectrum, rank_share_grid
 from engine.compression.plan import PlanError, RankPlan
@@ -23,7 +24,7 @@ from engine.compression.units import LinearShape, ModelShapes, count_parameters
 from engine.energy import rank_table
 from engine.errors import RankScopeError
 from engine.search.records import StudyRecord, StudyState, TrialKind, TrialRecord
-from engine.store.duckdb_store import SensitivityPoint, SpectrumRow
+from engine.records import SensitivityPoint, SpectrumRow
 
 
 def _shapes() -> ModelShapes:

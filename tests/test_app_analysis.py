@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from engine.cache_keys import find_calibration, stored_spectra
+from engine.cache.lookups import find_calibration, stored_spectra
 from engine.energy import rank_table
 from engine.models.loading import load_model
 from engine.store import open_store

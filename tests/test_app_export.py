@@ -18,8 +18,8 @@ from tests.app_testing import workbench  # noqa: F401 (a fixture)
 
 
 def test_export_page_exports_a_plan_that_reloads_and_reports_its_numbers(workbench, tmp_path):
-    from engine.export_format import count_parameters as reloaded_parameters
-    from engine.export_format import load_compressed
+    from engine.export.format import count_module_parameters as reloaded_parameters
+    from engine.export.format import load_compressed
 
     store = open_store()
     session, shapes = engine_session(workbench, store)

@@ -11,7 +11,7 @@ from engine.compression.units import ModelShapes
 from engine.models.loading import load_model
 from engine.store import open_store
 from tests.app_testing import (
-    APP, CALIBRATION_WINDOWS, EVALUATION_WINDOWS, GROUPS, METHOD, WINDOW_LEN, assert_clean, chart_keys,
+    APP, CALIBRATION_WINDOWS, METHOD, assert_clean, chart_keys,
     guard_held_elsewhere, has_metric, metric_value, no_running_jobs, open_app, run_until,
 )
 from tests.app_testing import workbench  # noqa: F401 (a fixture)
@@ -39,7 +39,7 @@ def _study_finished(at: AppTest) -> bool:
 def test_search_page_runs_a_study_live_and_shows_the_stored_numbers(workbench):
     from engine.search.records import TrialKind
     from engine.search.summary import best_trial, study_summary
-    from engine.store.study_storage import DuckDBStudyStorage
+    from engine.search.duckdb_storage import DuckDBStudyStorage
 
     at = open_app("search")
     assert any("No studies for this model yet" in i.value for i in at.info)
@@ -98,7 +98,7 @@ def test_search_page_runs_a_study_live_and_shows_the_stored_numbers(workbench):
 
 def test_search_page_stops_a_study_between_trials_and_resumes_it(workbench):
     from app.resources import get_model_guard
-    from engine.store.study_storage import DuckDBStudyStorage
+    from engine.search.duckdb_storage import DuckDBStudyStorage
 
     at = open_app("search")
     _start_tiny_study(at, "stopped-study", trials=8)
@@ -142,7 +142,7 @@ def test_search_page_shows_why_a_study_could_not_start(workbench):
 def test_search_page_warm_starts_from_a_saved_plan(workbench):
     from engine.search.records import TrialKind
     from engine.search.summary import warm_start_from_plan
-    from engine.store.study_storage import DuckDBStudyStorage
+    from engine.search.duckdb_storage import DuckDBStudyStorage
 
     store = open_store()
     shapes = ModelShapes.of(load_model(str(workbench["model"]), store))
@@ -170,13 +170,11 @@ def test_search_page_warm_starts_from_a_saved_plan(workbench):
 def test_search_page_resumes_an_interrupted_study(workbench):
     from engine.search.records import StudyRecord, StudyState
     from engine.search.settings import StudySettings
-    from engine.store.study_storage import DuckDBStudyStorage
+    from engine.search.duckdb_storage import DuckDBStudyStorage
 
     store = open_store()
     loaded = load_model(str(workbench["model"]), store)
-    texts = {"calibration_text": workbench["texts"].calibration_text, "calibration_windows": CALIBRATION_WINDOWS,
-             "evaluation_text": workbench["texts"].evaluation_text, "evaluation_windows": EVALUATION_WINDOWS,
-             "window_len": WINDOW_LEN, "groups": GROUPS}
+    texts = workbench["texts"]
     settings = StudySettings(model=str(workbench["model"]), method=METHOD, budget=0.3, n_trials=2, n_initial_points=2,
                              subset="random", subset_candidates=8, subset_size=4, texts=texts)
     storage = DuckDBStudyStorage(store)  # as a study whose app was killed before its first trial: stored as running

@@ -29,7 +29,8 @@ from pathlib import Path
 import pytest
 
 from engine.compression.grouping import Grouping, ranks_from_ratios
-from engine.compression.session import CompressionSession, TextSettings
+from engine.compression.session import CompressionSession
+from engine.texts.settings import TextSettings
 from engine.compression.units import count_parameters
 from engine.energy import rank_table
 from engine.models.loading import load_model
@@ -37,9 +38,11 @@ from engine.paths import PROJECT_ROOT
 from engine.search.runner import StudyRunner, create_study
 from engine.search.settings import StudySettings
 from engine.store import open_store
-from engine.store.study_storage import DuckDBStudyStorage
+from engine.search.duckdb_storage import DuckDBStudyStorage
 from engine.texts.windows import Windowing
-from engine.workspace import ensure_baseline_evaluation, ensure_calibration, ensure_spectra
+from engine.cache.evaluation import ensure_baseline_evaluation
+from engine.cache.calibration import ensure_calibration
+from engine.cache.spectra import ensure_spectra
 from tests.tiny_models import TRAINING_TEXT
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -80,11 +83,7 @@ class WalkSetup:
         }
 
     def study_settings(self) -> StudySettings:
-        t = self.texts
-        texts = {"calibration_text": t.calibration_text, "calibration_windows": t.calibration_windowing.n_windows,
-                 "evaluation_text": t.evaluation_text, "evaluation_windows": t.evaluation_windowing.n_windows,
-                 "window_len": t.evaluation_windowing.window_len, "groups": t.n_groups}
-        return StudySettings(model=self.model, method=METHOD, texts=texts, budget=self.budget, **STUDY_SETTINGS)
+        return StudySettings(model=self.model, method=METHOD, texts=self.texts, budget=self.budget, **STUDY_SETTINGS)
 
 
 def _free_port() -> int:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from engine.compression.session import CompressionSession, TextSettings
+from engine.compression.session import CompressionSession
+from engine.texts.settings import TextSettings
 from engine.compression.sweep import sweep_by_layer, sweep_by_type, sweep_id
 from engine.models.loading import load_model
 from engine.store.cache_inventory import cached_calibrations, cached_evaluations, cached_sweeps, find_sweep
 from engine.texts.corpus import text_fingerprint
 from engine.texts.windows import Windowing
-from engine.workspace import ensure_baseline_evaluation, ensure_calibration
+from engine.cache.evaluation import ensure_baseline_evaluation
+from engine.cache.calibration import ensure_calibration
 
 
 def test_calibrations_and_evaluations_are_listed_with_text_names(store, tiny_model_dirs, sample_text_file):

@@ -8,12 +8,13 @@ import torch
 
 from engine.calibration import CalibrationStatistics, collect_statistics, group_assignment
 from engine.errors import CorpusError
+from engine.records import CalibrationRecord
 from engine.models.adapters import SITES
 from engine.models.loading import load_model
 from engine.paths import cache_root
 from engine.texts.corpus import Corpus
 from engine.texts.windows import Windowing, make_windows
-from engine.workspace import ensure_calibration
+from engine.cache.calibration import ensure_calibration
 from tests.tiny_models import TRAINING_TEXT
 
 SITE_LINEAR = {"attn_in": "q", "o_in": "o", "mlp_in": "gate", "down_in": "down"}
@@ -155,7 +156,7 @@ def test_ensure_calibration_hits_the_cache_second_time(tiny_model_dirs, store, s
     assert second.record == first.record
     assert first.record.n_tokens == 64 and first.record.n_windows == 4 and first.record.add_bos is False
     _assert_same_statistics(first.statistics, second.statistics)
-    assert [r.calibration_id for r in store.calibrations(loaded.fingerprint)] == [first.record.calibration_id]
+    assert [r.calibration_id for r in store.records(CalibrationRecord, loaded.fingerprint)] == [first.record.calibration_id]
 
 
 @pytest.mark.parametrize(
@@ -170,7 +171,7 @@ def test_other_settings_miss_the_cache(windowing, n_groups, tiny_model_dirs, sto
     assert other.from_cache is False
     assert other.record.calibration_id != base.record.calibration_id
     assert other.record.n_tokens == windowing.window_len * windowing.n_windows
-    assert len(store.calibrations(loaded.fingerprint)) == 2
+    assert len(store.records(CalibrationRecord, loaded.fingerprint)) == 2
 
 
 def test_other_text_or_model_misses_the_cache(tiny_model_dirs, store, sample_text_file, tmp_path):

@@ -140,7 +140,8 @@ def test_window_indices_restrict_evaluation(setup):
 
 def test_a_compressed_session_plan_has_positive_kl(store, tiny_model_dirs, sample_text_file):
     from engine.compression.lowrank import compressed_paths
-    from engine.compression.session import CompressionSession, TextSettings
+    from engine.compression.session import CompressionSession
+    from engine.texts.settings import TextSettings
     from engine.models.loading import load_model
     from engine.texts.windows import Windowing
 

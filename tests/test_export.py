@@ -18,18 +18,19 @@ from typer.testing import CliRunner
 from engine.cli import app
 from engine.compression.lowrank import compress_, restore_
 from engine.compression.plan import PlanError, RankPlan
-from engine.compression.session import CompressionSession, TextSettings
+from engine.compression.session import CompressionSession
+from engine.texts.settings import TextSettings
 from engine.export import export_compressed, load_compressed
-from engine.export_format import (
+from engine.export.format import (
     COMPRESSION_SCHEMA,
     SECTION,
     CompressedModule,
     CompressionConfig,
     ExportError,
-    count_parameters,
+    count_module_parameters,
     safetensors_shapes,
 )
-from engine.export_modeling import MODELING_FILE
+from engine.export.modeling import MODELING_FILE
 from engine.methods import METHODS
 from engine.models.loading import load_model
 from engine.store import open_store
@@ -123,7 +124,7 @@ def test_export_reloads_through_both_paths_with_the_same_logits_and_parameters(
     # nothing densified: the reloaded models have exactly the plan's parameters (+ the method's new biases)
     predicted = plan.parameters["total"]["compressed"] + _added_bias(session, plan)
     assert predicted < plan.parameters["total"]["dense"]
-    assert count_parameters(model) == count_parameters(remote) == predicted == report.parameters["reloaded"]
+    assert count_module_parameters(model) == count_module_parameters(remote) == predicted == report.parameters["reloaded"]
     assert _elements(out / "model.safetensors") == predicted
 
     keys = safetensors_shapes(out / "model.safetensors")
@@ -181,7 +182,7 @@ def test_a_model_loaded_with_remote_code_saves_again_with_the_shared_A_once(expo
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "resaved", trust_remote_code=True, dtype=torch.float32).eval()
     ids = torch.arange(1, 33)[None]  # [1, 32]
     assert torch.equal(_logits(again, ids), _logits(model, ids))
-    assert count_parameters(again) == count_parameters(model)
+    assert count_module_parameters(again) == count_module_parameters(model)
 
 
 def test_compression_section_round_trips_and_validates():
@@ -224,7 +225,7 @@ def test_dense_export_is_plain_transformers_and_larger_by_exactly_the_plan_savin
     dense_bias = sum(math.prod(s) for k, s in keys.items() if k.endswith(".bias") and k not in original_names)
     assert (dense_bias > _added_bias(session, plan)) == (method == "feature-pca")
     dense_elements, low_elements = _elements(tmp_path / "dense" / "model.safetensors"), _elements(tmp_path / "low-rank" / "model.safetensors")
-    assert count_parameters(plain) == dense_elements == plan.parameters["total"]["dense"] + dense_bias
+    assert count_module_parameters(plain) == dense_elements == plan.parameters["total"]["dense"] + dense_bias
     saving = plan.parameters["decoder_linear"]["dense"] - plan.parameters["decoder_linear"]["compressed"]
     assert dense_elements - low_elements == saving + dense_bias - _added_bias(session, plan)
     assert _data_bytes(tmp_path / "dense" / "model.safetensors") - _data_bytes(tmp_path / "low-rank" / "model.safetensors") \
@@ -314,12 +315,12 @@ def test_a_plan_from_another_calibration_is_refused(exported, store, tiny_model_
 
 
 def test_a_failed_self_check_leaves_the_target_untouched(store, tiny_model_dirs, text_file, tmp_path, monkeypatch):
-    import engine.export
+    import engine.export.writer
 
     session = _session(store, tiny_model_dirs["llama"], text_file, "svd")
     plan = _mixed_plan(session)
     first = export_compressed(session, plan, tmp_path / "export", **FAST)
-    monkeypatch.setattr(engine.export, "LOGITS_TOLERANCE", 0.0)  # no difference, not even 0.0, can pass now
+    monkeypatch.setattr(engine.export.writer, "LOGITS_TOLERANCE", 0.0)  # no difference, not even 0.0, can pass now
     with pytest.raises(ExportError, match="did not reproduce the compressed model.*logits via load_compressed"):
         export_compressed(session, plan, tmp_path / "export", **FAST)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 from engine.cli import app
 from engine.compression.grouping import MAX_RATIO, BudgetError, Grouping, budget_target
 from engine.compression.plan import PlanError, RankPlan
-from engine.compression.session import CompressionSession, TextSettings
+from engine.compression.session import CompressionSession
+from engine.texts.settings import TextSettings
 from engine.compression.sweep import ALL_LAYERS, sweep_by_type
 from engine.compression.units import RANK_STEP, ModelShapes, count_parameters
 from engine.errors import RankScopeError
@@ -34,8 +35,8 @@ from engine.search.settings import StudySettings
 from engine.search.subset import choose_subset, objective
 from engine.search.summary import best_trial, ratios_from_ranks, study_summary, warm_start_from_plan
 from engine.store import open_store
-from engine.store.duckdb_store import SensitivityPoint
-from engine.store.study_storage import DuckDBStudyStorage
+from engine.records import SensitivityPoint
+from engine.search.duckdb_storage import DuckDBStudyStorage
 from engine.texts.corpus import load_corpus
 from engine.texts.windows import Windowing, make_windows
 from tests.tiny_models import TRAINING_TEXT
@@ -189,13 +190,25 @@ def test_lord_and_uniform_ratios():
 
 def test_settings_round_trip():
     settings = StudySettings(model="m", grouping="5x2", search_v=True, budget=0.25, beta=0.5, kl="forward",
-                             warm_start={"qk": 0.1}, texts={"window_len": 32})
+                             warm_start={"qk": 0.1}, texts=TextSettings.of(window_len=32))
     assert StudySettings.from_dict(json.loads(json.dumps(settings.to_dict()))) == settings
     assert settings.length_scale("qk@0-0") == 1.0 and settings.length_scale("down@1-1") == 0.8
     with pytest.raises(RankScopeError, match="Unknown study setting"):
         StudySettings.from_dict({**settings.to_dict(), "trials": 3})
-    with pytest.raises(RankScopeError, match="version 2"):
-        StudySettings.from_dict({**settings.to_dict(), "version": 2})
+    with pytest.raises(RankScopeError, match="version 3"):
+        StudySettings.from_dict({**settings.to_dict(), "version": 3})
+    with pytest.raises(RankScopeError, match="must be TextSettings, got dict"):
+        StudySettings(texts={"window_len": 32})
+
+
+def test_settings_written_by_release_0_1_0_still_load():
+    """Version 1 wrote `texts` as a flat dict with one window length (or {} for the defaults)."""
+    flat = {"calibration_text": "war-and-peace", "calibration_windows": 16, "evaluation_text": "notes.txt",
+            "evaluation_windows": 4, "window_len": 64, "groups": 8}
+    settings = StudySettings.from_dict({**StudySettings().to_dict(), "version": 1, "texts": flat})
+    assert settings.texts == TextSettings("war-and-peace", Windowing(64, 16), 8, "notes.txt", Windowing(64, 4))
+    assert settings.version == 2 and settings.to_dict()["texts"]["calibration"]["n_groups"] == 8
+    assert StudySettings.from_dict({**StudySettings().to_dict(), "version": 1, "texts": {}}).texts == TextSettings()
 
 
 @pytest.mark.parametrize("changes,words", [
@@ -399,10 +412,10 @@ def test_validation_subset_is_stored_and_follows_the_evaluation_windows(session,
 
 
 def _candidate_reference(session, text, candidates):
-    from engine.compression.session import ensure_reference
+    from engine.cache.reference import ensure_reference
 
     windowing = Windowing(32, 8, start_window=EVAL_WINDOWS)
-    return ensure_reference(session.store, session.loaded, str(text), windowing, candidates)[1]
+    return ensure_reference(session.store, session.loaded, str(text), windowing)[1]
 
 
 def test_random_subset_study_evaluates_no_probe_plans(session):
@@ -555,7 +568,7 @@ def test_cli_search_start_status_best_export_and_resume(runner, options, tmp_pat
                                     "--name", "cli", "--json"]))
     assert out["study_id"] == "cli" and out["state"] == "finished"
     assert out["trials_done"] == out["trials_planned"] == 5
-    assert out["settings"]["texts"]["evaluation_windows"] == EVAL_WINDOWS
+    assert out["settings"]["texts"]["evaluation"]["n_windows"] == EVAL_WINDOWS
     assert [b["label"] for b in out["baselines"]] == ["uniform", "lord"]
     assert set(out["full_text"]) == {"best", "uniform", "lord"}
     assert out["full_text"]["best"]["trial"] == out["best"]["number"]

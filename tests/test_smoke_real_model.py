@@ -7,7 +7,7 @@ import pytest
 from engine.models.adapters import LINEAR_TYPES
 from engine.models.loading import load_model
 from engine.texts.windows import Windowing
-from engine.workspace import ensure_baseline_evaluation
+from engine.cache.evaluation import ensure_baseline_evaluation
 
 pytestmark = pytest.mark.smoke
 

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from engine import workspace
-from engine.cache_keys import stored_spectra
+from engine.cache import spectra as spectra_cache
+from engine.cache.lookups import stored_spectra
 from engine.energy import ENERGY_LEVELS, energy_curve, rank_for_energy, rank_table, summarise_by_type
 from engine.models.adapters import LINEAR_TYPES
 from engine.models.loading import load_model
 from engine.spectra import feature_eigenvalues, weight_singular_values
-from engine.store.duckdb_store import SpectrumRow
+from engine.records import SpectrumRow
 from engine.texts.windows import Windowing
-from engine.workspace import ensure_calibration, ensure_spectra
+from engine.cache.calibration import ensure_calibration
+from engine.cache.spectra import ensure_spectra
 
 
 @pytest.mark.parametrize("shape", [(12, 20), (20, 12), (16, 16)])
@@ -129,8 +130,8 @@ def test_ensure_spectra_second_call_reads_the_store(tiny_calibration, store, mon
     def must_not_run(*args, **kwargs):
         raise AssertionError("spectra were recomputed")
 
-    monkeypatch.setattr(workspace, "compute_weight_spectra", must_not_run)
-    monkeypatch.setattr(workspace, "compute_feature_spectra", must_not_run)
+    monkeypatch.setattr(spectra_cache, "compute_weight_spectra", must_not_run)
+    monkeypatch.setattr(spectra_cache, "compute_feature_spectra", must_not_run)
     second = ensure_spectra(store, loaded, calibration, "pooled")
     assert _by_key(second.weight) == _by_key(first.weight)
     assert _by_key(second.feature) == _by_key(first.feature)

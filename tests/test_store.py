@@ -22,7 +22,7 @@ TABLES = {
 
 
 def _tables(store: Store) -> set[str]:
-    return {row[0] for row in store._fetchall("SELECT table_name FROM information_schema.tables")}
+    return {row[0] for row in store.fetch_all("SELECT table_name FROM information_schema.tables")}
 
 
 def test_fresh_database_gets_the_current_schema(isolated_cache):
@@ -40,7 +40,7 @@ def test_reopening_keeps_data_and_applies_only_new_migrations(isolated_cache, mo
 
     reopened = open_store()  # re-running migration 1 would fail: its tables exist
     assert reopened.schema_version == SCHEMA_VERSION
-    assert reopened._fetchall("SELECT fingerprint, n_chars FROM texts") == [("fp-1", 123)]
+    assert reopened.fetch_all("SELECT fingerprint, n_chars FROM texts") == [("fp-1", 123)]
     reopened.close()
 
     extra = Migration(SCHEMA_VERSION + 1, "test table", ("CREATE TABLE extra_test (x INTEGER)",))
@@ -52,12 +52,12 @@ def test_reopening_keeps_data_and_applies_only_new_migrations(isolated_cache, mo
     upgraded.close()
     again = open_store()  # neither migration runs twice
     assert again.schema_version == SCHEMA_VERSION + 1
-    assert again._fetchall("SELECT fingerprint FROM texts") == [("fp-1",)]
+    assert again.fetch_all("SELECT fingerprint FROM texts") == [("fp-1",)]
 
 
 def test_newer_database_is_refused_and_left_untouched(isolated_cache):
     store = open_store()
-    store._execute("UPDATE schema_meta SET value = ? WHERE key = 'version'", [str(SCHEMA_VERSION + 1)])
+    store.execute("UPDATE schema_meta SET value = ? WHERE key = 'version'", [str(SCHEMA_VERSION + 1)])
     store.close()
     path = database_path()
     before = sha256_file(path)

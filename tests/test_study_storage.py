@@ -18,7 +18,7 @@ from engine.search.records import (
     InMemoryStudyStorage, StudyExistsError, StudyRecord, StudyState, TrialExistsError, TrialKind, TrialRecord,
 )
 from engine.store import open_store
-from engine.store.study_storage import DuckDBStudyStorage
+from engine.search.duckdb_storage import DuckDBStudyStorage
 
 BACKENDS = ("memory", "duckdb")
 

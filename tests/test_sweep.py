@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.compression.session import CompressionSession, TextSettings
+from engine.compression.session import CompressionSession
+from engine.texts.settings import TextSettings
 from engine.compression.sweep import ALL_LAYERS, sweep_by_layer, sweep_by_type, sweep_id, unit_labels
 from engine.compression.units import count_parameters
 from engine.errors import RankScopeError

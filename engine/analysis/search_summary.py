@@ -122,9 +122,3 @@ def study_rows(summaries: Sequence[dict], running_ids: set[str]) -> list[dict]:
             "best_perplexity": None if full is None else full["perplexity"],
         })
     return rows
-
-
-def trial_plan_grouping(settings: Mapping, trial: TrialRecord) -> dict:
-    """The `grouping` section of a plan made from a trial: the study's grouping, the trial's values, the budget."""
-    grouping = Grouping.parse(settings["grouping"], settings.get("search_v", False))
-    return {**grouping.to_dict(), "values": dict(trial.projected), "budget": settings["budget"]}

@@ -12,7 +12,7 @@ from engine.analysis import METRIC_LABELS
 from engine.analysis.spectra_summary import LayerTypeGrid
 from engine.compression.units import ModelShapes
 from engine.errors import RankScopeError
-from engine.store.duckdb_store import SensitivityPoint
+from engine.records import SensitivityPoint
 
 ALL_LAYERS = -1
 

@@ -12,7 +12,7 @@ from typing import Literal, Optional, Sequence
 
 from engine.energy import energy_curve
 from engine.errors import RankScopeError
-from engine.store.duckdb_store import SpectrumRow
+from engine.records import SpectrumRow
 
 SpectrumKind = Literal["weight", "feature"]
 KIND_LABELS: dict[str, str] = {"weight": "weights (σ² of W)", "feature": "features (λ of W·C·Wᵀ)"}

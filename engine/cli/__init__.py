@@ -2,14 +2,22 @@
 
 Every command takes `--model` (default: the embedded SmolLM2-135M), shows progress bars on stderr,
 and prints errors as one readable message (exit code 2) rather than a traceback. Commands that
-produce data take `--json` for machine-readable output on stdout. Commands live in `analysis`
-(prepare, models, calibrate, spectra) and `compression` (compress, evaluate, sweep).
+produce data take `--json` for machine-readable output on stdout. Options shared by several
+commands (texts, windows, method, `--json`) are declared once in `options`. The commands:
+
+| module | commands |
+|---|---|
+| `analysis` | `prepare`, `models`, `calibrate`, `spectra` |
+| `compression` | `compress`, `evaluate`, `sweep` |
+| `export` | `export` |
+| `search` | `search start`, `search resume`, `search status`, `search best`, `search export-plan` |
+
+`--cache DIR` (before the command) points every command at another cache folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -26,8 +34,10 @@ ModelOption = typer.Option("smollm2-135m", "--model", "-m", help="Registry name,
 def _main(
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder (default: $RANKSCOPE_CACHE or ./cache)."),
 ):
+    from engine.paths import choose_cache_root
+
     if cache is not None:
-        os.environ["RANKSCOPE_CACHE"] = str(cache)
+        choose_cache_root(cache)
 
 
 def fail(exc: RankScopeError) -> None:

@@ -7,6 +7,10 @@ from typing import List, Optional
 import typer
 
 from engine.cli import ModelOption, app, echo_json, fail
+from engine.cli.options import (
+    CalibrationTextOption, CalibrationWindowsOption, EvaluationTextOption, EvaluationWindowsOption, GroupsOption,
+    JsonOption, WindowLenOption,
+)
 from engine.errors import RankScopeError
 
 
@@ -28,10 +32,10 @@ def prepare(model: str = ModelOption):
 def models(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Describe only this model (any reference)."),
     evaluate: bool = typer.Option(False, "--eval", help="Also compute (or recall) perplexity of the original model."),
-    text: str = typer.Option("sherlock-holmes", help="Evaluation text for --eval."),
-    windows: int = typer.Option(16, help="Evaluation windows for --eval (16 x 512 = the first 8,192 tokens)."),
-    window_len: int = typer.Option(512, help="Tokens per window."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    text: str = EvaluationTextOption,
+    windows: int = EvaluationWindowsOption,
+    window_len: int = WindowLenOption,
+    as_json: bool = JsonOption,
 ):
     """List the registry (or one model): architecture, parameters by type, embedding share."""
     from engine.models.loading import is_prepared, load_model
@@ -40,7 +44,7 @@ def models(
     from engine.progress import TerminalProgress
     from engine.store import open_store
     from engine.texts.windows import Windowing
-    from engine.workspace import ensure_baseline_evaluation
+    from engine.cache.evaluation import ensure_baseline_evaluation
 
     references = [model] if model else list(REGISTRY)
     results = []
@@ -109,18 +113,18 @@ def models(
 @app.command()
 def calibrate(
     model: str = ModelOption,
-    text: str = typer.Option("war-and-peace", help="Calibration text: built-in name, file or hf:NAME[:CONFIG]:SPLIT."),
-    windows: int = typer.Option(128, help="Calibration windows."),
-    window_len: int = typer.Option(512, help="Tokens per window."),
-    groups: int = typer.Option(32, help="Groups of windows for the pooled covariance."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    text: str = CalibrationTextOption,
+    windows: int = CalibrationWindowsOption,
+    window_len: int = WindowLenOption,
+    groups: int = GroupsOption,
+    as_json: bool = JsonOption,
 ):
     """Gather calibration statistics (mean, covariances, second moment, channel norms) and cache them."""
     from engine.models.loading import load_model
     from engine.progress import TerminalProgress
     from engine.store import open_store
     from engine.texts.windows import Windowing
-    from engine.workspace import ensure_calibration
+    from engine.cache.calibration import ensure_calibration
 
     try:
         store = open_store()
@@ -155,10 +159,10 @@ def calibrate(
 @app.command()
 def spectra(
     model: str = ModelOption,
-    text: str = typer.Option("war-and-peace", help="Calibration text for feature spectra."),
-    windows: int = typer.Option(128, help="Calibration windows."),
-    window_len: int = typer.Option(512, help="Tokens per window."),
-    groups: int = typer.Option(32, help="Groups of windows for the pooled covariance."),
+    text: str = CalibrationTextOption,
+    windows: int = CalibrationWindowsOption,
+    window_len: int = WindowLenOption,
+    groups: int = GroupsOption,
     covariance: str = typer.Option("pooled", help="Input covariance for feature spectra: pooled or sample."),
     energy: List[float] = typer.Option([0.8, 0.9, 0.95, 0.99], help="Energy levels (repeat the option)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON: ranks per layer and type."),
@@ -167,7 +171,7 @@ def spectra(
 
     Answers from the store when these spectra were computed before (no model load).
     """
-    from engine.cache_keys import find_calibration, stored_spectra
+    from engine.cache.lookups import find_calibration, stored_spectra
     from engine.energy import rank_table, summarise_by_type
     from engine.models.loading import load_model, locate_model
     from engine.progress import TerminalProgress
@@ -188,7 +192,8 @@ def spectra(
         result = stored_spectra(store, location.fingerprint, record.calibration_id, covariance) if record else None
         from_cache = result is not None
         if result is None:  # compute what is missing (imports torch only now)
-            from engine.workspace import ensure_calibration, ensure_spectra
+            from engine.cache.calibration import ensure_calibration
+            from engine.cache.spectra import ensure_spectra
 
             loaded = load_model(model, store, TerminalProgress())
             calibration = ensure_calibration(store, loaded, text, windowing, groups, TerminalProgress())

@@ -8,31 +8,21 @@ from typing import Optional
 import typer
 
 from engine.cli import ModelOption, app, echo_json, fail
+from engine.cli.options import JsonOption, MethodOption, TextOptions, text_options
 from engine.errors import RankScopeError
-
-MethodOption = typer.Option("feature-pca", "--method", help="Decomposition method: svd, joint-svd, awsvd, feature-pca, feature-pca-sample, whiten.")
-CalibrationText = typer.Option("war-and-peace", "--calibration-text", help="Calibration text (built-in name, file, or hf:...).")
-CalibrationWindows = typer.Option(128, "--calibration-windows", help="Calibration windows.")
-EvaluationText = typer.Option("sherlock-holmes", "--eval-text", help="Evaluation text (built-in name, file, or hf:...).")
-EvaluationWindows = typer.Option(16, "--eval-windows", help="Evaluation windows (16 x 512 = the first 8,192 tokens).")
-WindowLen = typer.Option(512, "--window-len", help="Tokens per window, for calibration and evaluation.")
-Groups = typer.Option(32, "--groups", help="Groups of calibration windows for the pooled covariance.")
-JsonOption = typer.Option(False, "--json", help="Print JSON.")
+from engine.texts.settings import TextSettings
 
 
-def open_session(model: str, method: str, calibration_text: str, calibration_windows: int, eval_text: str,
-                  eval_windows: int, window_len: int, groups: int):
+
+def open_session(model: str, method: str, texts: TextSettings):
     """Load the model and open a compression session for these texts (shared by every command that evaluates)."""
-    from engine.compression.session import CompressionSession, TextSettings
+    from engine.compression.session import CompressionSession
     from engine.models.loading import load_model
     from engine.progress import TerminalProgress
     from engine.store import open_store
-    from engine.texts.windows import Windowing
 
     store = open_store()
     loaded = load_model(model, store, TerminalProgress())
-    texts = TextSettings(calibration_text, Windowing(window_len, calibration_windows), groups,
-                         eval_text, Windowing(window_len, eval_windows))
     return CompressionSession.open(store, loaded, method, texts, TerminalProgress())
 
 
@@ -48,18 +38,14 @@ def _parameters_lines(parameters: dict) -> list[str]:
 
 
 @app.command()
+@text_options
 def compress(
     model: str = ModelOption,
     method: str = MethodOption,
     uniform: Optional[float] = typer.Option(None, "--uniform", help="Remove this share of decoder-linear parameters, same ratio everywhere (e.g. 0.2)."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="A rank plan JSON (rankscope.plan/v1); its method is used."),
     save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="Write the evaluated plan here."),
-    calibration_text: str = CalibrationText,
-    calibration_windows: int = CalibrationWindows,
-    eval_text: str = EvaluationText,
-    eval_windows: int = EvaluationWindows,
-    window_len: int = WindowLen,
-    groups: int = Groups,
+    texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
 ):
     """Compress with a uniform ratio or a plan, and report parameters, perplexity and both KLs."""
@@ -70,8 +56,7 @@ def compress(
         if (uniform is None) == (plan is None):
             raise RankScopeError("Give exactly one of --uniform RATIO or --plan FILE.")
         given = RankPlan.load(plan) if plan is not None else None
-        session = open_session(model, given.method if given else method, calibration_text, calibration_windows,
-                                eval_text, eval_windows, window_len, groups)
+        session = open_session(model, given.method if given else method, texts.settings())
         candidate = given if given is not None else session.uniform_plan(uniform)
         evaluated = session.evaluate(candidate, TerminalProgress())
         if save_plan is not None:
@@ -94,34 +79,29 @@ def compress(
 
 
 @app.command()
+@text_options
 def evaluate(
     model: str = ModelOption,
     plan: Optional[Path] = typer.Option(None, "--plan", help="Evaluate this plan; without it, the original model."),
-    calibration_text: str = CalibrationText,
-    calibration_windows: int = CalibrationWindows,
-    eval_text: str = EvaluationText,
-    eval_windows: int = EvaluationWindows,
-    window_len: int = WindowLen,
-    groups: int = Groups,
+    texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
 ):
     """Perplexity and KL of the original model, or of a plan, on the evaluation text."""
     from engine.compression.plan import RankPlan
     from engine.progress import TerminalProgress
-    from engine.texts.windows import Windowing
 
     try:
         if plan is not None:
             given = RankPlan.load(plan)
-            session = open_session(model, given.method, calibration_text, calibration_windows, eval_text,
-                                    eval_windows, window_len, groups)
+            session = open_session(model, given.method, texts.settings())
             metrics = session.evaluate(given, TerminalProgress()).metrics
         else:
-            metrics = _original_metrics(model, eval_text, Windowing(window_len, eval_windows))
+            metrics = _original_metrics(model, texts.settings())
     except RankScopeError as exc:
         fail(exc)
-    result = {"model": model, "plan": str(plan) if plan else None, "evaluation_text": eval_text,
-              "windows": eval_windows, "window_len": window_len,
+    evaluation = texts.settings().evaluation_windowing
+    result = {"model": model, "plan": str(plan) if plan else None, "evaluation_text": texts.settings().evaluation_text,
+              "windows": evaluation.n_windows, "window_len": evaluation.window_len,
               **{k: metrics[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")}}
     if as_json:
         echo_json(result)
@@ -129,20 +109,21 @@ def evaluate(
         typer.echo(_quality_line("plan" if plan else "original", metrics) + f"   ({metrics['tokens']:,} predicted tokens)")
 
 
-def _original_metrics(model: str, eval_text: str, windowing) -> dict:
+def _original_metrics(model: str, texts: TextSettings) -> dict:
     """Perplexity of the original model (KL against itself is 0), from the store when cached."""
     from engine.models.loading import load_model
     from engine.progress import TerminalProgress
     from engine.store import open_store
-    from engine.workspace import ensure_baseline_evaluation
+    from engine.cache.evaluation import ensure_baseline_evaluation
 
     store = open_store()
-    record = ensure_baseline_evaluation(store, load_model(model, store, TerminalProgress()), eval_text, windowing,
-                                        TerminalProgress())
+    record = ensure_baseline_evaluation(store, load_model(model, store, TerminalProgress()), texts.evaluation_text,
+                                        texts.evaluation_windowing, TerminalProgress())
     return {"perplexity": record.perplexity, "kl_forward": 0.0, "kl_reverse": 0.0, "tokens": record.n_tokens}
 
 
 @app.command()
+@text_options
 def sweep(
     model: str = ModelOption,
     method: str = MethodOption,
@@ -151,12 +132,7 @@ def sweep(
     types: Optional[str] = typer.Option(None, "--types", help="Types for --by type, comma-separated (default: all)."),
     linear_type: str = typer.Option("q", "--type", help="The type for --by layer."),
     ratio: float = typer.Option(0.5, "--ratio", help="The ratio for --by layer."),
-    calibration_text: str = CalibrationText,
-    calibration_windows: int = CalibrationWindows,
-    eval_text: str = EvaluationText,
-    eval_windows: int = EvaluationWindows,
-    window_len: int = WindowLen,
-    groups: int = Groups,
+    texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
 ):
     """Sensitivity sweep; each point is stored as it finishes, and a rerun resumes (stored points are reused)."""
@@ -170,8 +146,7 @@ def sweep(
             grid = [float(r) for r in ratios.split(",") if r.strip()]
         except ValueError as exc:
             raise RankScopeError(f"--ratios must be comma-separated numbers, got '{ratios}'.") from exc
-        session = open_session(model, method, calibration_text, calibration_windows, eval_text, eval_windows,
-                                window_len, groups)
+        session = open_session(model, method, texts.settings())
         if by == "type":
             chosen = [t.strip() for t in types.split(",")] if types else None
             points = sweep_by_type(session, grid, chosen, TerminalProgress())

@@ -8,20 +8,10 @@ from typing import Optional
 import typer
 
 from engine.cli import app, echo_json, fail
-from engine.cli.compression import (
-    CalibrationText,
-    CalibrationWindows,
-    EvaluationText,
-    EvaluationWindows,
-    Groups,
-    JsonOption,
-    WindowLen,
-    open_session,
-    _parameters_lines,
-    _quality_line,
-)
+from engine.cli.compression import _parameters_lines, _quality_line, open_session
+from engine.cli.options import JsonOption, TextOptions, text_options
 from engine.errors import RankScopeError
-from engine.export_report import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT
+from engine.export.report import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT
 
 
 _HELP = "\n\n".join([
@@ -36,6 +26,7 @@ _HELP = "\n\n".join([
 
 
 @app.command(help=_HELP)
+@text_options
 def export(
     plan: Path = typer.Option(..., "--plan", help="The rank plan JSON (rankscope.plan/v1) to apply; its method is used."),
     out: Path = typer.Option(..., "--out", help="Directory to write (new, empty, or an earlier export to replace)."),
@@ -44,12 +35,7 @@ def export(
     new_tokens: int = typer.Option(DEFAULT_NEW_TOKENS, "--new-tokens", help="Tokens generated per run (batch 1, greedy)."),
     timing_runs: int = typer.Option(3, "--timing-runs", help="Timed generation runs per model (median reported)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model the plan was made for (default: the model the plan names)."),
-    calibration_text: str = CalibrationText,
-    calibration_windows: int = CalibrationWindows,
-    eval_text: str = EvaluationText,
-    eval_windows: int = EvaluationWindows,
-    window_len: int = WindowLen,
-    groups: int = Groups,
+    texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
 ):
     from engine.compression.plan import RankPlan
@@ -58,8 +44,7 @@ def export(
 
     try:
         given = RankPlan.load(plan)
-        session = open_session(model or given.model["id"], given.method, calibration_text, calibration_windows,
-                                eval_text, eval_windows, window_len, groups)
+        session = open_session(model or given.model["id"], given.method, texts.settings())
         report = export_compressed(session, given, out, dense=dense, prompt=prompt, progress=TerminalProgress(),
                                    max_new_tokens=new_tokens, timing_runs=timing_runs)
     except RankScopeError as exc:

@@ -8,10 +8,8 @@ from typing import Optional
 import typer
 
 from engine.cli import app, echo_json, fail
-from engine.cli.compression import (
-    open_session,
-    CalibrationText, CalibrationWindows, EvaluationText, EvaluationWindows, Groups, JsonOption, WindowLen,
-)
+from engine.cli.compression import open_session
+from engine.cli.options import JsonOption, TextOptions, text_options
 from engine.errors import RankScopeError
 
 search_app = typer.Typer(no_args_is_help=True, help="Rank-allocation search studies (scikit-optimize GP + EI), persisted and resumable.")
@@ -22,16 +20,14 @@ StudyOption = typer.Option(..., "--study", help="Study id (see `rankscope search
 
 def _storage():
     from engine.store import open_store
-    from engine.store.study_storage import DuckDBStudyStorage
+    from engine.search.duckdb_storage import DuckDBStudyStorage
 
     return DuckDBStudyStorage(open_store())
 
 
 def _session_for(settings):
     """The compression session a study's settings describe (its texts were stored with it)."""
-    t = settings.texts
-    return open_session(settings.model, settings.method, t["calibration_text"], t["calibration_windows"],
-                         t["evaluation_text"], t["evaluation_windows"], t["window_len"], t["groups"])
+    return open_session(settings.model, settings.method, settings.texts)
 
 
 def _run(storage, session, study_id: str) -> None:
@@ -72,6 +68,7 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 
 
 @search_app.command("start")
+@text_options
 def start(
     model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry name, model directory, .gguf file or hub id."),
     method: str = typer.Option("feature-pca", "--method", help="Decomposition method."),
@@ -90,12 +87,7 @@ def start(
     warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="Seed with a rank plan JSON."),
     warm_start_study: Optional[str] = typer.Option(None, "--warm-start-study", help="Seed with another study's best plan."),
     name: Optional[str] = typer.Option(None, "--name", help="Study id (default: generated)."),
-    calibration_text: str = CalibrationText,
-    calibration_windows: int = CalibrationWindows,
-    eval_text: str = EvaluationText,
-    eval_windows: int = EvaluationWindows,
-    window_len: int = WindowLen,
-    groups: int = Groups,
+    texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
 ):
     """Start a study; prints the best plan re-measured on the full evaluation text, next to the baselines."""
@@ -105,13 +97,10 @@ def start(
     from engine.search.summary import best_trial, ratios_from_ranks, study_summary, warm_start_from_plan
 
     try:
-        texts = {"calibration_text": calibration_text, "calibration_windows": calibration_windows,
-                 "evaluation_text": eval_text, "evaluation_windows": eval_windows, "window_len": window_len,
-                 "groups": groups}
         settings = StudySettings(model=model, method=method, grouping=grouping, search_v=search_v, budget=budget,
                                  beta=beta, kl=kl, n_trials=trials, n_initial_points=initial_points, seed=seed,
                                  subset=subset, subset_size=subset_size, subset_candidates=subset_candidates,
-                                 subset_probe_plans=probe_plans, texts=texts)
+                                 subset_probe_plans=probe_plans, texts=texts.settings())
         if warm_start is not None and warm_start_study is not None:
             raise RankScopeError("Give at most one of --warm-start and --warm-start-study.")
         storage = _storage()
@@ -200,27 +189,10 @@ def export_plan(study: str = StudyOption, out: Path = typer.Option(..., "--out",
                 trial: Optional[int] = typer.Option(None, "--trial", help="A trial number (default: the best)."),
                 as_json: bool = JsonOption):
     """Write a study's best (or chosen) trial as a rank plan (rankscope.plan/v1)."""
-    from engine.search.settings import StudySettings
-    from engine.search.summary import best_trial
+    from engine.search.summary import trial_plan
 
     try:
-        storage = _storage()
-        record = storage.get_study(study)
-        if record is None:
-            raise RankScopeError(f"No study with id '{study}'.")
-        settings = StudySettings.from_dict(record.settings)
-        chosen = best_trial(storage, study) if trial is None else \
-            next((t for t in storage.trials(study) if t.number == trial), None)
-        if chosen is None:
-            raise RankScopeError(f"Study '{study}' has no trial {'yet' if trial is None else trial}.")
-        session = _session_for(settings)
-        full = storage.results(study).get("best") if trial is None else None
-        metrics = full if full and full.get("trial") == chosen.number else \
-            session.evaluate_ranks(chosen.ranks).to_dict()
-        plan = session.plan(chosen.ranks, grouping={**settings.parsed_grouping().to_dict(), "values": chosen.projected,
-                                                    "budget": settings.budget},
-                            seed=settings.seed, study_id=study)
-        plan = plan.with_metrics({k: metrics[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")})
+        chosen, plan = trial_plan(_storage(), study, _session_for, trial)
         plan.save(out)
     except RankScopeError as exc:
         fail(exc)

@@ -1,7 +1,7 @@
 """A compression session: one model, one method, its cached factors and the evaluation set.
 
-`CompressionSession.open(...)` gathers (from the store, or by computing and storing) everything a
-trial needs: calibration statistics if the method uses data, the method's full factorisation of
+`CompressionSession.open(...)` gathers through `engine.cache` (from the store, or by computing and
+storing) everything a trial needs: calibration statistics if the method uses data, the method's full factorisation of
 every decoder linear, the evaluation windows and the original model's reference distribution.
 After that, `evaluate(plan)` costs one pass of the compressed model: it slices factors into the
 model in place (`compress_`), evaluates, and restores the original modules.
@@ -9,109 +9,25 @@ model in place (`compress_`), evaluates, and restores the original modules.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
 from typing import Mapping, Optional
 
 import torch
 
-from engine.cache_keys import STATISTICS_VERSION
+from engine.cache.calibration import Calibration, ensure_calibration
+from engine.cache.factorization import ensure_factorization
+from engine.cache.reference import ensure_reference
+from engine.cache.windows import ensure_windows
 from engine.compression.grouping import Grouping, budget_target, project_to_budget, ranks_from_ratios
 from engine.compression.lowrank import compress_, restore_
 from engine.compression.plan import RankPlan
 from engine.compression.units import ModelShapes
-from engine.hashing import sha256_json
 from engine.methods import Factorization, get_method
-from engine.metrics import QualityResult, ReferenceDistribution, compute_reference, evaluate_quality
+from engine.metrics import QualityResult, ReferenceDistribution, evaluate_quality
 from engine.models.loading import LoadedModel
-from engine.progress import ProgressCallback, ProgressTracker
-from engine.store.arrays import load_arrays, load_arrays_with_metadata, save_arrays
-from engine.store.duckdb_store import FactorizationRecord, ReferenceRecord, Store
-from engine.texts.corpus import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVALUATION_TEXT, text_fingerprint
-from engine.texts.windows import Windowing
-from engine.workspace import (
-    DEFAULT_CALIBRATION_WINDOWING,
-    DEFAULT_EVALUATION_WINDOWING,
-    DEFAULT_GROUPS,
-    Calibration,
-    ensure_calibration,
-    load_windows,
-)
-
-FACTORIZATION_VERSION = 1
-REFERENCE_TOP_K = 1024
-
-
-def ensure_factorization(
-    store: Store,
-    loaded: LoadedModel,
-    method: str,
-    calibration: Optional[Calibration],
-    progress: Optional[ProgressCallback] = None,
-) -> tuple[FactorizationRecord, Factorization]:
-    """The full factorisation of every decoder linear for `method`, cached on disk and in the store."""
-    spec = get_method(method)
-    calibration_id = calibration.record.calibration_id if spec.needs else ""
-    key = sha256_json(["factorization", FACTORIZATION_VERSION, STATISTICS_VERSION, loaded.fingerprint, method, calibration_id])[:32]
-    record = store.get_factorization(key)
-    if record is not None:
-        stored = load_arrays_with_metadata(store, record.array_id)
-        if stored is not None:
-            return record, Factorization.from_tensors(*stored)
-        store.forget_factorization(key)
-    tracker = ProgressTracker(progress, f"factorising ({method})", total=1, unit="models")
-    start = time.perf_counter()
-    factorization = spec.factorize(loaded, calibration.statistics if spec.needs else None)
-    seconds = time.perf_counter() - start
-    tracker.advance()
-    tensors, metadata = factorization.to_tensors()
-    save_arrays(store, key, "factorization", tensors, metadata)
-    record = FactorizationRecord(key, loaded.fingerprint, method, calibration_id, key, seconds)
-    store.put_factorization(record)
-    return record, factorization
-
-
-def ensure_reference(
-    store: Store,
-    loaded: LoadedModel,
-    text_source: str,
-    windowing: Windowing,
-    windows: torch.Tensor,
-    top_k: int = REFERENCE_TOP_K,
-    progress: Optional[ProgressCallback] = None,
-) -> tuple[ReferenceRecord, ReferenceDistribution]:
-    """The original model's top-k next-token distribution on the evaluation windows, cached."""
-    key = sha256_json(["reference", loaded.fingerprint, text_fingerprint(text_source), *windowing.key(), top_k])[:32]
-    record = store.get_reference(key)
-    if record is not None:
-        tensors = load_arrays(store, record.array_id)
-        if tensors is not None:
-            return record, ReferenceDistribution(
-                tensors["top_logprobs"], tensors["top_indices"].long(), tensors["tail_logmass"], record.perplexity
-            )
-        store.forget_reference(key)
-    start = time.perf_counter()
-    reference = compute_reference(loaded.model, windows, top_k, progress)
-    save_arrays(store, key, "reference", {
-        "top_logprobs": reference.top_logprobs,
-        "top_indices": reference.top_indices.to(torch.int32),
-        "tail_logmass": reference.tail_logmass,
-    })
-    record = ReferenceRecord(key, loaded.fingerprint, text_fingerprint(text_source), windowing.window_len,
-                             windows.shape[0], reference.top_k, key, reference.perplexity, time.perf_counter() - start)
-    store.put_reference(record)
-    return record, reference
-
-
-@dataclass(frozen=True)
-class TextSettings:
-    """Calibration and evaluation texts with their windowing (defaults from DESIGN.md §4)."""
-
-    calibration_text: str = DEFAULT_CALIBRATION_TEXT
-    calibration_windowing: Windowing = DEFAULT_CALIBRATION_WINDOWING
-    n_groups: int = DEFAULT_GROUPS
-    evaluation_text: str = DEFAULT_EVALUATION_TEXT
-    evaluation_windowing: Windowing = DEFAULT_EVALUATION_WINDOWING
+from engine.progress import ProgressCallback
+from engine.records import FactorizationRecord, ReferenceRecord
+from engine.store.duckdb_store import Store
+from engine.texts.settings import TextSettings
 
 
 class CompressionSession:
@@ -136,21 +52,17 @@ class CompressionSession:
             calibration = ensure_calibration(store, loaded, texts.calibration_text, texts.calibration_windowing,
                                              texts.n_groups, progress)
         f_record, factorization = ensure_factorization(store, loaded, method, calibration, progress)
-        _, windows = load_windows(store, loaded, texts.evaluation_text, texts.evaluation_windowing)
+        windows = ensure_windows(store, loaded, texts.evaluation_text, texts.evaluation_windowing)
         r_record, reference = ensure_reference(store, loaded, texts.evaluation_text, texts.evaluation_windowing,
-                                               windows, progress=progress)
+                                               progress=progress)
         return cls(store, loaded, method, texts, calibration, f_record, factorization, windows, r_record, reference)
 
     # -- plans ----------------------------------------------------------------------------------------
     def _plan_context(self) -> dict:
-        t = self.texts
         calibration = None
         if self.calibration is not None:
-            calibration = {"text": t.calibration_text, "text_fingerprint": self.calibration.record.text_fingerprint,
-                           "window_len": t.calibration_windowing.window_len,
-                           "n_windows": t.calibration_windowing.n_windows, "n_groups": t.n_groups}
-        evaluation = {"text": t.evaluation_text, "text_fingerprint": self.reference_record.text_fingerprint,
-                      "window_len": t.evaluation_windowing.window_len, "n_windows": t.evaluation_windowing.n_windows}
+            calibration = {**self.texts.calibration_dict(), "text_fingerprint": self.calibration.record.text_fingerprint}
+        evaluation = {**self.texts.evaluation_dict(), "text_fingerprint": self.reference_record.text_fingerprint}
         return {"calibration": calibration, "evaluation": evaluation}
 
     def plan(self, ranks: Mapping[str, Optional[int]], grouping: Optional[dict] = None, **provenance) -> RankPlan:

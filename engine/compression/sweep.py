@@ -12,12 +12,12 @@ from __future__ import annotations
 import time
 from typing import Iterable, Optional, Sequence
 
+from engine.cache.keys import sweep_key
 from engine.compression.session import CompressionSession
 from engine.compression.units import count_parameters
 from engine.errors import RankScopeError
-from engine.hashing import sha256_json
 from engine.progress import ProgressCallback, ProgressTracker
-from engine.store.duckdb_store import SensitivityPoint
+from engine.records import SensitivityPoint
 
 DEFAULT_RATIOS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ALL_LAYERS = -1
@@ -25,8 +25,8 @@ ALL_LAYERS = -1
 
 def sweep_id(session: CompressionSession) -> str:
     """Points of one sweep share a model, method, factorisation and evaluation set."""
-    return sha256_json(["sweep", session.loaded.fingerprint, session.method,
-                        session.factorization_record.factorization_id, session.reference_record.reference_id])[:32]
+    return sweep_key(session.loaded.fingerprint, session.method, session.factorization_record.factorization_id,
+                     session.reference_record.reference_id)
 
 
 def unit_labels(session: CompressionSession) -> list[str]:
@@ -48,7 +48,7 @@ def _run_points(session: CompressionSession, points: Sequence[tuple[str, int, fl
     sid = sweep_id(session)
     store = session.store
     store.register_sweep(sid, session.loaded.fingerprint, session.method, session.factorization_record.factorization_id,
-                         session.reference_record.reference_id, {"texts": repr(session.texts)})
+                         session.reference_record.reference_id, {"texts": session.texts.to_dict()})
     done = {(p.linear_type, p.layer, round(p.ratio, 6)) for p in store.sensitivity_points(sid)}
     todo = [pt for pt in points if (pt[0], pt[1], round(pt[2], 6)) not in done]
     tracker = ProgressTracker(progress, f"sweep ({session.method})", total=len(points), unit="points")

@@ -14,7 +14,7 @@ from typing import Optional
 
 from engine.compression.grouping import Grouping
 from engine.compression.units import ModelShapes
-from engine.store.duckdb_store import SensitivityPoint
+from engine.records import SensitivityPoint
 
 
 def _base(group: str) -> str:

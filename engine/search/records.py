@@ -2,7 +2,7 @@
 
 A study (like an Optuna study) has an id, a name, settings, a state and finished trials. A trial
 is written once, when it finishes, and never changed. `StudyStorage` is the contract; the DuckDB
-store (`engine.store.study_storage`) and `InMemoryStudyStorage` implement it and pass the same
+store (`engine.search.duckdb_storage`) and `InMemoryStudyStorage` implement it and pass the same
 tests (tests/test_study_storage.py).
 """
 

@@ -19,8 +19,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from engine.cache.reference import ensure_reference
+from engine.cache.windows import ensure_windows
 from engine.compression.grouping import Grouping, budget_target, project_to_budget
-from engine.compression.session import CompressionSession, ensure_reference
+from engine.compression.session import CompressionSession
 from engine.compression.sweep import sweep_id
 from engine.compression.units import count_parameters
 from engine.errors import RankScopeError
@@ -30,8 +32,8 @@ from engine.search.baselines import greedy_ratios, lord_ratios, uniform_ratios
 from engine.search.records import StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord
 from engine.search.settings import StudySettings
 from engine.search.subset import choose_subset, objective
+from engine.texts.settings import TextSettings
 from engine.texts.windows import Windowing
-from engine.workspace import load_windows
 
 
 # what the optimiser is told for a plan whose perplexity overflowed (a GP cannot fit infinities)
@@ -67,6 +69,23 @@ def create_study(storage: StudyStorage, session: CompressionSession, settings: S
     return record
 
 
+# settings that determine which validation windows are chosen
+_SUBSET_KEYS = ("model", "method", "grouping", "search_v", "budget", "seed", "max_ratio", "subset", "subset_size",
+                "subset_candidates", "subset_probe_plans", "texts")
+
+
+def _subset_defining(settings: StudySettings) -> dict:
+    data = settings.to_dict()
+    return {k: data[k] for k in _SUBSET_KEYS}
+
+
+def validation_windowing(texts: TextSettings, settings: StudySettings) -> Windowing:
+    """A study's candidate validation windows: `subset_candidates` windows of the evaluation text right after the
+    evaluation windows, so the search never sees the windows its best plan is finally measured on."""
+    evaluation = texts.evaluation_windowing
+    return Windowing(evaluation.window_len, settings.subset_candidates, start_window=evaluation.n_windows or 0)
+
+
 @dataclass
 class StudyRun:
     """Live state a front end can read while a study runs."""
@@ -97,14 +116,23 @@ class StudyRunner:
         self.stop_event = stop_event or threading.Event()
 
     # -- pieces ------------------------------------------------------------------------------------------
+    @property
+    def validation_windowing(self) -> Windowing:
+        """The study's candidate validation windows (see `validation_windowing`)."""
+        return validation_windowing(self.session.texts, self.settings)
+
+    def validation_reference(self):
+        """The candidate windows `[n, L]` and the original model's distribution on them (stored on first use)."""
+        texts, windowing = self.session.texts, self.validation_windowing
+        windows = ensure_windows(self.session.store, self.session.loaded, texts.evaluation_text, windowing)
+        _, reference = ensure_reference(self.session.store, self.session.loaded, texts.evaluation_text, windowing,
+                                        progress=self.progress)
+        return windows, reference
+
     def _validation(self):
         """Candidate windows (after the evaluation windows), their reference, and the chosen subset."""
-        s, texts = self.settings, self.session.texts
-        windowing = Windowing(texts.evaluation_windowing.window_len, s.subset_candidates,
-                              start_window=texts.evaluation_windowing.n_windows or 0)
-        _, windows = load_windows(self.session.store, self.session.loaded, texts.evaluation_text, windowing)
-        _, reference = ensure_reference(self.session.store, self.session.loaded, texts.evaluation_text, windowing,
-                                        windows, progress=self.progress)
+        s, texts, windowing = self.settings, self.session.texts, self.validation_windowing
+        windows, reference = self.validation_reference()
         validation = self.record.validation or self._reusable_validation()
         if validation is not None and self.record.validation is None:
             self.storage.set_validation(self.record.study_id, validation)
@@ -122,18 +150,19 @@ class StudyRunner:
             self.storage.set_validation(self.record.study_id, validation)
         return windows, reference, validation["windows"]
 
-    # settings that determine which validation windows are chosen
-    _SUBSET_KEYS = ("model", "method", "grouping", "search_v", "budget", "seed", "max_ratio", "subset", "subset_size",
-                    "subset_candidates", "subset_probe_plans", "texts")
-
     def _reusable_validation(self) -> Optional[dict]:
         """The subset an earlier study with the same subset-defining settings chose (it would choose the same)."""
-        mine = {k: self.record.settings.get(k) for k in self._SUBSET_KEYS}
+        mine = _subset_defining(self.settings)
         for other in self.storage.list_studies():
             if other.study_id == self.record.study_id or other.validation is None:
                 continue
-            if other.model_fingerprint == self.record.model_fingerprint and \
-                    {k: other.settings.get(k) for k in self._SUBSET_KEYS} == mine:
+            if other.model_fingerprint != self.record.model_fingerprint:
+                continue
+            try:
+                theirs = StudySettings.from_dict(other.settings)
+            except RankScopeError:  # settings this version cannot read: not comparable
+                continue
+            if _subset_defining(theirs) == mine:
                 return {**other.validation, "reused_from": other.study_id}
         return None
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from engine.compression.grouping import MAX_RATIO, Grouping
 from engine.errors import RankScopeError
 from engine.methods.base import METHODS
+from engine.texts.settings import TextSettings
 
-SETTINGS_VERSION = 1
+# 2: `texts` is a versioned TextSettings (1 wrote RankScope 0.1.0's flat dict, still read)
+SETTINGS_VERSION = 2
 OBJECTIVE_KL = ("reverse", "forward")
 SUBSETS = ("sensitive", "random", "all")
 ATTENTION_GROUPS = ("qk", "q", "k", "v", "o", "q+k")
@@ -35,10 +37,13 @@ class StudySettings:
     subset_candidates: int = 24  # windows after the evaluation windows
     subset_probe_plans: int = 6
     warm_start: Optional[dict] = None  # group -> ratio
-    texts: dict = field(default_factory=dict)  # TextSettings overrides
+    texts: TextSettings = field(default_factory=TextSettings)
     version: int = SETTINGS_VERSION
 
     def __post_init__(self):
+        if not isinstance(self.texts, TextSettings):
+            raise RankScopeError(f"Study texts must be TextSettings, got {type(self.texts).__name__} "
+                                 "(StudySettings.from_dict reads their JSON form).")
         if self.method not in METHODS:
             raise RankScopeError(f"Unknown method '{self.method}'. Methods: {', '.join(METHODS)}.")
         self.parsed_grouping()  # raises for an unknown grouping
@@ -64,7 +69,8 @@ class StudySettings:
         return Grouping.parse(self.grouping, self.search_v)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {**data, "texts": self.texts.to_dict(), "version": SETTINGS_VERSION}
 
     @classmethod
     def from_dict(cls, data: dict) -> "StudySettings":
@@ -76,7 +82,8 @@ class StudySettings:
         unknown = set(data) - known
         if unknown:
             raise RankScopeError(f"Unknown study setting(s): {', '.join(sorted(unknown))}.")
-        return cls(**data)
+        values = {**data, "texts": TextSettings.from_dict(data.get("texts")), "version": SETTINGS_VERSION}
+        return cls(**values)
 
     def length_scale(self, group: str) -> float:
         """Bolaco's per-dimension Matern length scale: attention groups 1.0, MLP groups 0.8 by default."""

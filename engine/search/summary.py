@@ -1,14 +1,19 @@
-"""Reading studies back: warm-start ratios from a plan or study, summaries, and the best plan."""
+"""Reading studies back: warm-start ratios from a plan or study, summaries, and a trial as a plan."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 from engine.compression.grouping import Grouping
 from engine.compression.plan import RankPlan
 from engine.compression.units import ModelShapes
 from engine.errors import RankScopeError
+from engine.progress import ProgressCallback
 from engine.search.records import StudyStorage, TrialKind, TrialRecord
+from engine.search.settings import StudySettings
+
+if TYPE_CHECKING:
+    from engine.compression.session import CompressionSession
 
 
 def ratios_from_ranks(shapes: ModelShapes, method: str, grouping: Grouping, ranks: dict) -> dict[str, float]:
@@ -62,3 +67,36 @@ def study_summary(storage: StudyStorage, study_id: str) -> dict:
         "full_text": storage.results(study_id),
         "mean_trial_seconds": sum(t.seconds for t in searched) / len(searched) if searched else None,
     }
+
+
+def trial_plan_grouping(settings: Mapping, trial: TrialRecord) -> dict:
+    """The `grouping` section of a plan made from a trial: the study's grouping, the trial's values, the budget."""
+    grouping = Grouping.parse(settings["grouping"], settings.get("search_v", False))
+    return {**grouping.to_dict(), "values": dict(trial.projected), "budget": settings["budget"]}
+
+
+def trial_plan(storage: StudyStorage, study_id: str, open_session: Callable[[StudySettings], "CompressionSession"],
+               number: Optional[int] = None, progress: Optional[ProgressCallback] = None
+               ) -> tuple[TrialRecord, RankPlan]:
+    """A study's best trial (or trial `number`) and its rank plan, with metrics on the full evaluation text.
+
+    The study's own re-measurement is used when it has one for that trial; otherwise (a study still
+    running, stopped early, or another trial) the plan is evaluated now. `open_session(settings)`
+    opens the session of the study's model, method and texts; it is called only once the study and
+    the trial are known to exist.
+    """
+    record = storage.get_study(study_id)
+    if record is None:
+        raise RankScopeError(f"No study with id '{study_id}'. `rankscope search status` lists the studies.")
+    settings = StudySettings.from_dict(record.settings)
+    chosen = best_trial(storage, study_id) if number is None else \
+        next((t for t in storage.trials(study_id) if t.number == number), None)
+    if chosen is None:
+        raise RankScopeError(f"Study '{study_id}' has no trial {'yet' if number is None else number}.")
+    session = open_session(settings)
+    full = storage.results(study_id).get("best")
+    metrics = full if full and full.get("trial") == chosen.number else \
+        session.evaluate_ranks(chosen.ranks, progress).to_dict()
+    plan = session.plan(chosen.ranks, grouping=trial_plan_grouping(record.settings, chosen), seed=settings.seed,
+                        study_id=study_id)
+    return chosen, plan.with_metrics({k: metrics[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")})

@@ -1,6 +1,6 @@
 """Large arrays (covariances, factors) as safetensors files next to the database, indexed in DuckDB.
 
-`save_arrays` writes a file under `cache/arrays/<kind>/` and records it in the store only after the
+`save_arrays` writes a file under `arrays/<kind>/` beside the store's database (`Store.cache_dir`) and records it in the store only after the
 file is complete; `load_arrays` returns None (a cache miss) when the index entry or the file is
 missing or the file does not match its recorded hash, so a half-deleted cache costs only time.
 """
@@ -16,7 +16,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from engine.hashing import sha256_file
-from engine.paths import cache_root
 from engine.store.duckdb_store import Store
 
 
@@ -25,7 +24,7 @@ def save_arrays(
 ) -> Path:
     """Write `tensors` as `arrays/<kind>/<array_id>.safetensors` and index it. Returns the path."""
     relpath = Path("arrays") / kind / f"{array_id}.safetensors"
-    path = cache_root() / relpath
+    path = store.cache_dir / relpath
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial), metadata=metadata)
@@ -47,7 +46,7 @@ def load_arrays_with_metadata(
     entry = store.array_entry(array_id)
     if entry is None:
         return None
-    path = cache_root() / entry["relpath"]
+    path = store.cache_dir / entry["relpath"]
     if not path.is_file() or path.stat().st_size != entry["n_bytes"]:
         store.forget_array(array_id)
         return None

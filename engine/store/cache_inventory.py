@@ -4,8 +4,7 @@ Read-only summaries for front ends (the app's "what is cached" tables, and the S
 which reopens instantly because it finds a sweep's points without loading any factors). Every
 answer is one DuckDB query: no torch, no array files read. Text names come from the `texts` table
 (the name a text had when it was first read); a text never read by a recorded step shows as the
-first 12 characters of its fingerprint. Like `study_storage`, this module reads through the store's
-serialised connection helpers.
+first 12 characters of its fingerprint. It reads through the store's public query API.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ def _text_name(column: str) -> str:
 
 
 def _rows(store: Store, sql: str, params: list, keys: tuple[str, ...]) -> list[dict]:
-    return [dict(zip(keys, row)) for row in store._fetchall(sql, params)]
+    return [dict(zip(keys, row)) for row in store.fetch_all(sql, params)]
 
 
 def cached_calibrations(store: Store, model_fingerprint: str) -> list[dict]:
@@ -83,7 +82,7 @@ def find_sweep(
     Matches on the stored factorisation's calibration and the reference distribution's evaluation
     set, so it finds exactly the sweep a `CompressionSession` with the same settings would extend.
     """
-    row = store._fetchone(
+    row = store.fetch_one(
         "SELECT s.sweep_id, r.perplexity FROM sweeps s "
         "JOIN factorizations f ON f.factorization_id = s.factorization_id "
         "JOIN reference_distributions r ON r.reference_id = s.reference_id "

@@ -3,97 +3,27 @@
 `open_store()` returns the process-wide `Store` for a database path, migrating it to the current
 schema on first open. A database written by a newer RankScope, or one DuckDB cannot read, is
 refused with a `StoreError` that names the file and what to do; nothing is deleted automatically.
-Large arrays are not kept in DuckDB: see `engine.store.arrays`.
+Large arrays are not kept in DuckDB: see `engine.store.arrays`; they live under the database's own
+folder (`Store.cache_dir`). The records the store reads and writes are defined in `engine.records`;
+other modules reach the database only through the public methods here (`fetch_all`, `fetch_one`,
+`execute` for SQL of their own tables, `get_record`/`put_record`/`forget_record` for records).
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, TypeVar
 
 import duckdb
 
 from engine.errors import StoreError
+from engine.records import RECORD_TABLES, SensitivityPoint, SpectrumRow
 from engine.store.schema import MIGRATIONS, SCHEMA_VERSION
 
-
-@dataclass(frozen=True)
-class CalibrationRecord:
-    calibration_id: str
-    model_fingerprint: str
-    text_fingerprint: str
-    window_len: int
-    n_windows: int
-    n_groups: int
-    add_bos: bool
-    n_tokens: int
-    array_id: str
-    seconds: float
-
-
-@dataclass(frozen=True)
-class EvaluationRecord:
-    evaluation_id: str
-    model_fingerprint: str
-    text_fingerprint: str
-    window_len: int
-    n_windows: int
-    add_bos: bool
-    perplexity: float
-    mean_nll: float
-    n_tokens: int
-    window_nll: list[float]
-    seconds: float
-
-
-@dataclass(frozen=True)
-class FactorizationRecord:
-    factorization_id: str
-    model_fingerprint: str
-    method: str
-    calibration_id: str
-    array_id: str
-    seconds: float
-
-
-@dataclass(frozen=True)
-class ReferenceRecord:
-    reference_id: str
-    model_fingerprint: str
-    text_fingerprint: str
-    window_len: int
-    n_windows: int
-    top_k: int
-    array_id: str
-    perplexity: float
-    seconds: float
-
-
-@dataclass(frozen=True)
-class SensitivityPoint:
-    sweep_id: str
-    linear_type: str
-    layer: int  # -1: every layer
-    ratio: float
-    decoder_params: int
-    perplexity: float
-    kl_forward: float
-    kl_reverse: float
-    seconds: float
-
-
-@dataclass(frozen=True)
-class SpectrumRow:
-    """Spectrum of one decoder linear: singular values of W, or eigenvalues of W·C·Wᵀ (descending)."""
-
-    layer: int
-    linear_type: str
-    d_out: int
-    d_in: int
-    values: list[float]
+R = TypeVar("R")
 
 
 # Rows come back in the canonical order q, k, v, o, gate, up, down (as `adapter.linears()` yields
@@ -164,40 +94,62 @@ class Store:
             self._conn.close()
         _forget(self)
 
-    # -- generic helpers ------------------------------------------------------------------------
-    def _execute(self, sql: str, params: Iterable[Any] = ()) -> duckdb.DuckDBPyConnection:
-        with self._lock:
-            return self._conn.execute(sql, list(params))
+    @property
+    def cache_dir(self) -> Path:
+        """The folder of the database: array files and other cached files live below it."""
+        return self.path.parent
 
-    def _fetchone(self, sql: str, params: Iterable[Any] = ()) -> Optional[tuple]:
+    # -- public query API --------------------------------------------------------------------------
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> None:
+        """Run one statement (serialised with every other call on this store)."""
+        with self._lock:
+            self._conn.execute(sql, list(params))
+
+    def fetch_one(self, sql: str, params: Iterable[Any] = ()) -> Optional[tuple]:
         with self._lock:
             return self._conn.execute(sql, list(params)).fetchone()
 
-    def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+    def fetch_all(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         with self._lock:
             return self._conn.execute(sql, list(params)).fetchall()
 
+    # -- records (engine.records): one table each, keyed by the record's first field ---------------
     def _upsert(self, table: str, record: Any) -> None:
         values = asdict(record)
-        names = ", ".join(values)
-        marks = ", ".join("?" for _ in values)
-        self._execute(f"INSERT OR REPLACE INTO {table} ({names}) VALUES ({marks})", values.values())
+        names, marks = ", ".join(values), ", ".join("?" for _ in values)
+        self.execute(f"INSERT OR REPLACE INTO {table} ({names}) VALUES ({marks})", values.values())
 
-    def _get(self, table: str, record_type: type, key: str, value: Any):
+    def put_record(self, record: Any) -> None:
+        self._upsert(RECORD_TABLES[type(record)], record)
+
+    def get_record(self, record_type: type[R], record_id: str) -> Optional[R]:
         names = [f.name for f in fields(record_type)]
-        row = self._fetchone(f"SELECT {', '.join(names)} FROM {table} WHERE {key} = ?", [value])
+        row = self.fetch_one(f"SELECT {', '.join(names)} FROM {RECORD_TABLES[record_type]} WHERE {names[0]} = ?",
+                             [record_id])
         return None if row is None else record_type(*row)
+
+    def forget_record(self, record_type: type, record_id: str) -> None:
+        key = fields(record_type)[0].name
+        self.execute(f"DELETE FROM {RECORD_TABLES[record_type]} WHERE {key} = ?", [record_id])
+
+    def records(self, record_type: type[R], model_fingerprint: Optional[str] = None) -> list[R]:
+        """Every stored record of a type, oldest first (optionally of one model)."""
+        names = ", ".join(f.name for f in fields(record_type))
+        sql, params = f"SELECT {names} FROM {RECORD_TABLES[record_type]}", []
+        if model_fingerprint is not None:
+            sql, params = sql + " WHERE model_fingerprint = ?", [model_fingerprint]
+        return [record_type(*row) for row in self.fetch_all(sql + " ORDER BY created_at", params)]
 
     # -- file hash memo -------------------------------------------------------------------------
     def cached_file_hash(self, path: Path, size: int, mtime_ns: int) -> Optional[str]:
-        row = self._fetchone(
+        row = self.fetch_one(
             "SELECT sha256 FROM file_hashes WHERE path = ? AND size = ? AND mtime_ns = ?",
             [str(path), size, mtime_ns],
         )
         return row[0] if row else None
 
     def remember_file_hash(self, path: Path, size: int, mtime_ns: int, sha256: str) -> None:
-        self._execute(
+        self.execute(
             "INSERT OR REPLACE INTO file_hashes VALUES (?, ?, ?, ?)", [str(path), size, mtime_ns, sha256]
         )
 
@@ -205,57 +157,38 @@ class Store:
     def record_model(
         self, fingerprint: str, model_id: str, model_type: str, path: str, n_layers: int, config: dict
     ) -> None:
-        self._execute(
+        self.execute(
             "INSERT OR REPLACE INTO models (fingerprint, model_id, model_type, path, n_layers, config_json) "
             "VALUES (?, ?, ?, ?, ?, ?)",
             [fingerprint, model_id, model_type, path, n_layers, json.dumps(config, sort_keys=True, default=str)],
         )
 
     def models(self) -> list[dict]:
-        rows = self._fetchall(
+        rows = self.fetch_all(
             "SELECT fingerprint, model_id, model_type, path, n_layers, created_at FROM models ORDER BY created_at"
         )
         keys = ("fingerprint", "model_id", "model_type", "path", "n_layers", "created_at")
         return [dict(zip(keys, row)) for row in rows]
 
     def record_text(self, fingerprint: str, name: str, source: str, n_chars: int) -> None:
-        self._execute(
+        self.execute(
             "INSERT OR REPLACE INTO texts (fingerprint, name, source, n_chars) VALUES (?, ?, ?, ?)",
             [fingerprint, name, source, n_chars],
         )
 
     # -- arrays index -------------------------------------------------------------------------------
     def record_array(self, array_id: str, kind: str, relpath: str, n_bytes: int, sha256: str) -> None:
-        self._execute(
+        self.execute(
             "INSERT OR REPLACE INTO arrays (array_id, kind, relpath, n_bytes, sha256) VALUES (?, ?, ?, ?, ?)",
             [array_id, kind, relpath, n_bytes, sha256],
         )
 
     def array_entry(self, array_id: str) -> Optional[dict]:
-        row = self._fetchone("SELECT kind, relpath, n_bytes, sha256 FROM arrays WHERE array_id = ?", [array_id])
+        row = self.fetch_one("SELECT kind, relpath, n_bytes, sha256 FROM arrays WHERE array_id = ?", [array_id])
         return None if row is None else dict(zip(("kind", "relpath", "n_bytes", "sha256"), row))
 
     def forget_array(self, array_id: str) -> None:
-        self._execute("DELETE FROM arrays WHERE array_id = ?", [array_id])
-
-    # -- calibrations ---------------------------------------------------------------------------------
-    def put_calibration(self, record: CalibrationRecord) -> None:
-        self._upsert("calibrations", record)
-
-    def get_calibration(self, calibration_id: str) -> Optional[CalibrationRecord]:
-        return self._get("calibrations", CalibrationRecord, "calibration_id", calibration_id)
-
-    def forget_calibration(self, calibration_id: str) -> None:
-        self._execute("DELETE FROM calibrations WHERE calibration_id = ?", [calibration_id])
-
-    def calibrations(self, model_fingerprint: Optional[str] = None) -> list[CalibrationRecord]:
-        names = ", ".join(f.name for f in fields(CalibrationRecord))
-        sql = f"SELECT {names} FROM calibrations"
-        params: list[Any] = []
-        if model_fingerprint is not None:
-            sql += " WHERE model_fingerprint = ?"
-            params.append(model_fingerprint)
-        return [CalibrationRecord(*row) for row in self._fetchall(sql + " ORDER BY created_at", params)]
+        self.execute("DELETE FROM arrays WHERE array_id = ?", [array_id])
 
     # -- spectra ----------------------------------------------------------------------------------------
     def put_weight_spectra(self, model_fingerprint: str, rows: list[SpectrumRow]) -> None:
@@ -269,7 +202,7 @@ class Store:
             self._conn.execute("COMMIT")
 
     def get_weight_spectra(self, model_fingerprint: str) -> list[SpectrumRow]:
-        rows = self._fetchall(
+        rows = self.fetch_all(
             "SELECT layer, linear_type, d_out, d_in, singular_values FROM weight_spectra "
             f"WHERE model_fingerprint = ? ORDER BY layer, {_CANONICAL_TYPE_ORDER}",
             [model_fingerprint],
@@ -290,43 +223,17 @@ class Store:
             self._conn.execute("COMMIT")
 
     def get_feature_spectra(self, calibration_id: str, covariance: str) -> list[SpectrumRow]:
-        rows = self._fetchall(
+        rows = self.fetch_all(
             "SELECT layer, linear_type, d_out, d_in, eigenvalues FROM feature_spectra "
             f"WHERE calibration_id = ? AND covariance = ? ORDER BY layer, {_CANONICAL_TYPE_ORDER}",
             [calibration_id, covariance],
         )
         return [SpectrumRow(*row) for row in rows]
 
-    # -- evaluations --------------------------------------------------------------------------------------
-    def put_evaluation(self, record: EvaluationRecord) -> None:
-        self._upsert("evaluations", record)
-
-    def get_evaluation(self, evaluation_id: str) -> Optional[EvaluationRecord]:
-        return self._get("evaluations", EvaluationRecord, "evaluation_id", evaluation_id)
-
-    # -- factorisations and reference distributions ----------------------------------------------------
-    def put_factorization(self, record: FactorizationRecord) -> None:
-        self._upsert("factorizations", record)
-
-    def get_factorization(self, factorization_id: str) -> Optional[FactorizationRecord]:
-        return self._get("factorizations", FactorizationRecord, "factorization_id", factorization_id)
-
-    def forget_factorization(self, factorization_id: str) -> None:
-        self._execute("DELETE FROM factorizations WHERE factorization_id = ?", [factorization_id])
-
-    def put_reference(self, record: ReferenceRecord) -> None:
-        self._upsert("reference_distributions", record)
-
-    def get_reference(self, reference_id: str) -> Optional[ReferenceRecord]:
-        return self._get("reference_distributions", ReferenceRecord, "reference_id", reference_id)
-
-    def forget_reference(self, reference_id: str) -> None:
-        self._execute("DELETE FROM reference_distributions WHERE reference_id = ?", [reference_id])
-
     # -- sensitivity sweeps --------------------------------------------------------------------------------
     def register_sweep(self, sweep_id: str, model_fingerprint: str, method: str, factorization_id: str,
                        reference_id: str, settings: dict) -> None:
-        self._execute(
+        self.execute(
             "INSERT OR IGNORE INTO sweeps (sweep_id, model_fingerprint, method, factorization_id, reference_id, "
             "settings_json) VALUES (?, ?, ?, ?, ?, ?)",
             [sweep_id, model_fingerprint, method, factorization_id, reference_id, json.dumps(settings, sort_keys=True)],
@@ -337,7 +244,7 @@ class Store:
 
     def sensitivity_points(self, sweep_id: str) -> list[SensitivityPoint]:
         names = ", ".join(f.name for f in fields(SensitivityPoint))
-        rows = self._fetchall(
+        rows = self.fetch_all(
             f"SELECT {names} FROM sensitivity_points WHERE sweep_id = ? ORDER BY linear_type, layer, ratio", [sweep_id]
         )
         return [SensitivityPoint(*row) for row in rows]
@@ -345,7 +252,7 @@ class Store:
     # -- exports ----------------------------------------------------------------------------------------------
     def record_export(self, export_id: str, model_fingerprint: str, path: str, report: dict) -> None:
         """Index an export directory (the directory itself lives outside the cache)."""
-        self._execute(
+        self.execute(
             "INSERT OR REPLACE INTO exports (export_id, model_fingerprint, path, report_json) VALUES (?, ?, ?, ?)",
             [export_id, model_fingerprint, path, json.dumps(report, sort_keys=True, default=str)],
         )
@@ -356,7 +263,7 @@ class Store:
         if model_fingerprint is not None:
             sql += " WHERE model_fingerprint = ?"
             params.append(model_fingerprint)
-        rows = self._fetchall(sql + " ORDER BY created_at", params)
+        rows = self.fetch_all(sql + " ORDER BY created_at", params)
         return [{"export_id": r[0], "model_fingerprint": r[1], "path": r[2], "report": json.loads(r[3]),
                  "created_at": r[4]} for r in rows]
 

@@ -170,7 +170,7 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
 
 
-def count_parameters(model: nn.Module) -> int:
+def count_module_parameters(model: nn.Module) -> int:
     """Parameters of a model, each shared Parameter (tied embedding, shared A) counted once."""
     return sum(p.numel() for p in model.parameters())
 

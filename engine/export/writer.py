@@ -1,7 +1,7 @@
 """Export a compressed model as a Hugging Face directory that reloads anywhere, and prove it (DESIGN.md §12).
 
 `export_compressed(session, plan, out_dir)` applies the plan to the session's model in place, writes
-the directory described in `engine.export_format` (config.json with a `rankscope_compression`
+the directory described in `engine.export.format` (config.json with a `rankscope_compression`
 section, model.safetensors with the factors, tokenizer files, rank_plan.json, the generated
 modeling_rankscope.py and a README.md model card) into a temporary sibling folder, and then proves
 it before anything appears at `out_dir`: it reloads the folder through `load_compressed` and through
@@ -29,7 +29,7 @@ from torch import nn
 from engine.compression.lowrank import compress_, restore_
 from engine.compression.plan import RankPlan
 from engine.compression.session import CompressionSession
-from engine.export_format import (
+from engine.export.format import (
     CARD_FILE,
     CONFIG_FILE,
     PLAN_FILE,
@@ -38,15 +38,15 @@ from engine.export_format import (
     WEIGHTS_FILE,
     CompressionConfig,
     ExportError,
-    count_parameters,
+    count_module_parameters,
     describe_source,
     load_compressed,
     original_weights_bytes,
     unique_state_dict,
     write_safetensors,
 )
-from engine.export_modeling import MODELING_FILE, auto_map, modeling_source, remote_class_name
-from engine.export_report import (
+from engine.export.modeling import MODELING_FILE, auto_map, modeling_source, remote_class_name
+from engine.export.report import (
     DEFAULT_NEW_TOKENS,
     DEFAULT_PROMPT,
     Check,
@@ -59,9 +59,6 @@ from engine.hashing import sha256_json
 from engine.methods import get_method
 from engine.metrics import QualityResult, evaluate_quality
 from engine.progress import ProgressCallback, ProgressTracker
-
-__all__ = ["export_compressed", "load_compressed", "ExportError", "ExportReport", "generate_side_by_side",
-           "measure_generation_speed"]
 
 LOGITS_TOLERANCE = 1e-4  # float32 max abs difference between reloaded and in-memory logits
 PERPLEXITY_RTOL = 1e-4  # relative difference of re-evaluated perplexity
@@ -129,7 +126,7 @@ def export_compressed(
             original_weights_bytes=original_weights_bytes(session.loaded.path),
             parameters={**plan.parameters, "expected_from_plan": _planned_count(plan, storage),
                         "added_bias": written.added_bias, "weights_file_elements": written.weights_elements,
-                        "reloaded": count_parameters(verified.model), "reloaded_transformers": verified.transformers_count},
+                        "reloaded": count_module_parameters(verified.model), "reloaded_transformers": verified.transformers_count},
             quality={"original": session.original_quality(), "compressed": written.quality.to_dict(),
                      "reloaded": verified.quality.to_dict()},
             evaluation=_evaluation_context(session),
@@ -311,11 +308,11 @@ def _verify(session, plan, staging, written: _Written, check_ids, storage, progr
                            for ids, expected in zip(check_ids, written.check_logits))
         checks.append(Check(f"logits via {label}", diffs[label] < LOGITS_TOLERANCE,
                             f"max abs diff {diffs[label]:.2e} on {len(check_ids)} window(s) (limit {LOGITS_TOLERANCE:g})"))
-        count = count_parameters(model)
+        count = count_module_parameters(model)
         checks.append(Check(f"parameters via {label}", count == expected_count,
                             f"{count:,} reloaded, {expected_count:,} expected (plan's {storage} count + "
                             f"{written.added_bias:,} added bias)"))
-    transformers_count = count_parameters(through_transformers)
+    transformers_count = count_module_parameters(through_transformers)
     del through_transformers
     quality = evaluate_quality(reloaded, session.windows, session.reference, progress)
     rel = abs(quality.perplexity - written.quality.perplexity) / written.quality.perplexity

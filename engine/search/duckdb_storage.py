@@ -1,4 +1,8 @@
-"""`StudyStorage` on the DuckDB store: studies, immutable trials and re-measured results."""
+"""`StudyStorage` on the DuckDB store: studies, immutable trials and re-measured results.
+
+It lives beside its contract (`engine.search.records`) and reaches the database only through the
+store's public query API, so `engine.store` knows nothing of searches.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ class DuckDBStudyStorage:
 
     def create_study(self, record: StudyRecord) -> None:
         try:
-            self.store._execute(
+            self.store.execute(
                 "INSERT INTO studies (study_id, name, model_fingerprint, settings_json, state, validation_json, message) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [record.study_id, record.name, record.model_fingerprint, json.dumps(record.settings, sort_keys=True),
@@ -31,36 +35,36 @@ class DuckDBStudyStorage:
             raise StudyExistsError(f"A study with id '{record.study_id}' already exists.") from exc
 
     def get_study(self, study_id: str) -> Optional[StudyRecord]:
-        row = self.store._fetchone(
+        row = self.store.fetch_one(
             "SELECT study_id, name, model_fingerprint, settings_json, state, validation_json, message FROM studies "
             "WHERE study_id = ?", [study_id])
         return None if row is None else _study(row)
 
     def list_studies(self) -> list[StudyRecord]:
-        rows = self.store._fetchall(
+        rows = self.store.fetch_all(
             "SELECT study_id, name, model_fingerprint, settings_json, state, validation_json, message FROM studies "
             "ORDER BY created_at")
         return [_study(row) for row in rows]
 
     def _known(self, study_id: str) -> None:
         """Writes name an existing study: nothing is updated or inserted for a mistyped id."""
-        if self.store._fetchone("SELECT 1 FROM studies WHERE study_id = ?", [study_id]) is None:
+        if self.store.fetch_one("SELECT 1 FROM studies WHERE study_id = ?", [study_id]) is None:
             raise unknown_study(study_id)
 
     def set_state(self, study_id: str, state: StudyState, message: Optional[str] = None) -> None:
         self._known(study_id)
-        self.store._execute("UPDATE studies SET state = ?, message = ?, updated_at = current_timestamp WHERE study_id = ?",
+        self.store.execute("UPDATE studies SET state = ?, message = ?, updated_at = current_timestamp WHERE study_id = ?",
                             [state.value, message, study_id])
 
     def set_validation(self, study_id: str, validation: dict) -> None:
         self._known(study_id)
-        self.store._execute("UPDATE studies SET validation_json = ?, updated_at = current_timestamp WHERE study_id = ?",
+        self.store.execute("UPDATE studies SET validation_json = ?, updated_at = current_timestamp WHERE study_id = ?",
                             [_dump(validation), study_id])
 
     def add_trial(self, trial: TrialRecord) -> None:
         self._known(trial.study_id)
         try:
-            self.store._execute(
+            self.store.execute(
                 "INSERT INTO trials (study_id, number, kind, label, trial_json, objective, perplexity, kl_forward, "
                 "kl_reverse, decoder_params, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [trial.study_id, trial.number, trial.kind.value, trial.label, json.dumps(trial.to_json_dict()),
@@ -71,7 +75,7 @@ class DuckDBStudyStorage:
             raise TrialExistsError(f"Trial {trial.number} of study '{trial.study_id}' is already stored.") from exc
 
     def trials(self, study_id: str) -> list[TrialRecord]:
-        rows = self.store._fetchall(
+        rows = self.store.fetch_all(
             "SELECT study_id, number, kind, label, trial_json, objective, perplexity, kl_forward, kl_reverse, "
             "decoder_params, seconds FROM trials WHERE study_id = ? ORDER BY number", [study_id])
         trials = []
@@ -84,11 +88,11 @@ class DuckDBStudyStorage:
 
     def put_result(self, study_id: str, label: str, result: dict) -> None:
         self._known(study_id)
-        self.store._execute("INSERT OR REPLACE INTO study_results (study_id, label, result_json) VALUES (?, ?, ?)",
+        self.store.execute("INSERT OR REPLACE INTO study_results (study_id, label, result_json) VALUES (?, ?, ?)",
                             [study_id, label, json.dumps(result, sort_keys=True)])
 
     def results(self, study_id: str) -> dict[str, dict]:
-        rows = self.store._fetchall("SELECT label, result_json FROM study_results WHERE study_id = ?", [study_id])
+        rows = self.store.fetch_all("SELECT label, result_json FROM study_results WHERE study_id = ?", [study_id])
         return {label: json.loads(payload) for label, payload in rows}
 
 

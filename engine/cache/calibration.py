@@ -1,0 +1,56 @@
+"""Calibration statistics of a model over a text, from the cache or computed and stored."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from engine.cache.artifacts import Computed, get_or_compute
+from engine.cache.keys import calibration_key
+from engine.cache.windows import ensure_windows
+from engine.calibration import CalibrationStatistics, collect_statistics
+from engine.models.loading import LoadedModel
+from engine.progress import ProgressCallback
+from engine.records import CalibrationRecord
+from engine.store.duckdb_store import Store
+from engine.texts.corpus import text_fingerprint
+from engine.texts.settings import DEFAULT_CALIBRATION_WINDOWING, DEFAULT_GROUPS
+from engine.texts.windows import Windowing, tokenizer_adds_bos
+
+
+@dataclass(frozen=True)
+class Calibration:
+    record: CalibrationRecord
+    statistics: CalibrationStatistics
+    from_cache: bool
+
+
+def ensure_calibration(
+    store: Store,
+    loaded: LoadedModel,
+    text_source: str,
+    windowing: Windowing = DEFAULT_CALIBRATION_WINDOWING,
+    n_groups: int = DEFAULT_GROUPS,
+    progress: Optional[ProgressCallback] = None,
+) -> Calibration:
+    """Calibration statistics of `loaded` over `text_source`, from the cache or computed and stored."""
+    text_fp = text_fingerprint(text_source)
+    key = calibration_key(loaded.fingerprint, text_fp, windowing, n_groups)
+
+    def compute() -> Computed:
+        windows = ensure_windows(store, loaded, text_source, windowing)
+        start = time.perf_counter()
+        statistics = collect_statistics(loaded.model, loaded.adapter, windows, n_groups, progress)
+        record = CalibrationRecord(
+            calibration_id=key, model_fingerprint=loaded.fingerprint, text_fingerprint=text_fp,
+            window_len=windowing.window_len, n_windows=windows.shape[0], n_groups=n_groups,
+            add_bos=tokenizer_adds_bos(loaded.tokenizer), n_tokens=windows.numel(), array_id=key,
+            seconds=time.perf_counter() - start,
+        )
+        return Computed(statistics, record, statistics.to_tensors(), {"model": loaded.model_id, "text": text_source})
+
+    cached = get_or_compute(store, "calibration", key, compute,
+                            lambda record, tensors, _m: CalibrationStatistics.from_tensors(tensors, record.n_groups),
+                            record_type=CalibrationRecord)
+    return Calibration(cached.record, cached.value, cached.from_cache)

@@ -1,0 +1,52 @@
+"""The keys of cached artifacts and of app requests, in one place and without torch.
+
+A key hashes everything the artifact depends on: the model fingerprint (weights and tokenizer,
+hence BOS handling), the text fingerprint, the windowing and, where they apply, the method, the
+calibration and a definition version. Bump a version when the definition of what it keys changes,
+so old values are never mixed with new ones. The key formulas are those of RankScope 0.1.0, so a
+cache written by it is still found (tests/test_release_cache.py).
+"""
+
+from __future__ import annotations
+
+from engine.hashing import sha256_json
+from engine.texts.windows import Windowing
+
+STATISTICS_VERSION = 1  # definition of a stored calibration statistic
+FACTORIZATION_VERSION = 1  # definition of a stored factorisation
+KEY_LENGTH = 32
+
+
+def digest(*parts) -> str:
+    """A short stable hash of plain values (settings, request parts): 16 hex characters."""
+    return sha256_json([repr(part) for part in parts])[:16]
+
+
+def windows_key(model_fingerprint: str, text_fp: str, windowing: Windowing) -> str:
+    return sha256_json(["windows", model_fingerprint, text_fp, *windowing.key()])[:KEY_LENGTH]
+
+
+def calibration_key(model_fingerprint: str, text_fp: str, windowing: Windowing, n_groups: int) -> str:
+    return sha256_json(
+        ["calibration", STATISTICS_VERSION, model_fingerprint, text_fp, *windowing.key(), n_groups]
+    )[:KEY_LENGTH]
+
+
+def evaluation_key(model_fingerprint: str, text_fp: str, windowing: Windowing) -> str:
+    return sha256_json(["evaluation", model_fingerprint, text_fp, *windowing.key()])[:KEY_LENGTH]
+
+
+def factorization_key(model_fingerprint: str, method: str, calibration_id: str) -> str:
+    """`calibration_id` is '' for data-free methods."""
+    return sha256_json(
+        ["factorization", FACTORIZATION_VERSION, STATISTICS_VERSION, model_fingerprint, method, calibration_id]
+    )[:KEY_LENGTH]
+
+
+def reference_key(model_fingerprint: str, text_fp: str, windowing: Windowing, top_k: int) -> str:
+    return sha256_json(["reference", model_fingerprint, text_fp, *windowing.key(), top_k])[:KEY_LENGTH]
+
+
+def sweep_key(model_fingerprint: str, method: str, factorization_id: str, reference_id: str) -> str:
+    """Points of one sweep share a model, method, factorisation and evaluation set."""
+    return sha256_json(["sweep", model_fingerprint, method, factorization_id, reference_id])[:KEY_LENGTH]

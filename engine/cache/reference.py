@@ -1,0 +1,54 @@
+"""The original model's next-token distribution on evaluation windows, cached.
+
+Trials then run only the compressed model: KL against the original reads this reference.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+
+from engine.cache.artifacts import Computed, get_or_compute
+from engine.cache.keys import reference_key
+from engine.cache.windows import ensure_windows
+from engine.metrics import ReferenceDistribution, compute_reference
+from engine.models.loading import LoadedModel
+from engine.progress import ProgressCallback
+from engine.records import ReferenceRecord
+from engine.store.duckdb_store import Store
+from engine.texts.corpus import text_fingerprint
+from engine.texts.windows import Windowing
+
+REFERENCE_TOP_K = 1024
+
+
+def ensure_reference(
+    store: Store,
+    loaded: LoadedModel,
+    text_source: str,
+    windowing: Windowing,
+    top_k: int = REFERENCE_TOP_K,
+    progress: Optional[ProgressCallback] = None,
+) -> tuple[ReferenceRecord, ReferenceDistribution]:
+    """The original model's top-k next-token distribution on the windows of `text_source` cut by `windowing`."""
+    text_fp = text_fingerprint(text_source)
+    key = reference_key(loaded.fingerprint, text_fp, windowing, top_k)
+
+    def compute() -> Computed:
+        windows = ensure_windows(store, loaded, text_source, windowing)  # [N, L]
+        start = time.perf_counter()
+        reference = compute_reference(loaded.model, windows, top_k, progress)
+        tensors = {"top_logprobs": reference.top_logprobs, "top_indices": reference.top_indices.to(torch.int32),
+                   "tail_logmass": reference.tail_logmass}
+        record = ReferenceRecord(key, loaded.fingerprint, text_fp, windowing.window_len, windows.shape[0],
+                                 reference.top_k, key, reference.perplexity, time.perf_counter() - start)
+        return Computed(reference, record, tensors)
+
+    def load(record: ReferenceRecord, tensors, _metadata) -> ReferenceDistribution:
+        return ReferenceDistribution(tensors["top_logprobs"], tensors["top_indices"].long(), tensors["tail_logmass"],
+                                     record.perplexity)
+
+    cached = get_or_compute(store, "reference", key, compute, load, record_type=ReferenceRecord)
+    return cached.record, cached.value

@@ -1,0 +1,36 @@
+"""Weight and feature spectra of every decoder linear, from the store or computed and stored.
+
+Spectra are rows in the store (one per matrix), not array files: weight spectra are keyed by the
+model fingerprint, feature spectra by the calibration and the covariance kind.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from engine.cache.calibration import Calibration
+from engine.cache.lookups import Spectra
+from engine.models.loading import LoadedModel
+from engine.progress import ProgressCallback
+from engine.spectra import compute_feature_spectra, compute_weight_spectra
+from engine.store.duckdb_store import Store
+
+
+def ensure_spectra(
+    store: Store,
+    loaded: LoadedModel,
+    calibration: Calibration,
+    covariance: str = "pooled",
+    progress: Optional[ProgressCallback] = None,
+) -> Spectra:
+    """Weight and feature spectra of every decoder linear, from the store or computed and stored."""
+    weight = store.get_weight_spectra(loaded.fingerprint)
+    if not weight:
+        weight = compute_weight_spectra(loaded.linears(), progress)
+        store.put_weight_spectra(loaded.fingerprint, weight)
+    cid = calibration.record.calibration_id
+    feature = store.get_feature_spectra(cid, covariance)
+    if not feature:
+        feature = compute_feature_spectra(loaded.linears(), calibration.statistics, covariance, progress)
+        store.put_feature_spectra(cid, covariance, feature)
+    return Spectra(weight, feature, covariance, cid)

@@ -1,0 +1,97 @@
+"""Options shared by several `rankscope` commands, declared once with the engine's defaults.
+
+`@text_options` gives a command the six text and window options (`--calibration-text`,
+`--calibration-windows`, `--eval-text`, `--eval-windows`, `--window-len`, `--groups`) and hands
+them to it as one `TextOptions`; `TextOptions.settings(base)` lays the options the user gave over
+`base` (the engine's `TextSettings` defaults unless a command has better ones), so a command knows
+which options were given explicitly. The calibration-only and evaluation-only commands
+(`calibrate`, `spectra`, `models --eval`) use the single options below, with the same defaults.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, fields
+from typing import Callable, Optional
+
+import typer
+
+from engine.texts.settings import (
+    DEFAULT_CALIBRATION_WINDOWS, DEFAULT_EVALUATION_WINDOWS, DEFAULT_GROUPS, DEFAULT_WINDOW_LEN, TextSettings,
+)
+from engine.texts.corpus import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVALUATION_TEXT
+
+METHODS_HELP = "Decomposition method: svd, joint-svd, awsvd, feature-pca, feature-pca-sample, whiten."
+MethodOption = typer.Option("feature-pca", "--method", help=METHODS_HELP)
+JsonOption = typer.Option(False, "--json", help="Print JSON.")
+
+# single-text commands (calibrate, spectra, models --eval)
+CalibrationTextOption = typer.Option(DEFAULT_CALIBRATION_TEXT, "--text",
+                                     help="Calibration text: built-in name, file or hf:NAME[:CONFIG]:SPLIT.")
+CalibrationWindowsOption = typer.Option(DEFAULT_CALIBRATION_WINDOWS, "--windows", help="Calibration windows.")
+EvaluationTextOption = typer.Option(DEFAULT_EVALUATION_TEXT, "--text", help="Evaluation text for --eval.")
+EvaluationWindowsOption = typer.Option(DEFAULT_EVALUATION_WINDOWS, "--windows",
+                                       help="Evaluation windows for --eval (16 x 512 = the first 8,192 tokens).")
+WindowLenOption = typer.Option(DEFAULT_WINDOW_LEN, "--window-len", help="Tokens per window.")
+GroupsOption = typer.Option(DEFAULT_GROUPS, "--groups", help="Groups of windows for the pooled covariance.")
+
+
+@dataclass(frozen=True)
+class TextOptions:
+    """The text and window options as given on the command line (None: not given)."""
+
+    calibration_text: Optional[str] = None
+    calibration_windows: Optional[int] = None
+    eval_text: Optional[str] = None
+    eval_windows: Optional[int] = None
+    window_len: Optional[int] = None
+    groups: Optional[int] = None
+
+    def given(self) -> dict:
+        """The options given explicitly, by option name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+    def settings(self, base: TextSettings = TextSettings()) -> TextSettings:
+        """`base` with every option given on the command line in place of its value."""
+        calibration, evaluation = base.calibration_dict(), base.evaluation_dict()
+        for section, key, value in (
+            (calibration, "text", self.calibration_text), (calibration, "n_windows", self.calibration_windows),
+            (calibration, "n_groups", self.groups), (calibration, "window_len", self.window_len),
+            (evaluation, "text", self.eval_text), (evaluation, "n_windows", self.eval_windows),
+            (evaluation, "window_len", self.window_len),
+        ):
+            if value is not None:
+                section[key] = value
+        return TextSettings.from_dict({**base.to_dict(), "calibration": calibration, "evaluation": evaluation})
+
+
+def _option(name: str, flag: str, annotation: type, default, help_text: str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[annotation],
+                             default=typer.Option(None, flag, help=f"{help_text} [default: {default}]"))
+
+
+_TEXT_PARAMETERS = (
+    _option("calibration_text", "--calibration-text", str, DEFAULT_CALIBRATION_TEXT,
+            "Calibration text (built-in name, file, or hf:...)."),
+    _option("calibration_windows", "--calibration-windows", int, DEFAULT_CALIBRATION_WINDOWS, "Calibration windows."),
+    _option("eval_text", "--eval-text", str, DEFAULT_EVALUATION_TEXT, "Evaluation text (built-in name, file, or hf:...)."),
+    _option("eval_windows", "--eval-windows", int, DEFAULT_EVALUATION_WINDOWS,
+            "Evaluation windows (16 x 512 = the first 8,192 tokens)."),
+    _option("window_len", "--window-len", int, DEFAULT_WINDOW_LEN, "Tokens per window, for calibration and evaluation."),
+    _option("groups", "--groups", int, DEFAULT_GROUPS, "Groups of calibration windows for the pooled covariance."),
+)
+
+
+def text_options(command: Callable) -> Callable:
+    """Give `command` the six text and window options; it receives them as its `texts: TextOptions` argument."""
+    signature = inspect.signature(command)
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values() if p.name != "texts"]
+
+    @functools.wraps(command)
+    def with_texts(**kwargs):
+        texts = TextOptions(**{p.name: kwargs.pop(p.name) for p in _TEXT_PARAMETERS})
+        return command(texts=texts, **kwargs)
+
+    with_texts.__signature__ = signature.replace(parameters=[*own, *_TEXT_PARAMETERS])
+    return with_texts
