@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 import typer.main
 from typer.testing import CliRunner
 
 from engine.cli import app
+from engine.cli.options import TextOptions
+from engine.texts.settings import TextSettings
+from engine.texts.windows import Windowing
 
 COMMANDS = ("prepare", "models", "calibrate", "spectra")
 
@@ -135,3 +140,87 @@ def test_too_many_groups_is_a_readable_error(runner, tiny_model_dirs, sample_tex
     assert result.exit_code == 2
     assert "Error:" in result.output and "3 groups" in result.output
     assert "Traceback" not in result.output
+
+
+# -- shared options (engine.cli.options) -------------------------------------------------------
+
+TEXT_FLAGS = {  # flag -> the engine default its help must show
+    "--calibration-text": "war-and-peace",
+    "--calibration-windows": "128",
+    "--eval-text": "sherlock-holmes",
+    "--eval-windows": "16",
+    "--window-len": "512",
+    "--groups": "32",
+}
+
+
+def test_text_options_without_options_are_the_engine_defaults():
+    """No option given: the engine's TextSettings, and nothing listed as given."""
+    assert TextOptions().settings() == TextSettings()
+    assert TextOptions().given() == {}
+
+
+def test_text_options_change_only_what_was_given():
+    """--window-len sets both windowings' length; --eval-text the evaluation text; nothing else moves."""
+    options = TextOptions(window_len=64, eval_text="x.txt")
+    assert options.given() == {"window_len": 64, "eval_text": "x.txt"}
+    default = TextSettings()
+    assert options.settings() == TextSettings(
+        default.calibration_text, Windowing(64, default.calibration_windowing.n_windows), default.n_groups,
+        "x.txt", Windowing(64, default.evaluation_windowing.n_windows),
+    )
+
+
+def test_text_options_are_laid_over_a_base():
+    """Given options replace the base's values; the base's other values, not the engine's defaults, stay."""
+    base = TextSettings("cal.txt", Windowing(48, 10), 5, "ev.txt", Windowing(96, 4))
+    options = TextOptions(groups=2, eval_windows=3)
+    assert options.given() == {"groups": 2, "eval_windows": 3}
+    assert options.settings(base) == TextSettings("cal.txt", Windowing(48, 10), 2, "ev.txt", Windowing(96, 3))
+    assert TextOptions().settings(base) == base
+    every = TextOptions("a.txt", 7, "b.txt", 2, 32, 1)
+    assert len(every.given()) == 6
+    assert every.settings(base) == TextSettings("a.txt", Windowing(32, 7), 1, "b.txt", Windowing(32, 2))
+
+
+def _help_lines(runner, command: str) -> list[str]:
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    return result.stdout.splitlines()
+
+
+@pytest.mark.parametrize("command", ["compress", "evaluate", "sweep"])
+def test_text_commands_list_the_six_text_options(runner, command):
+    """compress, evaluate and sweep each offer the six text and window options."""
+    lines = _help_lines(runner, command)
+    for flag in TEXT_FLAGS:
+        assert any(f" {flag} " in line for line in lines), (command, flag)
+
+
+def test_compress_help_shows_the_engine_defaults(runner):
+    """Each text option's help shows the engine default it stands for, as typer does for other options."""
+    lines = _help_lines(runner, "compress")
+    for flag, default in TEXT_FLAGS.items():
+        [line] = [line for line in lines if f" {flag} " in line]
+        assert re.search(rf"\[default: \(?{re.escape(default)}\)?\]", line), (flag, line)
+
+
+def test_cache_option_steers_the_command_without_touching_the_environment(runner, tiny_model_dirs, tmp_path,
+                                                                          isolated_cache):
+    """`--cache DIR` puts the command's database in DIR; $RANKSCOPE_CACHE and its folder stay untouched."""
+    from engine.paths import choose_cache_root
+    from engine.store import open_store
+
+    before = os.environ["RANKSCOPE_CACHE"]
+    elsewhere = tmp_path / "elsewhere"
+    try:
+        args = ["--cache", str(elsewhere), "models", "--model", str(tiny_model_dirs["llama"]), "--json"]
+        [entry] = _json(runner.invoke(app, args))
+        assert entry["status"] == "ready"
+        assert (elsewhere / "rankscope.duckdb").is_file()
+        assert os.environ["RANKSCOPE_CACHE"] == before == str(isolated_cache)
+        assert list(isolated_cache.iterdir()) == []
+        fingerprints = [m["fingerprint"] for m in open_store(elsewhere / "rankscope.duckdb").models()]
+        assert entry["fingerprint"] in fingerprints
+    finally:
+        choose_cache_root(None)

@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from engine.errors import CorpusError
+from engine.errors import CorpusError, RankScopeError
 from engine.texts.corpus import BUILTIN_BOOKS, Corpus, builtin_book_path, load_corpus, text_fingerprint
+from engine.texts.settings import TextSettings
 from engine.texts.windows import Windowing, make_windows, tokenizer_adds_bos
 from tests.tiny_models import TRAINING_TEXT
 
@@ -172,3 +173,108 @@ def test_text_shorter_than_one_window_is_rejected(tokenizers):
 def test_invalid_windowing_is_rejected(window_len, n_windows):
     with pytest.raises(CorpusError):
         Windowing(window_len, n_windows)
+
+
+# -- TextSettings -------------------------------------------------------------------------------
+
+CUSTOM_SETTINGS = TextSettings("calib.txt", Windowing(64, None), 4, "eval.jsonl", Windowing(128, 8))
+
+
+def test_text_settings_defaults_are_the_engines():
+    """The defaults: 128 x 512 tokens of War and Peace in 32 groups, 16 x 512 tokens of Sherlock Holmes."""
+    settings = TextSettings()
+    assert settings.calibration_text == "war-and-peace" and settings.evaluation_text == "sherlock-holmes"
+    assert settings.calibration_windowing == Windowing(512, 128) and settings.n_groups == 32
+    assert settings.evaluation_windowing == Windowing(512, 16)
+    assert settings.to_dict() == {
+        "version": 1,
+        "calibration": {"text": "war-and-peace", "window_len": 512, "n_windows": 128, "n_groups": 32},
+        "evaluation": {"text": "sherlock-holmes", "window_len": 512, "n_windows": 16},
+    }
+
+
+@pytest.mark.parametrize("settings", [TextSettings(), CUSTOM_SETTINGS], ids=["default", "custom"])
+def test_text_settings_round_trip_through_json(settings):
+    """to_dict -> JSON -> from_dict gives the same settings, open window counts included."""
+    restored = TextSettings.from_dict(json.loads(json.dumps(settings.to_dict())))
+    assert restored == settings
+    assert restored.to_dict() == settings.to_dict()
+
+
+def test_custom_text_settings_keep_two_window_lengths():
+    """Calibration and evaluation keep their own window length and count through a round trip."""
+    restored = TextSettings.from_dict(json.loads(json.dumps(CUSTOM_SETTINGS.to_dict())))
+    assert restored.calibration_windowing.window_len == 64 and restored.calibration_windowing.n_windows is None
+    assert restored.evaluation_windowing.window_len == 128 and restored.evaluation_windowing.n_windows == 8
+    assert restored.n_groups == 4 and restored.calibration_text == "calib.txt"
+
+
+@pytest.mark.parametrize("data", [None, {}])
+def test_empty_text_settings_are_the_defaults(data):
+    """No stored settings (None or {}) read as the engine defaults."""
+    assert TextSettings.from_dict(data) == TextSettings()
+
+
+def test_release_0_1_0_flat_text_settings_are_read():
+    """RankScope 0.1.0's flat study settings load, with one window length for both texts."""
+    flat = {"calibration_text": "calib.txt", "calibration_windows": 24, "evaluation_text": "eval.txt",
+            "evaluation_windows": 6, "window_len": 96, "groups": 3}
+    settings = TextSettings.from_dict(flat)
+    assert settings == TextSettings("calib.txt", Windowing(96, 24), 3, "eval.txt", Windowing(96, 6))
+    assert TextSettings.from_dict({"window_len": 64}) == TextSettings.of(window_len=64)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"version": 2}, r"version 2.*versions 1 to 1"),
+    ({"version": 0}, r"version 0"),
+    ({"version": True}, r"version True"),
+    ({"calibration_text": "x", "window": 3}, r"Unknown text setting\(s\): window; RankScope 0.1.0's form allows"),
+    ({"version": 1, "calibration": {"n_window": 8}}, r"Unknown calibration setting\(s\): n_window; allowed"),
+    ({"version": 1, "calibration": {"n_groups": True}}, r"at least 1 group.*got True"),
+    ({"version": "1"}, r"version '1'"),
+    ({"version": 1, "calibration": {}, "windows": 8}, r"Unknown text setting\(s\): windows; allowed: version"),
+    ({"version": 1, "calibration": {"n_groups": 0}}, r"at least 1 group.*got 0"),
+    ({"version": 1, "evaluation": {"window_len": 1}}, r"Window length must be at least 2"),
+    ({"version": 1, "calibration": "war-and-peace"}, r"Malformed text settings"),
+    (["war-and-peace"], r"must be a JSON object, got list"),
+    ("war-and-peace", r"must be a JSON object, got str"),
+])
+def test_bad_text_settings_are_refused_with_a_reason(data, message):
+    """A newer version, unknown keys, bad values and non-objects are refused with a message saying why."""
+    with pytest.raises(RankScopeError, match=message):
+        TextSettings.from_dict(data)
+
+
+def test_text_settings_of_uses_one_window_length():
+    """`of` gives both texts the one window length, as the CLI and the app ask for it."""
+    settings = TextSettings.of("calib.txt", 10, "eval.txt", None, window_len=48, groups=5)
+    assert settings == TextSettings("calib.txt", Windowing(48, 10), 5, "eval.txt", Windowing(48, None))
+    assert TextSettings.of() == TextSettings()
+
+
+def test_with_sections_takes_a_plans_sections():
+    """A plan's sections replace the settings' own (an extra text_fingerprint is ignored)."""
+    base = TextSettings.of("base-calib.txt", 10, "base-eval.txt", 4, window_len=48, groups=5)
+    calibration = {**CUSTOM_SETTINGS.calibration_dict(), "text_fingerprint": "abc"}
+    evaluation = {**CUSTOM_SETTINGS.evaluation_dict(), "text_fingerprint": "def"}
+    assert base.with_sections(calibration=calibration, evaluation=evaluation) == CUSTOM_SETTINGS
+
+    only_calibration = base.with_sections(calibration=calibration)
+    assert only_calibration.calibration_windowing == Windowing(64, None) and only_calibration.n_groups == 4
+    assert only_calibration.calibration_text == "calib.txt"
+    assert only_calibration.evaluation_text == "base-eval.txt"
+    assert only_calibration.evaluation_windowing == Windowing(48, 4)
+
+    only_evaluation = base.with_sections(evaluation=evaluation)
+    assert only_evaluation.evaluation_text == "eval.jsonl"
+    assert only_evaluation.evaluation_windowing == Windowing(128, 8)
+    assert only_evaluation.calibration_text == "base-calib.txt"
+    assert only_evaluation.calibration_windowing == Windowing(48, 10) and only_evaluation.n_groups == 5
+    assert base.with_sections() == base
+
+
+def test_with_sections_keeps_what_a_section_lacks():
+    """A plan section missing a key keeps the settings' own value, not the engine default."""
+    base = TextSettings.of("base-calib.txt", 10, "base-eval.txt", 4, window_len=48, groups=5)
+    partial = base.with_sections(calibration={"text": "c.txt"}, evaluation={"n_windows": 2})
+    assert partial == TextSettings("c.txt", Windowing(48, 10), 5, "base-eval.txt", Windowing(48, 2))

@@ -3,8 +3,9 @@
 `@text_options` gives a command the six text and window options (`--calibration-text`,
 `--calibration-windows`, `--eval-text`, `--eval-windows`, `--window-len`, `--groups`) and hands
 them to it as one `TextOptions`; `TextOptions.settings(base)` lays the options the user gave over
-`base` (the engine's `TextSettings` defaults unless a command has better ones), so a command knows
-which options were given explicitly. The calibration-only and evaluation-only commands
+`base` (the engine's `TextSettings` defaults unless a command has better ones), and `for_plan(plan)`
+runs a plan with its own recorded settings, refusing options that contradict it
+(`engine.compression.plan_settings`), so a command knows which options were given explicitly. The calibration-only and evaluation-only commands
 (`calibrate`, `spectra`, `models --eval`) use the single options below, with the same defaults.
 """
 
@@ -52,6 +53,24 @@ class TextOptions:
         """The options given explicitly, by option name."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
+    def calibration_given(self) -> dict:
+        """The given calibration options, in `TextSettings.calibration_dict()`'s keys."""
+        values = {"text": self.calibration_text, "n_windows": self.calibration_windows,
+                  "window_len": self.window_len, "n_groups": self.groups}
+        return {k: v for k, v in values.items() if v is not None}
+
+    def evaluation_given(self) -> dict:
+        """The given evaluation options, in `TextSettings.evaluation_dict()`'s keys."""
+        values = {"text": self.eval_text, "n_windows": self.eval_windows, "window_len": self.window_len}
+        return {k: v for k, v in values.items() if v is not None}
+
+    def for_plan(self, plan, method: Optional[str] = None, transfer: bool = False):
+        """The plan's own method and texts, with these options checked against it (`plan_settings`)."""
+        from engine.compression.plan_settings import plan_settings
+
+        return plan_settings(plan, method=method, calibration=self.calibration_given(),
+                             evaluation=self.evaluation_given(), transfer=transfer)
+
     def settings(self, base: TextSettings = TextSettings()) -> TextSettings:
         """`base` with every option given on the command line in place of its value."""
         calibration, evaluation = base.calibration_dict(), base.evaluation_dict()
@@ -68,7 +87,7 @@ class TextOptions:
 
 def _option(name: str, flag: str, annotation: type, default, help_text: str) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[annotation],
-                             default=typer.Option(None, flag, help=f"{help_text} [default: {default}]"))
+                             default=typer.Option(None, flag, help=help_text, show_default=str(default)))
 
 
 _TEXT_PARAMETERS = (

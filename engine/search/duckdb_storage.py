@@ -17,6 +17,9 @@ from engine.search.records import (
 from engine.store.duckdb_store import Store
 
 
+_STUDY_COLUMNS = "study_id, name, model_fingerprint, settings_json, state, validation_json, message"
+
+
 class DuckDBStudyStorage:
     """Studies and trials in the cache database; each trial is committed as soon as it is added."""
 
@@ -26,8 +29,7 @@ class DuckDBStudyStorage:
     def create_study(self, record: StudyRecord) -> None:
         try:
             self.store.execute(
-                "INSERT INTO studies (study_id, name, model_fingerprint, settings_json, state, validation_json, message) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO studies ({_STUDY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [record.study_id, record.name, record.model_fingerprint, json.dumps(record.settings, sort_keys=True),
                  record.state.value, _dump(record.validation), record.message],
             )
@@ -35,15 +37,11 @@ class DuckDBStudyStorage:
             raise StudyExistsError(f"A study with id '{record.study_id}' already exists.") from exc
 
     def get_study(self, study_id: str) -> Optional[StudyRecord]:
-        row = self.store.fetch_one(
-            "SELECT study_id, name, model_fingerprint, settings_json, state, validation_json, message FROM studies "
-            "WHERE study_id = ?", [study_id])
+        row = self.store.fetch_one(f"SELECT {_STUDY_COLUMNS} FROM studies WHERE study_id = ?", [study_id])
         return None if row is None else _study(row)
 
     def list_studies(self) -> list[StudyRecord]:
-        rows = self.store.fetch_all(
-            "SELECT study_id, name, model_fingerprint, settings_json, state, validation_json, message FROM studies "
-            "ORDER BY created_at")
+        rows = self.store.fetch_all(f"SELECT {_STUDY_COLUMNS} FROM studies ORDER BY created_at")
         return [_study(row) for row in rows]
 
     def _known(self, study_id: str) -> None:

@@ -27,6 +27,8 @@ DEFAULT_GROUPS = 32  # Bolaco's m for the pooled covariance
 DEFAULT_CALIBRATION_WINDOWING = Windowing(DEFAULT_WINDOW_LEN, DEFAULT_CALIBRATION_WINDOWS)
 DEFAULT_EVALUATION_WINDOWING = Windowing(DEFAULT_WINDOW_LEN, DEFAULT_EVALUATION_WINDOWS)
 
+_CALIBRATION_KEYS = {"text", "window_len", "n_windows", "n_groups"}
+_EVALUATION_KEYS = {"text", "window_len", "n_windows"}
 _LEGACY_KEYS = {"calibration_text", "calibration_windows", "evaluation_text", "evaluation_windows", "window_len",
                 "groups"}
 
@@ -45,7 +47,7 @@ class TextSettings:
         for name in ("calibration_windowing", "evaluation_windowing"):
             if not isinstance(getattr(self, name), Windowing):
                 raise CorpusError(f"{name} must be a Windowing, got {getattr(self, name)!r}.")
-        if not isinstance(self.n_groups, int) or self.n_groups < 1:
+        if isinstance(self.n_groups, bool) or not isinstance(self.n_groups, int) or self.n_groups < 1:
             raise CorpusError(f"The pooled covariance needs at least 1 group of calibration windows, got {self.n_groups}.")
         if not self.calibration_text or not self.evaluation_text:
             raise CorpusError("Both a calibration text and an evaluation text are needed.")
@@ -80,20 +82,29 @@ class TextSettings:
             return cls()
         if not isinstance(data, Mapping):
             raise CorpusError(f"Text settings must be a JSON object, got {type(data).__name__}.")
-        if "version" not in data and set(data) <= _LEGACY_KEYS:
+        if "version" not in data:
+            unknown = set(data) - _LEGACY_KEYS
+            if unknown:
+                raise CorpusError(f"Unknown text setting(s): {', '.join(sorted(unknown))}; RankScope 0.1.0's form allows "
+                                  f"{', '.join(sorted(_LEGACY_KEYS))}.")
             return cls.of(data.get("calibration_text", DEFAULT_CALIBRATION_TEXT),
                           data.get("calibration_windows", DEFAULT_CALIBRATION_WINDOWS),
                           data.get("evaluation_text", DEFAULT_EVALUATION_TEXT),
                           data.get("evaluation_windows", DEFAULT_EVALUATION_WINDOWS),
                           data.get("window_len", DEFAULT_WINDOW_LEN), data.get("groups", DEFAULT_GROUPS))
         version = data.get("version")
-        if not isinstance(version, int) or version > TEXT_SETTINGS_VERSION:
-            raise CorpusError(f"These text settings have version {version!r}; this RankScope reads versions up to "
+        if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= TEXT_SETTINGS_VERSION:
+            raise CorpusError(f"These text settings have version {version!r}; this RankScope reads versions 1 to "
                               f"{TEXT_SETTINGS_VERSION}.")
         unknown = set(data) - {"version", "calibration", "evaluation"}
         if unknown:
             raise CorpusError(f"Unknown text setting(s): {', '.join(sorted(unknown))}; "
                               "allowed: version, calibration, evaluation.")
+        for name, allowed in (("calibration", _CALIBRATION_KEYS), ("evaluation", _EVALUATION_KEYS)):
+            section = data.get(name) or {}
+            if isinstance(section, Mapping) and set(section) - allowed:
+                raise CorpusError(f"Unknown {name} setting(s): {', '.join(sorted(set(section) - allowed))}; "
+                                  f"allowed: {', '.join(sorted(allowed))}.")
         calibration, evaluation = data.get("calibration") or {}, data.get("evaluation") or {}
         try:
             return cls(
@@ -111,11 +122,12 @@ class TextSettings:
     def with_sections(self, calibration: Optional[Mapping[str, Any]] = None,
                       evaluation: Optional[Mapping[str, Any]] = None) -> "TextSettings":
         """These settings with a plan's `calibration` and/or `evaluation` section (as `calibration_dict` and
-        `evaluation_dict` write them) in place of their own; a missing section keeps these settings' part."""
+        `evaluation_dict` write them) in place of their own; a missing section, or a key a section lacks,
+        keeps these settings' value; keys that are not settings (a `text_fingerprint`) are ignored."""
         data = self.to_dict()
         for name, section in (("calibration", calibration), ("evaluation", evaluation)):
             if section is not None:
-                data[name] = {k: section[k] for k in data[name] if k in section}
+                data[name] = {**data[name], **{k: section[k] for k in data[name] if k in section}}
         return TextSettings.from_dict(data)
 
     def describe_calibration(self) -> str:
