@@ -19,6 +19,7 @@ from app.resources import current_database, current_store, get_job_board, get_mo
 from app.sessions import SessionKey, SharedModelSession
 from app.workspace import Workspace
 from engine.compression.plan import RankPlan
+from engine.compression.plan_settings import PlanSettings, plan_settings
 from engine.texts.settings import TextSettings
 from engine.compression.sweep import sweep_by_layer, sweep_by_type
 from engine.errors import RankScopeError
@@ -199,10 +200,13 @@ def start_study_plan(loaded: LoadedModel, study_id: str) -> Job:
 # -- export ----------------------------------------------------------------------------------------------------
 
 
-def export_text_settings(workspace: Workspace, plan: RankPlan) -> TextSettings:
-    """The plan's calibration (the factors it was measured with, when it names one) and the workspace's
-    evaluation set (what the export report measures on)."""
-    return workspace.text_settings().with_sections(calibration=plan.calibration)
+def export_plan_settings(workspace: Workspace, plan: RankPlan) -> PlanSettings:
+    """What the Export page runs a plan with: the plan's own method and calibration (the factors it was measured
+    with; refused with a `PlanError` if its calibration text moved or changed) and the sidebar's evaluation set
+    (what the export report measures on; a note says when it is not the plan's). The CLI's `export` uses the
+    same engine function (`plan_settings`)."""
+    texts = workspace.text_settings()
+    return plan_settings(plan, base=texts, evaluation=texts.evaluation_dict())
 
 
 def export_job_prefix(loaded: LoadedModel) -> str:

@@ -13,7 +13,7 @@ from app.plans import plans_for_model, read_uploaded_plan, saved_plans
 from app.progress import watch_job
 from app.resources import current_store, get_job_board
 from app.tasks import (
-    export_job_prefix, export_text_settings, generation_job_id, start_export, start_generation, start_study_plan,
+    export_job_prefix, export_plan_settings, generation_job_id, start_export, start_generation, start_study_plan,
     study_plan_job_id,
 )
 from app.workspace import load_workspace_model, persistent, workspace_sidebar
@@ -22,6 +22,7 @@ from engine.analysis.allocation import plan_summary
 from engine.analysis.export_summary import MIB, check_rows, export_overview, export_rows, quality_rows, size_speed_rows
 from engine.compression.plan import RankPlan
 from engine.compression.units import ModelShapes
+from engine.errors import RankScopeError
 from engine.export.format import CARD_FILE, PLAN_FILE
 from engine.export.report import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT, SideBySide
 from engine.paths import PROJECT_ROOT
@@ -87,11 +88,16 @@ st.dataframe(summary.rename(columns=METRIC_LABELS), hide_index=True, width="stre
                             "Perplexity": st.column_config.NumberColumn(format="%.3f")})
 st.download_button("Download the rank plan (JSON)", data=plan.to_json(), mime="application/json",
                    file_name=f"{plan_name}.json", key="download_plan")
-texts = export_text_settings(workspace, plan)
-st.caption(f"Factors from {plan.method} calibrated on '{texts.calibration_text}', {texts.calibration_windowing.n_windows} "
-           f"windows of {texts.calibration_windowing.window_len} tokens, {texts.n_groups} groups (the plan's own "
-           f"calibration, so the exported model is the one it measured); quality measured on "
-           f"{workspace.describe_evaluation()}.")
+try:
+    run_with = export_plan_settings(workspace, plan)
+except RankScopeError as exc:
+    st.error(f"This plan cannot be exported as it was measured: {exc}")
+    st.stop()
+texts = run_with.texts
+st.caption(f"Factors from {plan.method} calibrated on {texts.describe_calibration()} (the plan's own calibration, so "
+           f"the exported model is the one it measured); quality measured on {texts.describe_evaluation()}.")
+for note in run_with.notes:
+    st.info(note)
 
 # -- export -----------------------------------------------------------------------------------------------------
 st.subheader("Export the compressed model")

@@ -95,3 +95,26 @@ def test_export_page_refuses_a_foreign_plan_and_an_occupied_directory(workbench,
     assert not at.exception
     assert "is not an earlier RankScope export" in at.error[0].value and "Choose another directory" in at.error[0].value
     assert (occupied / "notes.txt").read_text() == "not an export" and len(list(occupied.iterdir())) == 1
+
+
+def test_export_page_refuses_a_plan_whose_calibration_text_changed_and_notes_another_evaluation(workbench, tmp_path):
+    """The page runs a plan through the same engine check as `rankscope export` (engine.compression.plan_settings)."""
+    store = open_store()
+    session, shapes = engine_session(workbench, store)
+    groups = Grouping("5x1").groups(shapes, METHOD)
+    plan = session.plan(ranks_from_ratios(groups, {name: DEFAULT_RATIO for name in groups}))
+    measured_elsewhere = RankPlan.from_dict({**plan.to_dict(), "evaluation": {**plan.evaluation, "n_windows": 7}})
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["alloc_saved_plans"] = {"elsewhere": measured_elsewhere.to_dict()}
+    at.run()
+    at.switch_page("../pages/export.py").run()
+    assert_clean(at)
+    assert any("the plan's metrics were measured on" in i.value and "7 windows" in i.value for i in at.info)
+
+    calibration = workbench["texts"].calibration_text
+    with open(calibration, "a") as handle:
+        handle.write(" A line added after the plan was made.")
+    at.run()
+    assert [e.value for e in at.error if "cannot be exported as it was measured" in e.value
+            and plan.calibration["text_fingerprint"][:12] in e.value and "has other content" in e.value]
+    assert at.button(key="export_model") if False else not [b for b in at.button if b.key == "export_model"]

@@ -8,22 +8,50 @@ from typing import Optional
 import typer
 
 from engine.cli import ModelOption, app, echo_json, fail
-from engine.cli.options import JsonOption, MethodOption, TextOptions, text_options
+from engine.cli.options import METHODS_HELP, JsonOption, MethodOption, TextOptions, text_options
 from engine.errors import RankScopeError
 from engine.texts.settings import TextSettings
 
 
 
-def open_session(model: str, method: str, texts: TextSettings):
-    """Load the model and open a compression session for these texts (shared by every command that evaluates)."""
+DEFAULT_MODEL = "smollm2-135m"
+PlanModelOption = typer.Option(None, "--model", "-m", help="Registry name, model directory, .gguf file or hub id "
+                               f"(default: the model a --plan names, else {DEFAULT_MODEL}).")
+PlanMethodOption = typer.Option(None, "--method", help=f"{METHODS_HELP} (default: a --plan's own, else feature-pca).")
+
+
+def open_session(model: str, method: str, texts: TextSettings, plan=None):
+    """Load the model and open a compression session for these texts (shared by every command that evaluates).
+
+    With `plan`, the model is checked against it before any calibration or factorisation starts.
+    """
     from engine.compression.session import CompressionSession
+    from engine.compression.units import ModelShapes
     from engine.models.loading import load_model
     from engine.progress import TerminalProgress
     from engine.store import open_store
 
     store = open_store()
     loaded = load_model(model, store, TerminalProgress())
+    if plan is not None:
+        plan.validate_for(ModelShapes.of(loaded))
     return CompressionSession.open(store, loaded, method, texts, TerminalProgress())
+
+
+def read_plan(path: Path, model: Optional[str], method: Optional[str], texts: TextOptions, transfer: bool = False):
+    """(plan, the settings it runs with, the model to load) for a command given `--plan`.
+
+    The plan's own method, calibration and evaluation are used; options that contradict them are
+    refused here, before any model is loaded (unless `transfer`: the plan only seeds a search); the
+    departures that are allowed are printed as notes.
+    """
+    from engine.compression.plan import RankPlan
+
+    plan = RankPlan.load(path)
+    settings = texts.for_plan(plan, method, transfer)
+    for note in settings.notes:
+        typer.secho(f"Note: {note}", err=True, fg=typer.colors.YELLOW)
+    return plan, settings, model or plan.model["id"]
 
 
 def _quality_line(label: str, metrics: dict) -> str:
@@ -40,24 +68,30 @@ def _parameters_lines(parameters: dict) -> list[str]:
 @app.command()
 @text_options
 def compress(
-    model: str = ModelOption,
-    method: str = MethodOption,
+    model: Optional[str] = PlanModelOption,
+    method: Optional[str] = PlanMethodOption,
     uniform: Optional[float] = typer.Option(None, "--uniform", help="Remove this share of decoder-linear parameters, same ratio everywhere (e.g. 0.2)."),
-    plan: Optional[Path] = typer.Option(None, "--plan", help="A rank plan JSON (rankscope.plan/v1); its method is used."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="A rank plan JSON (rankscope.plan/v1), run with its own "
+                                        "method, calibration and evaluation unless options say otherwise."),
     save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="Write the evaluated plan here."),
     texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
 ):
     """Compress with a uniform ratio or a plan, and report parameters, perplexity and both KLs."""
-    from engine.compression.plan import RankPlan
     from engine.progress import TerminalProgress
 
+    notes: tuple = ()
     try:
         if (uniform is None) == (plan is None):
             raise RankScopeError("Give exactly one of --uniform RATIO or --plan FILE.")
-        given = RankPlan.load(plan) if plan is not None else None
-        session = open_session(model, given.method if given else method, texts.settings())
-        candidate = given if given is not None else session.uniform_plan(uniform)
+        if plan is not None:
+            given, settings, model = read_plan(plan, model, method, texts)
+            session = open_session(model, settings.method, settings.texts, given)
+            candidate, notes = given, settings.notes
+        else:
+            model = model or DEFAULT_MODEL
+            session = open_session(model, method or "feature-pca", texts.settings())
+            candidate = session.uniform_plan(uniform)
         evaluated = session.evaluate(candidate, TerminalProgress())
         if save_plan is not None:
             evaluated.save(save_plan)
@@ -67,7 +101,8 @@ def compress(
     metrics = {k: evaluated.metrics[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")}
     if as_json:
         echo_json({"model": model, "method": evaluated.method, "parameters": evaluated.parameters,
-                   "original": original, "compressed": metrics, "plan_file": str(save_plan) if save_plan else None})
+                   "original": original, "compressed": metrics, "plan_file": str(save_plan) if save_plan else None,
+                   "texts": session.texts.to_dict(), "notes": list(notes)})
         return
     typer.echo(f"{model} compressed with {evaluated.method}:")
     for line in _parameters_lines(evaluated.parameters):
@@ -81,28 +116,30 @@ def compress(
 @app.command()
 @text_options
 def evaluate(
-    model: str = ModelOption,
-    plan: Optional[Path] = typer.Option(None, "--plan", help="Evaluate this plan; without it, the original model."),
+    model: Optional[str] = PlanModelOption,
+    plan: Optional[Path] = typer.Option(None, "--plan", help="Evaluate this plan (with its own method, calibration and "
+                                        "evaluation unless options say otherwise); without it, the original model."),
     texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
 ):
     """Perplexity and KL of the original model, or of a plan, on the evaluation text."""
-    from engine.compression.plan import RankPlan
     from engine.progress import TerminalProgress
 
+    notes: tuple = ()
     try:
         if plan is not None:
-            given = RankPlan.load(plan)
-            session = open_session(model, given.method, texts.settings())
+            given, settings, model = read_plan(plan, model, None, texts)
+            used, notes = settings.texts, settings.notes
+            session = open_session(model, settings.method, used, given)
             metrics = session.evaluate(given, TerminalProgress()).metrics
         else:
-            metrics = _original_metrics(model, texts.settings())
+            model, used = model or DEFAULT_MODEL, texts.settings()
+            metrics = _original_metrics(model, used)
     except RankScopeError as exc:
         fail(exc)
-    evaluation = texts.settings().evaluation_windowing
-    result = {"model": model, "plan": str(plan) if plan else None, "evaluation_text": texts.settings().evaluation_text,
-              "windows": evaluation.n_windows, "window_len": evaluation.window_len,
-              **{k: metrics[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")}}
+    result = {"model": model, "plan": str(plan) if plan else None, "evaluation_text": used.evaluation_text,
+              "windows": used.evaluation_windowing.n_windows, "window_len": used.evaluation_windowing.window_len,
+              **{k: metrics[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")}, "notes": list(notes)}
     if as_json:
         echo_json(result)
     else:

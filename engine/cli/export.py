@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from engine.cli import app, echo_json, fail
-from engine.cli.compression import _parameters_lines, _quality_line, open_session
+from engine.cli.compression import _parameters_lines, _quality_line, open_session, read_plan
 from engine.cli.options import JsonOption, TextOptions, text_options
 from engine.errors import RankScopeError
 from engine.export.report import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT
@@ -21,14 +21,15 @@ _HELP = "\n\n".join([
     "Before reporting success it reloads the directory through RankScope's load_compressed and through "
     "transformers (trust_remote_code=True), compares logits with the in-memory compressed model, re-evaluates "
     "perplexity and counts parameters; any difference is an error and the target directory is left untouched.",
-    "Use the calibration options the plan was made with (the command says which if they differ).",
+    "The plan's own method, calibration and evaluation set are used; a calibration option that contradicts the "
+    "plan is refused before any work, and another evaluation set is allowed and noted.",
 ])
 
 
 @app.command(help=_HELP)
 @text_options
 def export(
-    plan: Path = typer.Option(..., "--plan", help="The rank plan JSON (rankscope.plan/v1) to apply; its method is used."),
+    plan: Path = typer.Option(..., "--plan", help="The rank plan JSON (rankscope.plan/v1) to apply, with its own settings."),
     out: Path = typer.Option(..., "--out", help="Directory to write (new, empty, or an earlier export to replace)."),
     dense: bool = typer.Option(False, "--dense", help="Write W_r = B_r A_r as plain Linear weights: loads without remote code, NOT smaller."),
     prompt: str = typer.Option(DEFAULT_PROMPT, "--prompt", help="Prompt for the side-by-side generation and the tokens/s measurement."),
@@ -38,13 +39,12 @@ def export(
     texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
 ):
-    from engine.compression.plan import RankPlan
     from engine.export import export_compressed
     from engine.progress import TerminalProgress
 
     try:
-        given = RankPlan.load(plan)
-        session = open_session(model or given.model["id"], given.method, texts.settings())
+        given, settings, model = read_plan(plan, model, None, texts)
+        session = open_session(model, settings.method, settings.texts, given)
         report = export_compressed(session, given, out, dense=dense, prompt=prompt, progress=TerminalProgress(),
                                    max_new_tokens=new_tokens, timing_runs=timing_runs)
     except RankScopeError as exc:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from engine.cli import app, echo_json, fail
-from engine.cli.compression import open_session
+from engine.cli.compression import DEFAULT_MODEL, PlanMethodOption, PlanModelOption, open_session, read_plan
 from engine.cli.options import JsonOption, TextOptions, text_options
 from engine.errors import RankScopeError
 
@@ -70,8 +70,8 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 @search_app.command("start")
 @text_options
 def start(
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Registry name, model directory, .gguf file or hub id."),
-    method: str = typer.Option("feature-pca", "--method", help="Decomposition method."),
+    model: Optional[str] = PlanModelOption,
+    method: Optional[str] = PlanMethodOption,
     grouping: str = typer.Option("5x1", "--grouping", help="5x1, 5xG (e.g. 5x4) or per-layer."),
     search_v: bool = typer.Option(False, "--search-v", help="Search v too (default: keep v dense)."),
     budget: float = typer.Option(0.2, "--budget", help="Decoder-linear parameter reduction to meet (0.2 = 20%)."),
@@ -84,29 +84,35 @@ def start(
     subset_size: int = typer.Option(8, "--subset-size"),
     subset_candidates: int = typer.Option(24, "--subset-candidates", help="Candidate windows, after the evaluation windows."),
     probe_plans: int = typer.Option(6, "--probe-plans", help="Random plans used to find sensitive windows."),
-    warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="Seed with a rank plan JSON."),
+    warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="Seed with a rank plan JSON; the study then "
+                                              "uses the plan's model, method and texts unless options say otherwise."),
     warm_start_study: Optional[str] = typer.Option(None, "--warm-start-study", help="Seed with another study's best plan."),
     name: Optional[str] = typer.Option(None, "--name", help="Study id (default: generated)."),
     texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
 ):
     """Start a study; prints the best plan re-measured on the full evaluation text, next to the baselines."""
-    from engine.compression.plan import RankPlan
     from engine.search.runner import create_study
     from engine.search.settings import StudySettings
     from engine.search.summary import best_trial, ratios_from_ranks, study_summary, warm_start_from_plan
 
     try:
+        if warm_start is not None and warm_start_study is not None:
+            raise RankScopeError("Give at most one of --warm-start and --warm-start-study.")
+        plan = None
+        if warm_start is not None:  # the plan's own model, method and texts unless options say otherwise
+            plan, plan_run, model = read_plan(warm_start, model, method, texts, transfer=True)
+            method, study_texts = plan_run.method, plan_run.texts
+        else:
+            model, method, study_texts = model or DEFAULT_MODEL, method or "feature-pca", texts.settings()
         settings = StudySettings(model=model, method=method, grouping=grouping, search_v=search_v, budget=budget,
                                  beta=beta, kl=kl, n_trials=trials, n_initial_points=initial_points, seed=seed,
                                  subset=subset, subset_size=subset_size, subset_candidates=subset_candidates,
-                                 subset_probe_plans=probe_plans, texts=texts.settings())
-        if warm_start is not None and warm_start_study is not None:
-            raise RankScopeError("Give at most one of --warm-start and --warm-start-study.")
+                                 subset_probe_plans=probe_plans, texts=study_texts)
         storage = _storage()
-        session = _session_for(settings)
-        if warm_start is not None:
-            ratios = warm_start_from_plan(RankPlan.load(warm_start), session.shapes, method, settings.parsed_grouping())
+        session = open_session(settings.model, settings.method, settings.texts, plan)
+        if plan is not None:
+            ratios = warm_start_from_plan(plan, session.shapes, method, settings.parsed_grouping())
             settings = StudySettings.from_dict({**settings.to_dict(), "warm_start": ratios})
         elif warm_start_study is not None:
             best = best_trial(storage, warm_start_study)
