@@ -1,4 +1,4 @@
-"""Content hashes used as cache keys: of files, of texts and of JSON-able settings."""
+"""Content hashes used as cache keys (of files, texts and JSON-able settings), and a fast file checksum."""
 
 from __future__ import annotations
 
@@ -13,6 +13,17 @@ def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def xxh3_file(path: Path) -> str:
+    """Hex xxh3-64 of a file's bytes: a checksum fast enough to verify a large cached array on every read."""
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
 

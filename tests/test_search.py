@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 
@@ -600,8 +602,13 @@ def test_cli_search_start_status_best_export_and_resume(runner, options, tmp_pat
     assert plan.grouping["values"] == chosen.projected and plan.grouping["budget"] == 0.3
     assert plan.evaluation["n_windows"] == EVAL_WINDOWS
 
-    again = _json(runner.invoke(app, ["search", "resume", "--study", "cli", "--json"]))
+    import engine.cli.search as search_cli
+
+    with pytest.MonkeyPatch.context() as patch:  # a finished study returns at once: no model, no replay
+        patch.setattr(search_cli, "_session_for", lambda settings: pytest.fail("opened a session to resume"))
+        again = _json(runner.invoke(app, ["search", "resume", "--study", "cli", "--json"]))
     assert again["state"] == "finished" and again["best"] == out["best"] and again["full_text"] == out["full_text"]
+    assert again["resume"] is None
     assert storage.trials("cli") == trials
 
     # a plan as a warm start: the transferred plan is the study's first told trial
@@ -647,3 +654,41 @@ def test_a_study_with_the_same_subset_settings_reuses_the_chosen_windows(session
     reused = storage.get_study("second").validation
     assert reused["reused_from"] == "first"
     assert reused["windows"] == storage.get_study("first").validation["windows"]
+
+
+def test_cli_status_shows_a_killed_study_as_interrupted_with_the_resume_command(runner, store):
+    from engine.search.records import StudyRecord, this_process
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    storage = DuckDBStudyStorage(store)
+    settings = StudySettings(model="m", n_trials=3).to_dict()
+    storage.create_study(StudyRecord("killed", "killed", "ab" * 32, settings, StudyState.RUNNING))
+    storage.set_state("killed", StudyState.RUNNING, owner={**this_process(), "pid": dead.pid})
+    listed = runner.invoke(app, ["search", "status"])
+    assert listed.exit_code == 0, listed.output
+    assert "killed: interrupted, 0/3 trials, no trials yet - resume with: rankscope search resume --study killed" \
+        in listed.stdout
+    one = _json(runner.invoke(app, ["search", "status", "--study", "killed", "--json"]))
+    assert one["state"] == "interrupted" and one["resume"] == "rankscope search resume --study killed"
+
+
+def test_cli_status_reads_the_study_files_while_another_process_holds_the_database(runner, store, isolated_cache):
+    from engine.search.records import StudyRecord
+
+    storage = DuckDBStudyStorage(store)
+    storage.create_study(StudyRecord("busy", "busy", "ab" * 32, StudySettings(model="m", n_trials=4).to_dict(),
+                                     StudyState.STOPPED))
+    store.close()
+    holder = subprocess.Popen(  # another process (a running study, the app) holds the database
+        [sys.executable, "-c", "import duckdb, sys, time; held = duckdb.connect(sys.argv[1]); print('held', flush=True); "
+         "time.sleep(60)", str(isolated_cache / "rankscope.duckdb")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = runner.invoke(app, ["search", "status"])
+        assert result.exit_code == 0, result.output
+        assert "in use by another process: reading the study files" in result.stderr
+        assert "busy: stopped, 0/4 trials" in result.stdout
+    finally:
+        holder.kill()
+        holder.wait()

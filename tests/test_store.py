@@ -6,9 +6,10 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from engine.errors import StoreError
-from engine.hashing import sha256_file
+from engine.hashing import sha256_file, xxh3_file
 from engine.paths import cache_root, database_path
 from engine.store import duckdb_store, open_store
 from engine.store.arrays import load_arrays, save_arrays
@@ -85,6 +86,9 @@ def test_corrupt_database_is_refused_and_kept(isolated_cache):
     message = str(info.value)
     assert str(path) in message
     assert f"mv {path} {path}.bak" in message
+    # it says what is lost (studies live in the database) and how they come back
+    assert "search studies live in this database" in message and "rankscope search restore" in message
+    assert str(path.parent / "studies") in message
     assert "Traceback" not in message
     assert path.read_bytes() == junk
     assert path.resolve() not in duckdb_store._OPEN_STORES
@@ -113,9 +117,9 @@ def test_arrays_round_trip(store):
     entry = store.array_entry("abc123")
     assert entry == {
         "kind": "calibration", "relpath": "arrays/calibration/abc123.safetensors",
-        "n_bytes": path.stat().st_size, "sha256": sha256_file(path),
+        "n_bytes": path.stat().st_size, "sha256": sha256_file(path), "xxh3": xxh3_file(path),
     }
-    loaded = load_arrays(store, "abc123", verify=True)
+    loaded = load_arrays(store, "abc123")
     assert set(loaded) == set(tensors)
     for name, tensor in tensors.items():
         assert loaded[name].dtype == tensor.dtype
@@ -134,9 +138,31 @@ def test_missing_or_damaged_array_file_is_a_miss(store):
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # same size, different content
     path.write_bytes(bytes(data))
-    assert load_arrays(store, "tampered", verify=True) is None
+    assert load_arrays(store, "tampered") is None  # every read is checked, not only on request
     assert store.array_entry("tampered") is None
 
     path = save_arrays(store, "truncated", "test", {"x": torch.ones(3)})
     path.write_bytes(path.read_bytes()[:-4])
     assert load_arrays(store, "truncated") is None
+
+
+def test_an_array_changed_in_place_is_recomputed_not_served(store, caplog):
+    """A cached factor corrupted in place (same size) is a miss with a warning, so no NaN reaches a metric."""
+    path = save_arrays(store, "factors", "factorization", {"B": torch.ones(64, 8)})
+    data = bytearray(path.read_bytes())
+    data[-8:-4] = bytes.fromhex("0000c07f")  # one float32 becomes NaN; the file keeps its size
+    path.write_bytes(bytes(data))
+    assert torch.isnan(load_file(str(path))["B"]).any()  # what the old reader served
+    with caplog.at_level("WARNING"):
+        assert load_arrays(store, "factors") is None
+    assert "does not match the checksum" in caplog.text and store.array_entry("factors") is None
+
+
+def test_an_array_recorded_before_checksums_is_verified_once_by_sha256(store):
+    path = save_arrays(store, "old", "test", {"x": torch.arange(4.0)})
+    store.execute("UPDATE arrays SET xxh3 = NULL WHERE array_id = 'old'")  # as a 0.1.0 cache recorded it
+    assert torch.equal(load_arrays(store, "old")["x"], torch.arange(4.0))
+    assert store.array_entry("old")["xxh3"] == xxh3_file(path)  # checked against sha256, then given a checksum
+    store.execute("UPDATE arrays SET xxh3 = NULL WHERE array_id = 'old'")
+    path.write_bytes(path.read_bytes()[:-1] + b"\x01")
+    assert load_arrays(store, "old") is None

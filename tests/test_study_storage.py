@@ -9,16 +9,22 @@ across closing and reopening the store.
 from __future__ import annotations
 
 import math
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
 
 from engine.errors import RankScopeError
+from engine.search.duckdb_storage import DuckDBStudyStorage
+from engine.search.mirror import StudyMirror, restore_studies
 from engine.search.records import (
     InMemoryStudyStorage, StudyExistsError, StudyRecord, StudyState, TrialExistsError, TrialKind, TrialRecord,
+    is_interrupted, this_process,
 )
 from engine.store import open_store
-from engine.search.duckdb_storage import DuckDBStudyStorage
+from engine.store.duckdb_store import Store
 
 BACKENDS = ("memory", "duckdb")
 
@@ -203,3 +209,58 @@ def test_duckdb_studies_survive_closing_and_reopening_the_store(isolated_cache):
         reopened.add_trial(_trial(2))
     reopened.add_trial(_trial(3))  # a resumed study goes on numbering
     assert [t.number for t in reopened.trials("s1")] == [0, 1, 2, 3]
+
+
+def test_the_running_process_is_recorded_and_cleared(storage):
+    storage.create_study(_study("s1"))
+    owner = this_process()
+    storage.set_state("s1", StudyState.RUNNING, owner=owner)
+    assert storage.get_study("s1").owner == owner and not is_interrupted(storage.get_study("s1"))
+    storage.set_state("s1", StudyState.STOPPED, "stopped after 1 trials")
+    assert storage.get_study("s1").owner is None
+
+
+def test_a_running_study_whose_process_is_gone_is_interrupted():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record = _study("s1", owner={**this_process(), "pid": dead.pid})
+    assert is_interrupted(record)
+    assert is_interrupted(_study("s1", owner=None))  # stored as running by a version that kept no owner
+    assert not is_interrupted(_study("s1", owner=this_process()))  # this process is alive
+    assert not is_interrupted(_study("s1", owner={"pid": dead.pid, "host": "another-host"}))  # cannot tell
+    assert not is_interrupted(_study("s1", state=StudyState.STOPPED, owner=None))
+
+
+def _filled(storage) -> None:
+    storage.create_study(_study("s1"))
+    storage.set_validation("s1", {"kind": "random", "windows": [1, 2]})
+    for trial in (_trial(0, kind=TrialKind.BASELINE, label="lord"), _trial(1), _trial(2)):
+        storage.add_trial(trial)
+    storage.put_result("s1", "best", {"trial": 2, "perplexity": 323.5})
+    storage.set_state("s1", StudyState.STOPPED, "stopped after 2 trials")
+
+
+def test_duckdb_studies_are_mirrored_as_json_a_second_process_can_read(isolated_cache):
+    storage = DuckDBStudyStorage(open_store())
+    _filled(storage)
+    mirror = StudyMirror(isolated_cache / "studies")
+    assert (isolated_cache / "studies" / "s1.json").is_file()
+    assert mirror.get_study("s1") == storage.get_study("s1")
+    assert mirror.trials("s1") == storage.trials("s1") and mirror.results("s1") == storage.results("s1")
+    assert [r.study_id for r in mirror.list_studies()] == ["s1"] and mirror.get_study("nope") is None
+
+
+def test_studies_come_back_from_their_files_into_a_fresh_database(isolated_cache, tmp_path):
+    storage = DuckDBStudyStorage(open_store())
+    _filled(storage)
+    expected = (storage.get_study("s1"), storage.trials("s1"), storage.results("s1"))
+    fresh_store = Store(tmp_path / "fresh" / "rankscope.duckdb")
+    try:
+        shutil.copytree(isolated_cache / "studies", tmp_path / "fresh" / "studies")
+        fresh = DuckDBStudyStorage(fresh_store)
+        assert fresh.get_study("s1") is None
+        assert restore_studies(fresh, fresh.mirror) == ["s1"]
+        assert (fresh.get_study("s1"), fresh.trials("s1"), fresh.results("s1")) == expected
+        assert restore_studies(fresh, fresh.mirror) == []  # nothing twice
+    finally:
+        fresh_store.close()

@@ -19,10 +19,27 @@ StudyOption = typer.Option(..., "--study", help="Study id (see `rankscope search
 
 
 def _storage():
-    from engine.store import open_store
     from engine.search.duckdb_storage import DuckDBStudyStorage
+    from engine.store import open_store
 
     return DuckDBStudyStorage(open_store())
+
+
+def _readable_storage():
+    """The store's studies, or, while another process holds the database (a study running from another
+    terminal, or the app), the studies' JSON files next to it, which that process keeps up to date."""
+    from engine.errors import StoreError
+    from engine.paths import cache_root
+    from engine.search.mirror import StudyMirror, mirror_folder
+
+    try:
+        return _storage()
+    except StoreError as exc:
+        if "in use by another" not in str(exc):
+            raise
+        folder = mirror_folder(cache_root())
+        typer.echo(f"(The database is in use by another process: reading the study files in {folder}.)", err=True)
+        return StudyMirror(folder)
 
 
 def _session_for(settings):
@@ -39,6 +56,9 @@ def _run(storage, session, study_id: str) -> None:
     except KeyboardInterrupt:
         typer.echo(f"\nStopped. Resume with: rankscope search resume --study {study_id}", err=True)
         raise typer.Exit(code=130)
+
+
+_RESUMABLE = ("interrupted", "stopped", "failed")
 
 
 def _print_summary(summary: dict, as_json: bool) -> None:
@@ -63,6 +83,8 @@ def _print_summary(summary: dict, as_json: bool) -> None:
                 r = full[label]
                 typer.echo(f"    {label:>8}: perplexity {r['perplexity']:8.3f}  KL(P_orig||P_comp) {r['kl_forward']:.4f}  "
                            f"KL(P_comp||P_orig) {r['kl_reverse']:.4f}")
+    if summary["state"] in _RESUMABLE and summary["resume"]:
+        typer.echo(f"  {summary['state']}: resume with: {summary['resume']}")
     if summary["mean_trial_seconds"]:
         typer.echo(f"  mean trial time {summary['mean_trial_seconds']:.1f} s")
 
@@ -134,17 +156,24 @@ def start(
 
 @search_app.command("resume")
 def resume(study: str = StudyOption, as_json: bool = JsonOption):
-    """Resume a stopped, failed or interrupted study from its stored trials."""
+    """Resume a stopped, failed or interrupted study from its stored trials (a finished one returns at once)."""
+    from engine.search.records import StudyState, is_interrupted
     from engine.search.settings import StudySettings
-    from engine.search.summary import study_summary
+    from engine.search.summary import is_complete, study_summary
 
     try:
         storage = _storage()
         record = storage.get_study(study)
         if record is None:
             raise RankScopeError(f"No study with id '{study}'. `rankscope search status` lists the studies.")
-        session = _session_for(StudySettings.from_dict(record.settings))
-        _run(storage, session, study)
+        if is_complete(storage, record):
+            typer.echo(f"Study {study} has finished all its trials; nothing to resume.", err=True)
+        elif record.state == StudyState.RUNNING and not is_interrupted(record):
+            owner = record.owner or {}
+            raise RankScopeError(f"Study {study} is running in process {owner.get('pid')} on {owner.get('host')}; "
+                                 "stop that process first, or wait for it.")
+        else:
+            _run(storage, _session_for(StudySettings.from_dict(record.settings)), study)
         summary = study_summary(storage, study)
     except RankScopeError as exc:
         fail(exc)
@@ -158,7 +187,7 @@ def status(study: Optional[str] = typer.Option(None, "--study", help="One study 
     from engine.search.summary import study_summary
 
     try:
-        storage = _storage()
+        storage = _readable_storage()
         if study is not None:
             _print_summary(study_summary(storage, study), as_json)
             return
@@ -172,7 +201,8 @@ def status(study: Optional[str] = typer.Option(None, "--study", help="One study 
         typer.echo("No studies yet: rankscope search start --help")
     for r in rows:
         best = f"best objective {r['best']['objective']:.4f}" if r["best"] else "no trials yet"
-        typer.echo(f"{r['study_id']}: {r['state']}, {r['trials_done']}/{r['trials_planned']} trials, {best}")
+        hint = f" - resume with: {r['resume']}" if r["state"] in _RESUMABLE and r["resume"] else ""
+        typer.echo(f"{r['study_id']}: {r['state']}, {r['trials_done']}/{r['trials_planned']} trials, {best}{hint}")
 
 
 @search_app.command("best")
@@ -181,7 +211,7 @@ def best(study: str = StudyOption, as_json: bool = JsonOption):
     from engine.search.summary import study_summary
 
     try:
-        summary = study_summary(_storage(), study)
+        summary = study_summary(_readable_storage(), study)
     except RankScopeError as exc:
         fail(exc)
     if as_json:
@@ -209,3 +239,20 @@ def export_plan(study: str = StudyOption, out: Path = typer.Option(..., "--out",
         typer.echo(f"Trial {chosen.number} of {study} written to {out} "
                    f"({plan.parameters['decoder_linear']['reduction']:.2%} of decoder linears removed, "
                    f"perplexity {plan.metrics['perplexity']:.3f}).")
+
+
+@search_app.command("restore")
+def restore(as_json: bool = JsonOption):
+    """Copy studies from their JSON files next to the database back into it (after the database was lost)."""
+    from engine.search.mirror import restore_studies
+
+    try:
+        storage = _storage()
+        restored = restore_studies(storage, storage.mirror)
+    except RankScopeError as exc:
+        fail(exc)
+    if as_json:
+        echo_json({"restored": restored})
+    else:
+        typer.echo(f"Restored {len(restored)} stud{'y' if len(restored) == 1 else 'ies'} from {storage.mirror}"
+                   + (f": {', '.join(restored)}" if restored else " (the database already has every study there)."))

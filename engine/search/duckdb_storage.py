@@ -1,7 +1,9 @@
 """`StudyStorage` on the DuckDB store: studies, immutable trials and re-measured results.
 
 It lives beside its contract (`engine.search.records`) and reaches the database only through the
-store's public query API, so `engine.store` knows nothing of searches.
+store's public query API, so `engine.store` knows nothing of searches. After every change it also
+writes the study to a JSON file next to the database (`engine.search.mirror`): a backup, and what
+a second process reads while this one holds the database.
 """
 
 from __future__ import annotations
@@ -14,10 +16,11 @@ import duckdb
 from engine.search.records import (
     StudyExistsError, StudyRecord, StudyState, TrialExistsError, TrialKind, TrialRecord, unknown_study,
 )
+from engine.search.mirror import mirror_folder, write_mirror
 from engine.store.duckdb_store import Store
 
 
-_STUDY_COLUMNS = "study_id, name, model_fingerprint, settings_json, state, validation_json, message"
+_STUDY_COLUMNS = "study_id, name, model_fingerprint, settings_json, state, validation_json, message, owner_json"
 
 
 class DuckDBStudyStorage:
@@ -25,16 +28,21 @@ class DuckDBStudyStorage:
 
     def __init__(self, store: Store):
         self.store = store
+        self.mirror = mirror_folder(store.cache_dir)
+
+    def _mirror(self, study_id: str) -> None:
+        write_mirror(self.mirror, self.get_study(study_id), self.trials(study_id), self.results(study_id))
 
     def create_study(self, record: StudyRecord) -> None:
         try:
             self.store.execute(
-                f"INSERT INTO studies ({_STUDY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO studies ({_STUDY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [record.study_id, record.name, record.model_fingerprint, json.dumps(record.settings, sort_keys=True),
-                 record.state.value, _dump(record.validation), record.message],
+                 record.state.value, _dump(record.validation), record.message, _dump(record.owner)],
             )
         except duckdb.ConstraintException as exc:
             raise StudyExistsError(f"A study with id '{record.study_id}' already exists.") from exc
+        self._mirror(record.study_id)
 
     def get_study(self, study_id: str) -> Optional[StudyRecord]:
         row = self.store.fetch_one(f"SELECT {_STUDY_COLUMNS} FROM studies WHERE study_id = ?", [study_id])
@@ -49,15 +57,18 @@ class DuckDBStudyStorage:
         if self.store.fetch_one("SELECT 1 FROM studies WHERE study_id = ?", [study_id]) is None:
             raise unknown_study(study_id)
 
-    def set_state(self, study_id: str, state: StudyState, message: Optional[str] = None) -> None:
+    def set_state(self, study_id: str, state: StudyState, message: Optional[str] = None,
+                  owner: Optional[dict] = None) -> None:
         self._known(study_id)
-        self.store.execute("UPDATE studies SET state = ?, message = ?, updated_at = current_timestamp WHERE study_id = ?",
-                            [state.value, message, study_id])
+        self.store.execute("UPDATE studies SET state = ?, message = ?, owner_json = ?, updated_at = current_timestamp "
+                           "WHERE study_id = ?", [state.value, message, _dump(owner), study_id])
+        self._mirror(study_id)
 
     def set_validation(self, study_id: str, validation: dict) -> None:
         self._known(study_id)
         self.store.execute("UPDATE studies SET validation_json = ?, updated_at = current_timestamp WHERE study_id = ?",
-                            [_dump(validation), study_id])
+                           [_dump(validation), study_id])
+        self._mirror(study_id)
 
     def add_trial(self, trial: TrialRecord) -> None:
         self._known(trial.study_id)
@@ -71,6 +82,7 @@ class DuckDBStudyStorage:
             )
         except duckdb.ConstraintException as exc:
             raise TrialExistsError(f"Trial {trial.number} of study '{trial.study_id}' is already stored.") from exc
+        self._mirror(trial.study_id)
 
     def trials(self, study_id: str) -> list[TrialRecord]:
         rows = self.store.fetch_all(
@@ -87,7 +99,8 @@ class DuckDBStudyStorage:
     def put_result(self, study_id: str, label: str, result: dict) -> None:
         self._known(study_id)
         self.store.execute("INSERT OR REPLACE INTO study_results (study_id, label, result_json) VALUES (?, ?, ?)",
-                            [study_id, label, json.dumps(result, sort_keys=True)])
+                           [study_id, label, json.dumps(result, sort_keys=True)])
+        self._mirror(study_id)
 
     def results(self, study_id: str) -> dict[str, dict]:
         rows = self.store.fetch_all("SELECT label, result_json FROM study_results WHERE study_id = ?", [study_id])
@@ -99,6 +112,7 @@ def _dump(value) -> Optional[str]:
 
 
 def _study(row) -> StudyRecord:
-    study_id, name, fingerprint, settings, state, validation, message = row
+    study_id, name, fingerprint, settings, state, validation, message, owner = row
     return StudyRecord(study_id, name, fingerprint, json.loads(settings), StudyState(state),
-                       None if validation is None else json.loads(validation), message)
+                       None if validation is None else json.loads(validation), message,
+                       None if owner is None else json.loads(owner))

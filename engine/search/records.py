@@ -9,7 +9,10 @@ tests (tests/test_study_storage.py).
 from __future__ import annotations
 
 import copy
+import os
+import socket
 import threading
+from datetime import datetime, timezone
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Optional, Protocol
@@ -39,6 +42,7 @@ class StudyRecord:
     state: StudyState
     validation: Optional[dict] = None  # chosen windows and why
     message: Optional[str] = None  # why it stopped or failed
+    owner: Optional[dict] = None  # {"pid", "host", "started_at"} of the process running it, while it runs
 
 
 @dataclass(frozen=True)
@@ -64,13 +68,41 @@ class TrialRecord:
                 "total_params": self.total_params, "extra": self.extra}
 
 
+def this_process() -> dict:
+    """The owner record of a study run by this process."""
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def is_interrupted(record: StudyRecord) -> bool:
+    """Stored as running, but its process is gone (killed, or the app restarted): resume it.
+
+    A study run on another host is taken as running: its process cannot be checked from here.
+    """
+    if record.state != StudyState.RUNNING:
+        return False
+    owner = record.owner
+    if not owner or "pid" not in owner:
+        return True
+    if owner.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, run by another user
+        return False
+    return False
+
+
 class StudyStorage(Protocol):
     """Reads of an unknown study give None, [] or {}; writes to one raise `StudyNotFoundError`."""
 
     def create_study(self, record: StudyRecord) -> None: ...
     def get_study(self, study_id: str) -> Optional[StudyRecord]: ...
     def list_studies(self) -> list[StudyRecord]: ...
-    def set_state(self, study_id: str, state: StudyState, message: Optional[str] = None) -> None: ...
+    def set_state(self, study_id: str, state: StudyState, message: Optional[str] = None,
+                  owner: Optional[dict] = None) -> None: ...
     def set_validation(self, study_id: str, validation: dict) -> None: ...
     def add_trial(self, trial: TrialRecord) -> None: ...
     def trials(self, study_id: str) -> list[TrialRecord]: ...
@@ -128,10 +160,12 @@ class InMemoryStudyStorage:
         with self._lock:
             return copy.deepcopy(list(self._studies.values()))
 
-    def set_state(self, study_id: str, state: StudyState, message: Optional[str] = None) -> None:
+    def set_state(self, study_id: str, state: StudyState, message: Optional[str] = None,
+                  owner: Optional[dict] = None) -> None:
         with self._lock:
             self._known(study_id)
-            self._studies[study_id] = replace(self._studies[study_id], state=state, message=message)
+            self._studies[study_id] = replace(self._studies[study_id], state=state, message=message,
+                                              owner=copy.deepcopy(owner))
 
     def set_validation(self, study_id: str, validation: dict) -> None:
         with self._lock:

@@ -29,9 +29,10 @@ from engine.errors import RankScopeError
 from engine.hashing import sha256_json
 from engine.progress import ProgressCallback, ProgressTracker
 from engine.search.baselines import greedy_ratios, lord_ratios, uniform_ratios
-from engine.search.records import StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord
+from engine.search.records import StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord, this_process
 from engine.search.settings import StudySettings
 from engine.search.subset import choose_subset, objective
+from engine.search.summary import is_complete
 from engine.texts.settings import TextSettings
 from engine.texts.windows import Windowing
 
@@ -209,7 +210,9 @@ class StudyRunner:
     # -- the study -----------------------------------------------------------------------------------
     def run(self) -> StudyRecord:
         sid = self.record.study_id
-        self.storage.set_state(sid, StudyState.RUNNING)
+        if is_complete(self.storage, self.record):
+            return self.record  # nothing to add: a finished study is not replayed
+        self.storage.set_state(sid, StudyState.RUNNING, owner=this_process())
         try:
             windows, reference, subset = self._validation()
             stored = {t.number: t for t in self.storage.trials(sid)}

@@ -9,7 +9,7 @@ from engine.compression.plan import RankPlan
 from engine.compression.units import ModelShapes
 from engine.errors import RankScopeError
 from engine.progress import ProgressCallback
-from engine.search.records import StudyStorage, TrialKind, TrialRecord
+from engine.search.records import StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord, is_interrupted
 from engine.search.settings import StudySettings
 
 if TYPE_CHECKING:
@@ -37,6 +37,18 @@ def best_trial(storage: StudyStorage, study_id: str) -> Optional[TrialRecord]:
     return min(searched, key=lambda t: t.objective) if searched else None
 
 
+def is_complete(storage: StudyStorage, record: StudyRecord) -> bool:
+    """Finished, with all its trials and its best plan re-measured on the full evaluation text: resuming adds nothing."""
+    if record.state != StudyState.FINISHED:
+        return False
+    told = [t for t in storage.trials(record.study_id) if t.kind != TrialKind.BASELINE]
+    return len(told) >= record.settings["n_trials"] and "best" in storage.results(record.study_id)
+
+
+def resume_command(study_id: str) -> str:
+    return f"rankscope search resume --study {study_id}"
+
+
 def study_summary(storage: StudyStorage, study_id: str) -> dict:
     """State, counts, best trial, baselines, and full-text re-measurements of one study."""
     record = storage.get_study(study_id)
@@ -55,8 +67,10 @@ def study_summary(storage: StudyStorage, study_id: str) -> dict:
     return {
         "study_id": study_id,
         "name": record.name,
-        "state": record.state.value,
+        "state": "interrupted" if is_interrupted(record) else record.state.value,
         "message": record.message,
+        "owner": record.owner,
+        "resume": None if is_complete(storage, record) else resume_command(study_id),
         "settings": record.settings,
         "validation": None if record.validation is None else
         {k: record.validation[k] for k in ("kind", "windows", "reason") if k in record.validation},

@@ -177,15 +177,20 @@ class Store:
         )
 
     # -- arrays index -------------------------------------------------------------------------------
-    def record_array(self, array_id: str, kind: str, relpath: str, n_bytes: int, sha256: str) -> None:
+    def record_array(self, array_id: str, kind: str, relpath: str, n_bytes: int, sha256: str, xxh3: str) -> None:
         self.execute(
-            "INSERT OR REPLACE INTO arrays (array_id, kind, relpath, n_bytes, sha256) VALUES (?, ?, ?, ?, ?)",
-            [array_id, kind, relpath, n_bytes, sha256],
+            "INSERT OR REPLACE INTO arrays (array_id, kind, relpath, n_bytes, sha256, xxh3) VALUES (?, ?, ?, ?, ?, ?)",
+            [array_id, kind, relpath, n_bytes, sha256, xxh3],
         )
 
     def array_entry(self, array_id: str) -> Optional[dict]:
-        row = self.fetch_one("SELECT kind, relpath, n_bytes, sha256 FROM arrays WHERE array_id = ?", [array_id])
-        return None if row is None else dict(zip(("kind", "relpath", "n_bytes", "sha256"), row))
+        keys = ("kind", "relpath", "n_bytes", "sha256", "xxh3")
+        row = self.fetch_one(f"SELECT {', '.join(keys)} FROM arrays WHERE array_id = ?", [array_id])
+        return None if row is None else dict(zip(keys, row))
+
+    def set_array_checksum(self, array_id: str, xxh3: str) -> None:
+        """Record the fast checksum of an array written before checksums were kept (verified by sha256 first)."""
+        self.execute("UPDATE arrays SET xxh3 = ? WHERE array_id = ?", [xxh3, array_id])
 
     def forget_array(self, array_id: str) -> None:
         self.execute("DELETE FROM arrays WHERE array_id = ?", [array_id])
@@ -301,7 +306,9 @@ def _open_failure_message(path: Path, exc: Exception) -> str:
         )
     return (
         f"The cache database {path} could not be opened: {text.splitlines()[0] if text else type(exc).__name__}. "
-        "It may be corrupt or not a DuckDB file. Nothing was changed: move it aside "
-        f"(mv {path} {path}.bak) and RankScope will start a fresh cache; only computation time is lost, "
-        "since saved plans and exports live outside the cache."
+        "It may be corrupt or not a DuckDB file. Nothing was changed. Computed results (calibrations, factors, "
+        "sweeps) only cost time to recompute, but search studies live in this database: each is also kept as a "
+        f"JSON file in {path.parent / 'studies'}. Move the database aside (mv {path} {path}.bak); RankScope then "
+        "starts a fresh one, and `rankscope search restore` copies the studies back from their files. Plans and "
+        "exports you saved are files of their own and are not affected."
     )

@@ -206,6 +206,16 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        4,
+        "a fast checksum of every array file, checked on every read; who runs a study",
+        (
+            # xxh3-64 of the file, checked on every read (sha256 stays for rows written before it)
+            "ALTER TABLE arrays ADD COLUMN xxh3 VARCHAR",
+            # {"pid", "host", "started_at"} of the process running a study, null when none does
+            "ALTER TABLE studies ADD COLUMN owner_json VARCHAR",
+        ),
+    ),
 )
 
 SCHEMA_VERSION: int = MIGRATIONS[-1].version
