@@ -1,4 +1,4 @@
-"""Unit tests of the app's path policy (app/access.py, DESIGN.md §14).
+"""Unit tests of the app's path policy (app/access.py) and of how `make app` binds (DESIGN.md §14).
 
 Locally every path passes as typed; in share mode a path is resolved (symlinks and `..` included)
 and must lie inside the configured roots, and a refusal reads the same whether the path exists or not.
@@ -7,6 +7,7 @@ and must lie inside the configured roots, and a refusal reads the same whether t
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
 
@@ -119,3 +120,33 @@ def test_share_mode_writes_only_below_the_workspace(roots):
     assert refusal(lambda: policy.export_directory(str(workspace))) == message  # never the workspace itself
     assert refusal(lambda: policy.export_directory(str(roots["allowed"] / "new"))) == message  # readable, not writable
 
+
+# -- make app -----------------------------------------------------------------------------------------------------
+
+def make_app(*arguments: str, **environment: str) -> subprocess.CompletedProcess:
+    """`make -n app ...` (prints the recipe, runs nothing) with the sharing variables only from `environment`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RANKSCOPE_") and k not in ("SHARE", "MAKEFLAGS")}
+    return subprocess.run(["make", "-n", "app", *arguments], cwd=PROJECT_ROOT, env={**env, **environment},
+                          capture_output=True, text=True, timeout=60)
+
+
+def streamlit_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr
+    return next(line for line in result.stdout.splitlines() if "streamlit run" in line)
+
+
+def test_make_app_binds_to_localhost_unless_sharing_is_asked_for():
+    line = streamlit_line(make_app())
+    assert "--server.address 127.0.0.1" in line and "0.0.0.0" not in line
+    assert "RANKSCOPE_SHARE=0" in line
+    assert "--server.address 127.0.0.1" in streamlit_line(make_app(RANKSCOPE_SECRET="team-secret-123"))
+    for shared_run in (make_app("SHARE=1", RANKSCOPE_SECRET="team-secret-123"), make_app(RANKSCOPE_SHARE="1", RANKSCOPE_SECRET="team-secret-123")):
+        line = streamlit_line(shared_run)
+        assert "--server.address 0.0.0.0" in line and "RANKSCOPE_SHARE=1" in line
+        assert "team-secret-123" not in line  # the secret stays in the environment, off the command line
+
+
+def test_make_app_refuses_to_share_without_a_secret():
+    result = make_app("SHARE=1")
+    assert result.returncode != 0 and "streamlit run" not in result.stdout
+    assert "RANKSCOPE_SECRET" in result.stderr
