@@ -7,6 +7,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rankscope-installed
 PORT ?= 8501
+# `make app` listens on this machine only. Serving a team is asked for explicitly: `make app SHARE=1` (or
+# RANKSCOPE_SHARE=1) listens on every interface, and the app then asks for the shared secret RANKSCOPE_SECRET
+# (refused here, before anything runs, when it is not set) and keeps paths inside its roots (app/access.py).
+SHARE ?= $(RANKSCOPE_SHARE)
+SHARING := $(filter 1 true yes on,$(SHARE))
+ADDRESS := $(if $(SHARING),0.0.0.0,127.0.0.1)
+ifneq ($(SHARING),)
+ifneq ($(filter app,$(MAKECMDGOALS)),)
+ifeq ($(strip $(RANKSCOPE_SECRET)),)
+$(error make app SHARE=1 serves a team and needs a shared secret: set RANKSCOPE_SECRET in the environment (README.md, "Running for a team"))
+endif
+endif
+endif
 CHROMIUM := /usr/bin/chromium
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
@@ -33,7 +46,7 @@ prepare: setup
 	$(BIN)/rankscope prepare
 
 app: prepare
-	$(BIN)/streamlit run app/main.py --server.headless true --server.port $(PORT) --browser.gatherUsageStats false
+	RANKSCOPE_SHARE=$(if $(SHARING),1,0) $(BIN)/streamlit run app/main.py --server.headless true --server.address $(ADDRESS) --server.port $(PORT) --browser.gatherUsageStats false$(if $(SHARING), --client.showErrorDetails type)
 
 test: prepare $(CHROMIUM)
 	$(BIN)/python -m pytest -m "not slow"

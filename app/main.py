@@ -1,12 +1,15 @@
-"""RankScope app entry point: only routes to the pages in `pages/` with `st.navigation`."""
+"""RankScope app entry point: checks access (`app/access.py`), then only routes to the pages in `pages/`."""
 
 from pathlib import Path
 
 import streamlit as st
 
+from app.access import require_access
+
 PAGES = Path(__file__).resolve().parent.parent / "pages"
 
 st.set_page_config(page_title="RankScope", page_icon=":material/compress:", layout="wide")
+require_access()  # serving a team: no page before the shared secret (DESIGN.md §14)
 navigation = st.navigation(
     [
         st.Page(PAGES / "model.py", title="Model & texts", icon=":material/memory:", default=True),

@@ -15,16 +15,21 @@ demos can start small:
 | `RANKSCOPE_EVALUATION_WINDOWS` | 16 |
 | `RANKSCOPE_GROUPS` | 32 (groups of the pooled covariance) |
 | `RANKSCOPE_METHOD` | `feature-pca` |
+
+When the app serves a team (`app/access.py`), the model and text paths must lie inside the allowed
+roots: a path outside is refused with an `st.error` and the page stops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import streamlit as st
 
+from app.access import AccessRefused, path_policy
 from app.resources import current_database, default_model_reference, get_model
 from engine.texts.settings import (
     DEFAULT_CALIBRATION_WINDOWS, DEFAULT_EVALUATION_WINDOWS, DEFAULT_GROUPS, DEFAULT_WINDOW_LEN, TextSettings,
@@ -152,8 +157,28 @@ def workspace_sidebar() -> Workspace:
                             _env_int("RANKSCOPE_GROUPS", DEFAULT_GROUPS), min_value=1, max_value=256, step=1,
                             help="The calibration windows are split into this many groups; the pooled "
                                  "covariance averages the groups' covariances (Bolaco uses 32).")
-    return Workspace(custom.strip() or choice, calibration, evaluation, int(window_len), int(calibration_windows),
-                     int(evaluation_windows), int(groups))
+    return _within_roots(Workspace(custom.strip() or choice, calibration, evaluation, int(window_len),
+                                   int(calibration_windows), int(evaluation_windows), int(groups)))
+
+
+def _within_roots(workspace: Workspace) -> Workspace:
+    """The workspace as the path policy allows it (locally unchanged; shared: paths resolved inside the roots), or
+    an `st.error` for each refused path and a stop of the page."""
+    policy = path_policy()
+    checks = {"model_reference": ("Model", policy.model_reference),
+              "calibration_text": ("Calibration text", policy.text_source),
+              "evaluation_text": ("Evaluation text", policy.text_source)}
+    allowed, refusals = {}, []
+    for field, (what, check) in checks.items():
+        try:
+            allowed[field] = check(getattr(workspace, field))
+        except AccessRefused as exc:
+            refusals.append(f"{what}: {exc}")
+    for refusal in refusals:
+        st.error(refusal)
+    if refusals:
+        st.stop()
+    return dataclasses.replace(workspace, **allowed)
 
 
 def load_workspace_model(workspace: Workspace) -> LoadedModel:

@@ -9,6 +9,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from app.access import AccessRefused, path_policy
 from app.plans import plans_for_model, read_uploaded_plan, saved_plans
 from app.progress import watch_job
 from app.resources import current_store, get_job_board
@@ -25,7 +26,6 @@ from engine.compression.units import ModelShapes
 from engine.errors import RankScopeError
 from engine.export.format import CARD_FILE, PLAN_FILE
 from engine.export.report import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT, SideBySide
-from engine.paths import PROJECT_ROOT
 from engine.search.summary import best_trial
 from engine.search.duckdb_storage import DuckDBStudyStorage
 
@@ -88,8 +88,14 @@ st.dataframe(summary.rename(columns=METRIC_LABELS), hide_index=True, width="stre
                             "Perplexity": st.column_config.NumberColumn(format="%.3f")})
 st.download_button("Download the rank plan (JSON)", data=plan.to_json(), mime="application/json",
                    file_name=f"{plan_name}.json", key="download_plan")
-try:
+try:  # the plan's recorded texts are read to locate them: only where the path policy allows (a shared app)
+    for section in (plan.calibration, plan.evaluation):
+        if section and section.get("text"):
+            path_policy().text_source(section["text"])
     run_with = export_plan_settings(workspace, plan)
+except AccessRefused as exc:
+    st.error(f"This plan's recorded texts cannot be read here. {exc}")
+    st.stop()
 except RankScopeError as exc:
     st.error(f"This plan cannot be exported as it was measured: {exc}")
     st.stop()
@@ -102,9 +108,16 @@ for note in run_with.notes:
 # -- export -----------------------------------------------------------------------------------------------------
 st.subheader("Export the compressed model")
 slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{Path(loaded.model_id).name}-{plan_name}").strip("-.") or "export"
-out_dir = persistent(st.text_input, "Directory", f"export_dir.{plan_name}", str(PROJECT_ROOT / "exports" / slug),
+policy = path_policy()
+out_dir = persistent(st.text_input, "Directory", f"export_dir.{plan_name}", str(policy.workspace / slug),
                      help="A new or empty directory, or an earlier export (replaced only once the new one has passed "
-                          "its checks).").strip()
+                          "its checks)." + (f" Inside {policy.workspace} (this app is shared)." if policy.shared
+                                            else "")).strip()
+try:
+    target = policy.export_directory(out_dir) if out_dir else None
+except AccessRefused as exc:
+    target = None
+    st.error(str(exc))
 dense = st.checkbox("Dense export: NOT smaller. Stores W = B·A as plain linear weights, for tools that need "
                     "standard layers; same size and speed as the original.", key="export_dense")
 options = st.columns([3, 1, 1])
@@ -113,8 +126,8 @@ new_tokens = options[1].number_input("New tokens", min_value=1, max_value=512, v
                                      key="export_new_tokens")
 timing_runs = options[2].number_input("Timing runs", min_value=1, max_value=10, value=3, step=1, key="export_runs",
                                       help="tokens/s is the median of these runs, after one warm-up run.")
-if st.button("Export", type="primary", key="export_model", disabled=not out_dir):
-    start_export(loaded, plan, texts, Path(out_dir).expanduser(), dense, prompt, int(new_tokens), int(timing_runs))
+if st.button("Export", type="primary", key="export_model", disabled=target is None) and target is not None:
+    start_export(loaded, plan, texts, target, dense, prompt, int(new_tokens), int(timing_runs))
     st.rerun()
 for job in board.with_prefix(export_job_prefix(loaded)):
     finished = watch_job(job.job_id, stoppable=True,
