@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -270,12 +271,16 @@ def test_a_plan_for_another_model_is_refused_at_export_and_at_load(exported, dam
         export_compressed(session, _other_models_plan(exported[1]), tmp_path / "never", **FAST)
     assert not (tmp_path / "never").exists()
     _other_models_plan(exported[1]).save(damaged / "rank_plan.json")
+    _write_manifest(damaged)  # the checks behind the manifest's still name the problem
     with pytest.raises(ExportError, match=r"rank_plan\.json is a plan for model 'other-model'.*made from"):
         load_compressed(damaged)
 
 
 def test_a_missing_weights_file_or_directory_is_named(damaged, tmp_path):
     (damaged / "model.safetensors").unlink()
+    with pytest.raises(ExportError, match=r"model\.safetensors, listed in rankscope_manifest\.json, is missing"):
+        load_compressed(damaged)
+    (damaged / MANIFEST).unlink()
     with pytest.raises(ExportError, match=r"has no model\.safetensors"):
         load_compressed(damaged)
     with pytest.raises(ExportError, match="No export directory at"):
@@ -288,10 +293,12 @@ def test_a_tampered_tensor_shape_is_named_with_both_shapes(damaged):
     name = "model.layers.1.mlp.down_proj.A"  # rank 8, d_in 48
     tensors[name] = tensors[name][:4].clone()
     save_file(tensors, str(weights), metadata={"format": "pt"})
+    _write_manifest(damaged)
     with pytest.raises(ExportError, match=rf"'{name}'.*shape \[4, 48\].*says \[8, 48\].*rank 8"):
         load_compressed(damaged)
     del tensors[name]
     save_file(tensors, str(weights), metadata={"format": "pt"})
+    _write_manifest(damaged)
     with pytest.raises(ExportError, match=rf"1 missing tensor\(s\) \('{name}'\)"):
         load_compressed(damaged)
 
@@ -300,6 +307,7 @@ def test_an_unknown_compression_schema_is_refused_by_both_loaders(damaged):
     config = json.loads((damaged / "config.json").read_text())
     config[SECTION]["schema"] = "rankscope.compression/v9"
     (damaged / "config.json").write_text(json.dumps(config))
+    _write_manifest(damaged)
     with pytest.raises(ExportError, match=r"Unknown compression schema 'rankscope\.compression/v9'.*reads: rankscope\.compression/v1"):
         load_compressed(damaged)
     with pytest.raises(ValueError, match=r"Unknown compression schema 'rankscope\.compression/v9'"):
@@ -368,3 +376,97 @@ def test_export_command_writes_and_reports(tiny_model_dirs, text_file, tmp_path)
     refused = runner.invoke(app, ["export", "--plan", str(plan_file), "--out", str(tmp_path / "x"),
                                   "--model", str(tiny_model_dirs["llama"]), *options])
     assert refused.exit_code == 2 and "Error:" in refused.stderr and "made for model" in refused.stderr
+
+
+# -- safety: the manifest, damaged files, NaN (DESIGN.md §14) --------------------------------------------------------
+
+MANIFEST = "rankscope_manifest.json"
+
+
+def _write_manifest(directory: Path) -> None:
+    """Rewrite the manifest for the directory's files as they are now (an export that was written this way)."""
+    import hashlib
+
+    files = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"schema": "rankscope.manifest/v1", "files": files}))
+
+
+def _load_remote(directory: Path):
+    return AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32)
+
+
+def _flip_a_data_byte(weights: Path) -> None:
+    """Change the lowest mantissa byte of the first stored float: same size, same header, a slightly other value."""
+    with weights.open("rb") as handle:
+        offset = 8 + struct.unpack("<Q", handle.read(8))[0]
+    data = bytearray(weights.read_bytes())
+    data[offset] ^= 0x01
+    weights.write_bytes(bytes(data))
+
+
+def test_an_export_lists_every_file_it_wrote_in_a_checksum_manifest(exported):
+    import hashlib
+
+    directory, _ = exported
+    manifest = json.loads((directory / MANIFEST).read_text())
+    on_disk = {p.name for p in directory.iterdir()} - {MANIFEST}
+    assert set(manifest["files"]) == on_disk and {"model.safetensors", "README.md", "tokenizer.json"} <= on_disk
+    for name, entry in manifest["files"].items():
+        data = (directory / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+
+
+def test_a_changed_byte_in_the_weights_is_refused_by_both_loaders(damaged):
+    size = (damaged / "model.safetensors").stat().st_size
+    _flip_a_data_byte(damaged / "model.safetensors")
+    assert (damaged / "model.safetensors").stat().st_size == size
+    with pytest.raises(ExportError, match=r"model\.safetensors.*sha256.*rankscope_manifest\.json"):
+        load_compressed(damaged)
+    with pytest.raises(ValueError, match=r"model\.safetensors.*sha256.*rankscope_manifest\.json"):
+        _load_remote(damaged)
+
+
+def test_a_truncated_weights_file_is_refused_by_both_loaders_naming_it(damaged):
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ExportError, match=r"model\.safetensors is [\d,]+ bytes, but rankscope_manifest\.json records"):
+        load_compressed(damaged)
+    with pytest.raises(ValueError, match=r"model\.safetensors is [\d,]+ bytes, but rankscope_manifest\.json records"):
+        _load_remote(damaged)
+    (damaged / MANIFEST).unlink()  # as written by RankScope before manifests: the damaged file is still named
+    with pytest.raises(ExportError, match=r"model\.safetensors.*could not be read.*damaged or truncated"):
+        load_compressed(damaged)
+
+
+def test_a_missing_tokenizer_file_is_refused_by_both_loaders(damaged):
+    (damaged / "tokenizer.json").unlink()
+    with pytest.raises(ExportError, match=r"tokenizer\.json.*listed in rankscope_manifest\.json.*missing"):
+        load_compressed(damaged)
+    with pytest.raises(ValueError, match=r"tokenizer\.json.*listed in rankscope_manifest\.json.*missing"):
+        _load_remote(damaged)
+
+
+@pytest.mark.parametrize("with_manifest", [True, False], ids=["manifest", "no-manifest"])
+def test_a_nan_tensor_is_refused_by_both_loaders_naming_it(damaged, with_manifest):
+    weights = damaged / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "model.layers.1.mlp.down_proj.B"
+    tensors[name][3, 1] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    if with_manifest:
+        _write_manifest(damaged)  # the NaN was written by the export itself: the checksums agree
+    else:
+        (damaged / MANIFEST).unlink(missing_ok=True)
+    with pytest.raises(ExportError, match=rf"'{re.escape(name)}'.*model\.safetensors.*NaN"):
+        load_compressed(damaged)
+    with pytest.raises(ValueError, match=rf"'{re.escape(name)}'.*NaN"):
+        _load_remote(damaged)
+
+
+def test_an_export_without_a_manifest_still_loads(exported, damaged):
+    (damaged / MANIFEST).unlink(missing_ok=True)
+    model, _, plan = load_compressed(damaged)
+    assert plan.ranks == exported[1].ranks
+    ids = torch.arange(1, 33)[None]  # [1, 32]
+    assert torch.equal(_logits(model, ids), _logits(load_compressed(exported[0])[0], ids))

@@ -11,6 +11,8 @@ the session's evaluation windows, and checks that the reloaded parameter count i
 dense weights crept back). Any failed check raises `ExportError` and leaves `out_dir` untouched;
 on success the folder is renamed into place. `dense=True` writes `W_r = B_r A_r` as plain
 `nn.Linear` weights instead: a standard transformers model, not smaller than the original.
+
+Every export carries `rankscope_manifest.json` (size and sha256 of each file it wrote).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from engine.export.format import (
     load_compressed,
     original_weights_bytes,
     unique_state_dict,
+    write_manifest,
     write_safetensors,
 )
 from engine.export.modeling import MODELING_FILE, auto_map, modeling_source, remote_class_name
@@ -112,6 +115,7 @@ def export_compressed(
     try:
         check_ids = session.windows[:check_windows]  # [n, L]
         written = _write(session, plan, staging, storage, check_ids, progress)
+        write_manifest(staging)  # the reload checks below go through the manifest check too
         tracker.advance()
         verified = _verify(session, plan, staging, written, check_ids, storage, progress)
         tracker.advance()
@@ -134,6 +138,7 @@ def export_compressed(
             speed=speed, generation=generation, checks=verified.checks,
         )
         (staging / CARD_FILE).write_text(render_model_card(report))
+        write_manifest(staging)  # now with the model card
         report.files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
         _move_into_place(staging, out_dir)
         session.store.record_export(sha256_json([str(out_dir), report.to_dict()])[:32], session.loaded.fingerprint,
