@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
+import stat
 import struct
 from pathlib import Path
 
@@ -378,7 +380,7 @@ def test_export_command_writes_and_reports(tiny_model_dirs, text_file, tmp_path)
     assert refused.exit_code == 2 and "Error:" in refused.stderr and "made for model" in refused.stderr
 
 
-# -- safety: the manifest, damaged files, NaN (DESIGN.md §14) --------------------------------------------------------
+# -- safety: the manifest, damaged files, NaN, permissions (DESIGN.md §14) -------------------------------------------
 
 MANIFEST = "rankscope_manifest.json"
 
@@ -470,3 +472,11 @@ def test_an_export_without_a_manifest_still_loads(exported, damaged):
     assert plan.ranks == exported[1].ranks
     ids = torch.arange(1, 33)[None]  # [1, 32]
     assert torch.equal(_logits(model, ids), _logits(load_compressed(exported[0])[0], ids))
+
+
+def test_every_export_file_has_the_same_permissions_from_the_umask(exported):
+    directory, _ = exported
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert set(modes.values()) == {0o666 & ~umask}, modes

@@ -12,7 +12,8 @@ dense weights crept back). Any failed check raises `ExportError` and leaves `out
 on success the folder is renamed into place. `dense=True` writes `W_r = B_r A_r` as plain
 `nn.Linear` weights instead: a standard transformers model, not smaller than the original.
 
-Every export carries `rankscope_manifest.json` (size and sha256 of each file it wrote).
+Every export carries `rankscope_manifest.json` (size and sha256 of each file it wrote), and all its
+files get the same permissions (what the umask gives a new file).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ from engine.compression.session import CompressionSession
 from engine.export.format import (
     CARD_FILE,
     CONFIG_FILE,
+    MANIFEST_FILE,
     PLAN_FILE,
     SECTION,
     SUPPORTED_SCHEMAS,
@@ -139,6 +142,7 @@ def export_compressed(
         )
         (staging / CARD_FILE).write_text(render_model_card(report))
         write_manifest(staging)  # now with the model card
+        _same_permissions(staging)
         report.files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
         _move_into_place(staging, out_dir)
         session.store.record_export(sha256_json([str(out_dir), report.to_dict()])[:32], session.loaded.fingerprint,
@@ -339,6 +343,17 @@ def _planned_count(plan: RankPlan, storage: str) -> int:
 @torch.no_grad()
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids[None], use_cache=False).logits[0].float()  # [L] -> [L, V]
+
+
+def _same_permissions(directory: Path) -> None:
+    """Give every file the mode a new file gets under the umask (safetensors writes its file 0600).
+
+    The manifest was just written with Python's `open`, so its mode is that of a new file (0644 for umask 022);
+    reading it there avoids `os.umask`, which would change the umask of every thread for a moment."""
+    mode = stat.S_IMODE((directory / MANIFEST_FILE).stat().st_mode)
+    for path in directory.iterdir():
+        if path.is_file() and stat.S_IMODE(path.stat().st_mode) != mode:
+            path.chmod(mode)
 
 
 def _move_into_place(staging: Path, out_dir: Path) -> None:
