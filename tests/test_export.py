@@ -332,7 +332,7 @@ def test_a_failed_self_check_leaves_the_target_untouched(store, tiny_model_dirs,
     first = export_compressed(session, plan, tmp_path / "export", **FAST)
     monkeypatch.setattr(engine.export.writer, "LOGITS_TOLERANCE", 0.0)  # no difference, not even 0.0, can pass now
     with pytest.raises(ExportError, match="did not reproduce the compressed model.*logits via load_compressed"):
-        export_compressed(session, plan, tmp_path / "export", **FAST)
+        export_compressed(session, plan, tmp_path / "export", overwrite=True, **FAST)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     assert {p.name: p.stat().st_size for p in (tmp_path / "export").iterdir()} == first.files
     (tmp_path / "other").mkdir()
@@ -369,7 +369,7 @@ def test_export_command_writes_and_reports(tiny_model_dirs, text_file, tmp_path)
     assert max(report["logits_max_abs_diff"].values()) < TOLERANCE
     assert load_compressed(tmp_path / "export")[2].ranks == RankPlan.load(plan_file).ranks
 
-    text = runner.invoke(app, ["export", "--plan", str(plan_file), "--out", str(tmp_path / "export"),
+    text = runner.invoke(app, ["export", "--plan", str(plan_file), "--out", str(tmp_path / "export"), "--overwrite",
                                "--new-tokens", "8", "--timing-runs", "1", *options])
     assert text.exit_code == 0, text.output
     for words in ("reload check: passed", "tokens/s", "KL(P_orig||P_comp)", "model.safetensors", "original:"):
@@ -380,7 +380,7 @@ def test_export_command_writes_and_reports(tiny_model_dirs, text_file, tmp_path)
     assert refused.exit_code == 2 and "Error:" in refused.stderr and "made for model" in refused.stderr
 
 
-# -- safety: the manifest, damaged files, NaN, permissions (DESIGN.md §14) -------------------------------------------
+# -- safety: the manifest, damaged files, NaN, permissions, overwriting (DESIGN.md §14) ------------------------------
 
 MANIFEST = "rankscope_manifest.json"
 
@@ -480,3 +480,86 @@ def test_every_export_file_has_the_same_permissions_from_the_umask(exported):
     umask = os.umask(0)
     os.umask(umask)
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_exporting_onto_an_earlier_export_needs_overwrite(store, tiny_model_dirs, text_file, tmp_path):
+    session = _session(store, tiny_model_dirs["llama"], text_file, "svd")
+    plan = _mixed_plan(session)
+    out = tmp_path / "export"
+    export_compressed(session, plan, out, **FAST)
+    before = _snapshot(out)
+    with pytest.raises(ExportError, match=r"holds an earlier RankScope export.*--overwrite.*tick"):
+        export_compressed(session, plan, out, **FAST)
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+    other = session.uniform_plan(0.5)
+    report = export_compressed(session, other, out, overwrite=True, **FAST)
+    assert report.passed and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert load_compressed(out)[2].ranks == other.ranks
+    assert set(report.files) == {p.name for p in out.iterdir()} and MANIFEST in report.files
+
+
+def test_overwrite_refuses_an_earlier_export_holding_a_users_file(store, tiny_model_dirs, text_file, tmp_path):
+    session = _session(store, tiny_model_dirs["llama"], text_file, "svd")
+    plan = _mixed_plan(session)
+    out = tmp_path / "export"
+    export_compressed(session, plan, out, **FAST)
+    (out / "NOTES.txt").write_text("notes")
+    (out / "runs").mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match=r"NOTES\.txt.*runs|runs.*NOTES\.txt"):
+            export_compressed(session, session.uniform_plan(0.5), out, overwrite=overwrite, **FAST)
+        assert (out / "NOTES.txt").read_text() == "notes" and (out / "runs").is_dir()
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+        assert load_compressed(out)[2].ranks == plan.ranks  # the earlier export is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_directory_that_is_not_an_export_is_never_touched(store, tiny_model_dirs, text_file, tmp_path):
+    session = _session(store, tiny_model_dirs["llama"], text_file, "svd")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"model_type": "llama"}')  # a model of the user's, not an export
+    with pytest.raises(ExportError, match="is not an earlier RankScope export"):
+        export_compressed(session, _mixed_plan(session), mine, overwrite=True, **FAST)
+    assert _snapshot(mine) == {"config.json": b'{"model_type": "llama"}'}
+
+
+def _error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+
+
+def test_export_command_replaces_an_earlier_export_only_with_overwrite(tiny_model_dirs, text_file, tmp_path):
+    runner = CliRunner()
+    options = ["--calibration-text", str(text_file), "--calibration-windows", "8", "--groups", "4",
+               "--eval-text", str(text_file), "--eval-windows", "2", "--window-len", "32"]
+    plan_file = tmp_path / "plan.json"
+    made = runner.invoke(app, ["compress", "--model", str(tiny_model_dirs["llama"]), "--uniform", "0.3",
+                               "--save-plan", str(plan_file), *options])
+    assert made.exit_code == 0, made.output
+    out = tmp_path / "export"
+    export = ["export", "--plan", str(plan_file), "--out", str(out), "--new-tokens", "4", "--timing-runs", "1", *options]
+    assert runner.invoke(app, export).exit_code == 0
+    assert "--overwrite" in runner.invoke(app, ["export", "--help"]).stdout
+
+    refused = runner.invoke(app, export)
+    assert refused.exit_code == 2
+    [line] = _error_lines(refused)
+    assert "earlier RankScope export" in line and "--overwrite" in line
+
+    (out / "NOTES.txt").write_text("notes")
+    kept = runner.invoke(app, [*export, "--overwrite"])
+    assert kept.exit_code == 2
+    [line] = _error_lines(kept)
+    assert "NOTES.txt" in line and "not written by" in line
+    assert (out / "NOTES.txt").read_text() == "notes"
+
+    (out / "NOTES.txt").unlink()
+    replaced = runner.invoke(app, [*export, "--overwrite", "--json"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads(replaced.stdout)["passed"] and "rankscope_manifest.json" in json.loads(replaced.stdout)["files"]
