@@ -23,7 +23,7 @@ from engine.compression.plan_settings import PlanSettings, plan_settings
 from engine.texts.settings import TextSettings
 from engine.compression.sweep import sweep_by_layer, sweep_by_type
 from engine.errors import RankScopeError
-from engine.export import export_compressed, generate_side_by_side, load_compressed
+from engine.export import check_export_target, export_compressed, generate_side_by_side, load_compressed
 from engine.export.report import SideBySide
 from engine.cache.keys import digest
 from engine.models.loading import LoadedModel
@@ -214,17 +214,18 @@ def export_job_prefix(loaded: LoadedModel) -> str:
 
 
 def start_export(loaded: LoadedModel, plan: RankPlan, texts: TextSettings, out_dir: Path, dense: bool, prompt: str,
-                 new_tokens: int, timing_runs: int) -> Job:
+                 new_tokens: int, timing_runs: int, overwrite: bool = False) -> Job:
     """Export the plan's compressed model to `out_dir`, verified by reloading (`engine.export`); stored in the
-    store's exports. Returns the directory."""
+    store's exports. Returns the directory. `overwrite`: replace an earlier export there (never other files)."""
     open_session = _texts_session_opener(loaded, plan.method, texts)
     guard = get_model_guard(loaded.fingerprint)
 
     def work(job: Job) -> str:
+        check_export_target(out_dir, overwrite)  # a refused directory fails at once, before the session opens
         session = open_session(job)
         with guard.hold(f"exporting to {out_dir}"):
-            report = export_compressed(session, plan, out_dir, dense=dense, prompt=prompt, progress=job.report,
-                                       max_new_tokens=new_tokens, timing_runs=timing_runs)
+            report = export_compressed(session, plan, out_dir, dense=dense, overwrite=overwrite, prompt=prompt,
+                                       progress=job.report, max_new_tokens=new_tokens, timing_runs=timing_runs)
         return report.out_dir
 
     return get_job_board().start(export_job_prefix(loaded) + digest(str(out_dir)), f"Export to {out_dir}", work)

@@ -110,14 +110,16 @@ st.subheader("Export the compressed model")
 slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{Path(loaded.model_id).name}-{plan_name}").strip("-.") or "export"
 policy = path_policy()
 out_dir = persistent(st.text_input, "Directory", f"export_dir.{plan_name}", str(policy.workspace / slug),
-                     help="A new or empty directory, or an earlier export (replaced only once the new one has passed "
-                          "its checks)." + (f" Inside {policy.workspace} (this app is shared)." if policy.shared
-                                            else "")).strip()
+                     help="A new or empty directory, or an earlier export with the box below ticked."
+                          + (f" Inside {policy.workspace} (this app is shared)." if policy.shared else "")).strip()
 try:
     target = policy.export_directory(out_dir) if out_dir else None
 except AccessRefused as exc:
     target = None
     st.error(str(exc))
+overwrite = st.checkbox("Replace an earlier export in this directory", key="export_overwrite",
+                        help="Only a RankScope export is replaced, once the new one has passed its checks; a directory "
+                             "holding any file that export did not write (or that is not an export) is never changed.")
 dense = st.checkbox("Dense export: NOT smaller. Stores W = B·A as plain linear weights, for tools that need "
                     "standard layers; same size and speed as the original.", key="export_dense")
 options = st.columns([3, 1, 1])
@@ -127,7 +129,7 @@ new_tokens = options[1].number_input("New tokens", min_value=1, max_value=512, v
 timing_runs = options[2].number_input("Timing runs", min_value=1, max_value=10, value=3, step=1, key="export_runs",
                                       help="tokens/s is the median of these runs, after one warm-up run.")
 if st.button("Export", type="primary", key="export_model", disabled=target is None) and target is not None:
-    start_export(loaded, plan, texts, target, dense, prompt, int(new_tokens), int(timing_runs))
+    start_export(loaded, plan, texts, target, dense, prompt, int(new_tokens), int(timing_runs), overwrite=overwrite)
     st.rerun()
 for job in board.with_prefix(export_job_prefix(loaded)):
     finished = watch_job(job.job_id, stoppable=True,

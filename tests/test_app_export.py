@@ -118,3 +118,44 @@ def test_export_page_refuses_a_plan_whose_calibration_text_changed_and_notes_ano
     assert [e.value for e in at.error if "cannot be exported as it was measured" in e.value
             and plan.calibration["text_fingerprint"][:12] in e.value and "has other content" in e.value]
     assert at.button(key="export_model") if False else not [b for b in at.button if b.key == "export_model"]
+
+
+def test_export_page_replaces_an_earlier_export_only_when_the_box_is_ticked(workbench, tmp_path):
+    from engine.export import export_compressed, load_compressed
+
+    store = open_store()
+    session, shapes = engine_session(workbench, store)
+    groups = Grouping("5x1").groups(shapes, METHOD)
+    plan = session.plan(ranks_from_ratios(groups, {name: DEFAULT_RATIO for name in groups}))
+    out = tmp_path / "exported"
+    earlier = session.uniform_plan(0.5)
+    export_compressed(session, earlier, out, timing_runs=1, max_new_tokens=4)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.session_state["alloc_saved_plans"] = {"by-hand": plan.to_dict()}
+    at.run()
+    at.switch_page("../pages/export.py").run()
+    assert_clean(at)
+    at.text_input(key="export_dir.by-hand").set_value(str(out))
+    at.number_input(key="export_new_tokens").set_value(4)
+    at.number_input(key="export_runs").set_value(1)
+    assert at.checkbox(key="export_overwrite").value is False
+    at.button(key="export_model").click().run()
+    run_until(at, lambda a: bool(a.error))
+    assert not at.exception
+    assert "holds an earlier RankScope export" in at.error[0].value and "tick" in at.error[0].value
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    (out / "NOTES.txt").write_text("mine")
+    at.checkbox(key="export_overwrite").check().run()
+    at.button(key="export_model").click().run()
+    run_until(at, lambda a: bool(a.error))
+    assert "NOTES.txt" in at.error[0].value and (out / "NOTES.txt").read_text() == "mine"
+    assert load_compressed(out)[2].ranks == earlier.ranks
+
+    (out / "NOTES.txt").unlink()
+    at.button(key="export_model").click().run()
+    run_until(at, lambda a: any(s.value.startswith("Exported to") for s in a.success))
+    assert_clean(at)
+    assert load_compressed(out)[2].ranks == plan.ranks

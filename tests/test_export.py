@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import shutil
+import stat
 import struct
 from pathlib import Path
 
@@ -270,12 +273,16 @@ def test_a_plan_for_another_model_is_refused_at_export_and_at_load(exported, dam
         export_compressed(session, _other_models_plan(exported[1]), tmp_path / "never", **FAST)
     assert not (tmp_path / "never").exists()
     _other_models_plan(exported[1]).save(damaged / "rank_plan.json")
+    _write_manifest(damaged)  # the checks behind the manifest's still name the problem
     with pytest.raises(ExportError, match=r"rank_plan\.json is a plan for model 'other-model'.*made from"):
         load_compressed(damaged)
 
 
 def test_a_missing_weights_file_or_directory_is_named(damaged, tmp_path):
     (damaged / "model.safetensors").unlink()
+    with pytest.raises(ExportError, match=r"model\.safetensors, listed in rankscope_manifest\.json, is missing"):
+        load_compressed(damaged)
+    (damaged / MANIFEST).unlink()
     with pytest.raises(ExportError, match=r"has no model\.safetensors"):
         load_compressed(damaged)
     with pytest.raises(ExportError, match="No export directory at"):
@@ -288,10 +295,12 @@ def test_a_tampered_tensor_shape_is_named_with_both_shapes(damaged):
     name = "model.layers.1.mlp.down_proj.A"  # rank 8, d_in 48
     tensors[name] = tensors[name][:4].clone()
     save_file(tensors, str(weights), metadata={"format": "pt"})
+    _write_manifest(damaged)
     with pytest.raises(ExportError, match=rf"'{name}'.*shape \[4, 48\].*says \[8, 48\].*rank 8"):
         load_compressed(damaged)
     del tensors[name]
     save_file(tensors, str(weights), metadata={"format": "pt"})
+    _write_manifest(damaged)
     with pytest.raises(ExportError, match=rf"1 missing tensor\(s\) \('{name}'\)"):
         load_compressed(damaged)
 
@@ -300,6 +309,7 @@ def test_an_unknown_compression_schema_is_refused_by_both_loaders(damaged):
     config = json.loads((damaged / "config.json").read_text())
     config[SECTION]["schema"] = "rankscope.compression/v9"
     (damaged / "config.json").write_text(json.dumps(config))
+    _write_manifest(damaged)
     with pytest.raises(ExportError, match=r"Unknown compression schema 'rankscope\.compression/v9'.*reads: rankscope\.compression/v1"):
         load_compressed(damaged)
     with pytest.raises(ValueError, match=r"Unknown compression schema 'rankscope\.compression/v9'"):
@@ -322,7 +332,7 @@ def test_a_failed_self_check_leaves_the_target_untouched(store, tiny_model_dirs,
     first = export_compressed(session, plan, tmp_path / "export", **FAST)
     monkeypatch.setattr(engine.export.writer, "LOGITS_TOLERANCE", 0.0)  # no difference, not even 0.0, can pass now
     with pytest.raises(ExportError, match="did not reproduce the compressed model.*logits via load_compressed"):
-        export_compressed(session, plan, tmp_path / "export", **FAST)
+        export_compressed(session, plan, tmp_path / "export", overwrite=True, **FAST)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
     assert {p.name: p.stat().st_size for p in (tmp_path / "export").iterdir()} == first.files
     (tmp_path / "other").mkdir()
@@ -359,7 +369,7 @@ def test_export_command_writes_and_reports(tiny_model_dirs, text_file, tmp_path)
     assert max(report["logits_max_abs_diff"].values()) < TOLERANCE
     assert load_compressed(tmp_path / "export")[2].ranks == RankPlan.load(plan_file).ranks
 
-    text = runner.invoke(app, ["export", "--plan", str(plan_file), "--out", str(tmp_path / "export"),
+    text = runner.invoke(app, ["export", "--plan", str(plan_file), "--out", str(tmp_path / "export"), "--overwrite",
                                "--new-tokens", "8", "--timing-runs", "1", *options])
     assert text.exit_code == 0, text.output
     for words in ("reload check: passed", "tokens/s", "KL(P_orig||P_comp)", "model.safetensors", "original:"):
@@ -368,3 +378,188 @@ def test_export_command_writes_and_reports(tiny_model_dirs, text_file, tmp_path)
     refused = runner.invoke(app, ["export", "--plan", str(plan_file), "--out", str(tmp_path / "x"),
                                   "--model", str(tiny_model_dirs["llama"]), *options])
     assert refused.exit_code == 2 and "Error:" in refused.stderr and "made for model" in refused.stderr
+
+
+# -- safety: the manifest, damaged files, NaN, permissions, overwriting (DESIGN.md §14) ------------------------------
+
+MANIFEST = "rankscope_manifest.json"
+
+
+def _write_manifest(directory: Path) -> None:
+    """Rewrite the manifest for the directory's files as they are now (an export that was written this way)."""
+    import hashlib
+
+    files = {p.name: {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"schema": "rankscope.manifest/v1", "files": files}))
+
+
+def _load_remote(directory: Path):
+    return AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32)
+
+
+def _flip_a_data_byte(weights: Path) -> None:
+    """Change the lowest mantissa byte of the first stored float: same size, same header, a slightly other value."""
+    with weights.open("rb") as handle:
+        offset = 8 + struct.unpack("<Q", handle.read(8))[0]
+    data = bytearray(weights.read_bytes())
+    data[offset] ^= 0x01
+    weights.write_bytes(bytes(data))
+
+
+def test_an_export_lists_every_file_it_wrote_in_a_checksum_manifest(exported):
+    import hashlib
+
+    directory, _ = exported
+    manifest = json.loads((directory / MANIFEST).read_text())
+    on_disk = {p.name for p in directory.iterdir()} - {MANIFEST}
+    assert set(manifest["files"]) == on_disk and {"model.safetensors", "README.md", "tokenizer.json"} <= on_disk
+    for name, entry in manifest["files"].items():
+        data = (directory / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+
+
+def test_a_changed_byte_in_the_weights_is_refused_by_both_loaders(damaged):
+    size = (damaged / "model.safetensors").stat().st_size
+    _flip_a_data_byte(damaged / "model.safetensors")
+    assert (damaged / "model.safetensors").stat().st_size == size
+    with pytest.raises(ExportError, match=r"model\.safetensors.*sha256.*rankscope_manifest\.json"):
+        load_compressed(damaged)
+    with pytest.raises(ValueError, match=r"model\.safetensors.*sha256.*rankscope_manifest\.json"):
+        _load_remote(damaged)
+
+
+def test_a_truncated_weights_file_is_refused_by_both_loaders_naming_it(damaged):
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ExportError, match=r"model\.safetensors is [\d,]+ bytes, but rankscope_manifest\.json records"):
+        load_compressed(damaged)
+    with pytest.raises(ValueError, match=r"model\.safetensors is [\d,]+ bytes, but rankscope_manifest\.json records"):
+        _load_remote(damaged)
+    (damaged / MANIFEST).unlink()  # as written by RankScope before manifests: the damaged file is still named
+    with pytest.raises(ExportError, match=r"model\.safetensors.*could not be read.*damaged or truncated"):
+        load_compressed(damaged)
+
+
+def test_a_missing_tokenizer_file_is_refused_by_both_loaders(damaged):
+    (damaged / "tokenizer.json").unlink()
+    with pytest.raises(ExportError, match=r"tokenizer\.json.*listed in rankscope_manifest\.json.*missing"):
+        load_compressed(damaged)
+    with pytest.raises(ValueError, match=r"tokenizer\.json.*listed in rankscope_manifest\.json.*missing"):
+        _load_remote(damaged)
+
+
+@pytest.mark.parametrize("with_manifest", [True, False], ids=["manifest", "no-manifest"])
+def test_a_nan_tensor_is_refused_by_both_loaders_naming_it(damaged, with_manifest):
+    weights = damaged / "model.safetensors"
+    tensors = load_file(str(weights))
+    name = "model.layers.1.mlp.down_proj.B"
+    tensors[name][3, 1] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    if with_manifest:
+        _write_manifest(damaged)  # the NaN was written by the export itself: the checksums agree
+    else:
+        (damaged / MANIFEST).unlink(missing_ok=True)
+    with pytest.raises(ExportError, match=rf"'{re.escape(name)}'.*model\.safetensors.*NaN"):
+        load_compressed(damaged)
+    with pytest.raises(ValueError, match=rf"'{re.escape(name)}'.*NaN"):
+        _load_remote(damaged)
+
+
+def test_an_export_without_a_manifest_still_loads(exported, damaged):
+    (damaged / MANIFEST).unlink(missing_ok=True)
+    model, _, plan = load_compressed(damaged)
+    assert plan.ranks == exported[1].ranks
+    ids = torch.arange(1, 33)[None]  # [1, 32]
+    assert torch.equal(_logits(model, ids), _logits(load_compressed(exported[0])[0], ids))
+
+
+def test_every_export_file_has_the_same_permissions_from_the_umask(exported):
+    directory, _ = exported
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_exporting_onto_an_earlier_export_needs_overwrite(store, tiny_model_dirs, text_file, tmp_path):
+    session = _session(store, tiny_model_dirs["llama"], text_file, "svd")
+    plan = _mixed_plan(session)
+    out = tmp_path / "export"
+    export_compressed(session, plan, out, **FAST)
+    before = _snapshot(out)
+    with pytest.raises(ExportError, match=r"holds an earlier RankScope export.*--overwrite.*tick"):
+        export_compressed(session, plan, out, **FAST)
+    assert _snapshot(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+    other = session.uniform_plan(0.5)
+    report = export_compressed(session, other, out, overwrite=True, **FAST)
+    assert report.passed and sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert load_compressed(out)[2].ranks == other.ranks
+    assert set(report.files) == {p.name for p in out.iterdir()} and MANIFEST in report.files
+
+
+def test_overwrite_refuses_an_earlier_export_holding_a_users_file(store, tiny_model_dirs, text_file, tmp_path):
+    session = _session(store, tiny_model_dirs["llama"], text_file, "svd")
+    plan = _mixed_plan(session)
+    out = tmp_path / "export"
+    export_compressed(session, plan, out, **FAST)
+    (out / "NOTES.txt").write_text("notes")
+    (out / "runs").mkdir()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match=r"NOTES\.txt.*runs|runs.*NOTES\.txt"):
+            export_compressed(session, session.uniform_plan(0.5), out, overwrite=overwrite, **FAST)
+        assert (out / "NOTES.txt").read_text() == "notes" and (out / "runs").is_dir()
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+        assert load_compressed(out)[2].ranks == plan.ranks  # the earlier export is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_a_directory_that_is_not_an_export_is_never_touched(store, tiny_model_dirs, text_file, tmp_path):
+    session = _session(store, tiny_model_dirs["llama"], text_file, "svd")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"model_type": "llama"}')  # a model of the user's, not an export
+    with pytest.raises(ExportError, match="is not an earlier RankScope export"):
+        export_compressed(session, _mixed_plan(session), mine, overwrite=True, **FAST)
+    assert _snapshot(mine) == {"config.json": b'{"model_type": "llama"}'}
+
+
+def _error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+
+
+def test_export_command_replaces_an_earlier_export_only_with_overwrite(tiny_model_dirs, text_file, tmp_path):
+    runner = CliRunner()
+    options = ["--calibration-text", str(text_file), "--calibration-windows", "8", "--groups", "4",
+               "--eval-text", str(text_file), "--eval-windows", "2", "--window-len", "32"]
+    plan_file = tmp_path / "plan.json"
+    made = runner.invoke(app, ["compress", "--model", str(tiny_model_dirs["llama"]), "--uniform", "0.3",
+                               "--save-plan", str(plan_file), *options])
+    assert made.exit_code == 0, made.output
+    out = tmp_path / "export"
+    export = ["export", "--plan", str(plan_file), "--out", str(out), "--new-tokens", "4", "--timing-runs", "1", *options]
+    assert runner.invoke(app, export).exit_code == 0
+    assert "--overwrite" in runner.invoke(app, ["export", "--help"]).stdout
+
+    refused = runner.invoke(app, export)
+    assert refused.exit_code == 2
+    [line] = _error_lines(refused)
+    assert "earlier RankScope export" in line and "--overwrite" in line
+
+    (out / "NOTES.txt").write_text("notes")
+    kept = runner.invoke(app, [*export, "--overwrite"])
+    assert kept.exit_code == 2
+    [line] = _error_lines(kept)
+    assert "NOTES.txt" in line and "not written by" in line
+    assert (out / "NOTES.txt").read_text() == "notes"
+
+    (out / "NOTES.txt").unlink()
+    replaced = runner.invoke(app, [*export, "--overwrite", "--json"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads(replaced.stdout)["passed"] and "rankscope_manifest.json" in json.loads(replaced.stdout)["files"]

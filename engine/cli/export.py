@@ -21,6 +21,8 @@ _HELP = "\n\n".join([
     "Before reporting success it reloads the directory through RankScope's load_compressed and through "
     "transformers (trust_remote_code=True), compares logits with the in-memory compressed model, re-evaluates "
     "perplexity and counts parameters; any difference is an error and the target directory is left untouched.",
+    "An earlier export at --out is replaced only with --overwrite, and never when it holds files that export did "
+    "not write (listed in its rankscope_manifest.json); a directory that is not an export is never changed.",
     "The plan's own method, calibration and evaluation set are used; a calibration option that contradicts the "
     "plan is refused before any work, and another evaluation set is allowed and noted.",
 ])
@@ -30,7 +32,8 @@ _HELP = "\n\n".join([
 @text_options
 def export(
     plan: Path = typer.Option(..., "--plan", help="The rank plan JSON (rankscope.plan/v1) to apply, with its own settings."),
-    out: Path = typer.Option(..., "--out", help="Directory to write (new, empty, or an earlier export to replace)."),
+    out: Path = typer.Option(..., "--out", help="Directory to write: new, empty, or an earlier export with --overwrite."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier RankScope export at --out (once the new one passed its checks)."),
     dense: bool = typer.Option(False, "--dense", help="Write W_r = B_r A_r as plain Linear weights: loads without remote code, NOT smaller."),
     prompt: str = typer.Option(DEFAULT_PROMPT, "--prompt", help="Prompt for the side-by-side generation and the tokens/s measurement."),
     new_tokens: int = typer.Option(DEFAULT_NEW_TOKENS, "--new-tokens", help="Tokens generated per run (batch 1, greedy)."),
@@ -39,14 +42,15 @@ def export(
     texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
 ):
-    from engine.export import export_compressed
+    from engine.export import check_export_target, export_compressed
     from engine.progress import TerminalProgress
 
     try:
+        check_export_target(out, overwrite)  # before any model loads
         given, settings, model = read_plan(plan, model, None, texts)
         session = open_session(model, settings.method, settings.texts, given)
-        report = export_compressed(session, given, out, dense=dense, prompt=prompt, progress=TerminalProgress(),
-                                   max_new_tokens=new_tokens, timing_runs=timing_runs)
+        report = export_compressed(session, given, out, dense=dense, overwrite=overwrite, prompt=prompt,
+                                   progress=TerminalProgress(), max_new_tokens=new_tokens, timing_runs=timing_runs)
     except RankScopeError as exc:
         fail(exc)
     if as_json:

@@ -2,8 +2,8 @@
 
 | module | what lives there |
 |---|---|
-| `writer` | `export_compressed`: write the directory into a staging folder, prove it, move it into place |
-| `format` | the directory's format: the `rankscope_compression` config section, weights, `load_compressed` |
+| `writer` | `export_compressed`: write the directory into a staging folder, prove it, move it into place; `check_export_target` |
+| `format` | the directory's format: the `rankscope_compression` config section, weights, the checksum manifest, `load_compressed` |
 | `modeling` | the bundled `modeling_rankscope.py` that `trust_remote_code` loads |
 | `report` | side-by-side generation, tokens/s, the export report and its model card |
 
@@ -12,7 +12,7 @@ The public names are re-exported here: `from engine.export import export_compres
 
 from engine.export.format import ExportError, load_compressed
 from engine.export.report import ExportReport, generate_side_by_side, measure_generation_speed
-from engine.export.writer import export_compressed
+from engine.export.writer import check_export_target, export_compressed
 
-__all__ = ["export_compressed", "load_compressed", "ExportError", "ExportReport", "generate_side_by_side",
+__all__ = ["export_compressed", "check_export_target", "load_compressed", "ExportError", "ExportReport", "generate_side_by_side",
            "measure_generation_speed"]

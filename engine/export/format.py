@@ -8,14 +8,21 @@ its rank, shape and whether it has a bias, plus which linears share one `A` fact
 compressed linears, the dense weights of everything else; a tied input/output embedding and a shared
 `A` appear under their first name in `state_dict` order only (`unique_state_dict`).
 
+`rankscope_manifest.json` records the size and sha256 of every other file the export wrote
+(`write_manifest`); both loaders check it before reading anything else (`verify_manifest` here, a
+copy of the check in the bundled modeling file), so a changed, truncated or missing file is refused
+by name. An export written before manifests existed has none and is still read.
+
 `load_compressed` rebuilds the model from config.json with the engine's own `LowRankLinear` and
 loads model.safetensors strictly: every expected tensor present, nothing extra, every shape as the
-section says. It needs no remote code; nothing in an export is a pickle.
+section says, every value finite. It needs no remote code; nothing in an export is a pickle.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -33,6 +40,9 @@ SUPPORTED_SCHEMAS = (COMPRESSION_SCHEMA,)
 SECTION = "rankscope_compression"
 STORAGES = ("low-rank", "dense")  # factors A/B, or W_r = B_r A_r as plain nn.Linear weights
 CONFIG_FILE, WEIGHTS_FILE, PLAN_FILE, CARD_FILE = "config.json", "model.safetensors", "rank_plan.json", "README.md"
+MANIFEST_FILE = "rankscope_manifest.json"  # file name -> size and sha256 of every other file the export wrote
+MANIFEST_SCHEMA = "rankscope.manifest/v1"
+_HASH_CHUNK = 1 << 20
 
 
 class ExportError(RankScopeError):
@@ -166,8 +176,98 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape, read from the file header without loading the data."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    with _reading_safetensors(path):
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file; `ExportError` naming the file when it is damaged or truncated."""
+    from safetensors.torch import load_file
+
+    with _reading_safetensors(path):
+        return load_file(str(path))
+
+
+@contextmanager
+def _reading_safetensors(path: Path):
+    """Turn the safetensors library's errors (a bare `SafetensorError`, no file name) into `ExportError`."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise ExportError(f"{path} could not be read as safetensors ({exc}); the file is damaged or truncated. "
+                          "Export the model again.") from exc
+
+
+def refuse_non_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """`ExportError` naming the first floating-point tensor that holds NaN or an infinity."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ExportError(f"Tensor '{name}' in {where} holds NaN or infinite values ({bad:,} of {tensor.numel():,}); "
+                              "a model with such weights gives no usable output. Export it again.")
+
+
+# -- manifest ------------------------------------------------------------------------------------------------------
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> dict[str, dict]:
+    """Write `rankscope_manifest.json`: name -> {size, sha256} of every file in `directory` but itself."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)}
+             for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_FILE}
+    (directory / MANIFEST_FILE).write_text(json.dumps({"schema": MANIFEST_SCHEMA, "files": files}, indent=2) + "\n")
+    return files
+
+
+def read_manifest(directory: Path) -> Optional[dict[str, dict]]:
+    """The manifest's files (name -> {size, sha256}), or None for an export written before manifests existed."""
+    path = directory / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"Could not read {path}: {exc}. The export is damaged; export it again.") from exc
+    if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA:
+        raise ExportError(f"{path} is not a {MANIFEST_SCHEMA} manifest; this RankScope ({__version__}) reads only that.")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(name, str) and Path(name).name == name and name not in ("", ".", "..")
+            and isinstance(entry, dict) and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str)
+            for name, entry in files.items()):
+        raise ExportError(f"{path} is malformed: 'files' must map plain file names to their size and sha256.")
+    return files
+
+
+def verify_manifest(directory: Path) -> Optional[dict[str, dict]]:
+    """Check every file the manifest lists: present, the recorded size, the recorded sha256.
+
+    Returns the manifest's files, or None when the export has no manifest (written before they existed).
+    Raises `ExportError` naming the first file that is missing, truncated or changed.
+    """
+    files = read_manifest(directory)
+    for name, entry in (files or {}).items():
+        path = directory / name
+        if not path.is_file():
+            raise ExportError(f"{name}, listed in {MANIFEST_FILE}, is missing from {directory}; the export is "
+                              "incomplete. Export it again, or copy the whole directory.")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise ExportError(f"{name} is {size:,} bytes, but {MANIFEST_FILE} records {entry['size']:,}: the file is "
+                              f"truncated or was changed after the export ({directory}). Export it again.")
+        if file_sha256(path) != entry["sha256"]:
+            raise ExportError(f"{name} does not match its sha256 in {MANIFEST_FILE}: the file was changed after the "
+                              f"export ({directory}). Export it again.")
+    return files
 
 
 def count_module_parameters(model: nn.Module) -> int:
@@ -212,9 +312,7 @@ def build_model(config, compression: CompressionConfig) -> nn.Module:
 
 
 def load_weights_strictly(model: nn.Module, weights: Path, compression: CompressionConfig) -> None:
-    """Load `weights` into `model`, refusing missing, unexpected or mis-shaped tensors with their names."""
-    from safetensors.torch import load_file
-
+    """Load `weights` into `model`, refusing missing, unexpected, mis-shaped or non-finite tensors with their names."""
     expected, aliases = unique_state_dict(model)
     found = safetensors_shapes(weights)
     missing = [name for name in expected if name not in found]
@@ -231,7 +329,8 @@ def load_weights_strictly(model: nn.Module, weights: Path, compression: Compress
                    if compression.storage == "low-rank" and module in compression.modules else "")
             raise ExportError(f"Tensor '{name}' in {weights.name} has shape {list(found[name])}, but config.json "
                               f"says {list(tensor.shape)}{why}. The file was changed or belongs to another export.")
-    state = load_file(str(weights))
+    state = read_safetensors(weights)
+    refuse_non_finite(state, str(weights))
     state.update({alias: state[owner] for alias, owner in aliases.items()})  # copied into the one shared Parameter
     model.load_state_dict(state, strict=True)
 
@@ -265,13 +364,16 @@ def load_compressed(directory: Path | str) -> tuple[nn.Module, Any, RankPlan]:
     """Rebuild an exported model (low-rank or dense) with its tokenizer and rank plan; no remote code.
 
     Example: `model, tokenizer, plan = load_compressed("exports/smollm2-fpca20")`.
-    Raises `ExportError` naming the file or tensor when the directory is incomplete or inconsistent.
+    Raises `ExportError` naming the file or tensor when the directory is incomplete or inconsistent: a file
+    that differs from `rankscope_manifest.json` (changed, truncated or missing), a damaged weights file, a
+    tensor holding NaN or an infinity, a missing tensor or one of another shape.
     """
     from transformers import AutoConfig, AutoTokenizer
 
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise ExportError(f"No export directory at {directory}.")
+    verify_manifest(directory)
     compression = read_compression_config(directory)
     weights = _require_file(directory, WEIGHTS_FILE)
     plan = read_plan(directory, compression)

@@ -11,6 +11,11 @@ A shared `A` (joint-svd: q‖k, gate‖up) is stored once, under its owner's nam
 each alias with transformers' tied-weights mapping, the mechanism that handles tied embeddings:
 without it transformers v5 treats the alias as a missing key, materialises it and re-initialises it
 at random after loading. The export's self-check compares logits to catch any regression of this.
+
+The class's `from_pretrained` checks the export before transformers reads it, as `load_compressed`
+does: loaded from a local directory, every file listed in `rankscope_manifest.json` must be present
+with its recorded size and sha256 (an export without a manifest is read as before); and after
+loading, a parameter holding NaN or an infinity is refused by name. Both raise `ValueError`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from string import Template
 
 from engine import __version__
+from engine.export.format import MANIFEST_FILE, MANIFEST_SCHEMA
 
 MODELING_FILE = "modeling_rankscope.py"
 
@@ -41,6 +47,8 @@ def modeling_source(base_class: str, supported_schemas: tuple[str, ...]) -> str:
         remote_class=remote_class_name(base_class),
         engine_version=__version__,
         supported_schemas=repr(tuple(supported_schemas)),
+        manifest_file=repr(MANIFEST_FILE),
+        manifest_schema=repr(MANIFEST_SCHEMA),
     )
 
 
@@ -51,7 +59,14 @@ config.json's `rankscope_compression` section lists each compressed linear (rank
 the linears that share one `A` factor; they are swapped in before the weights load, so the factors
 in model.safetensors (`<module>.A` [r, d_in], `<module>.B` [d_out, r]) load into them. A shared `A`
 is stored once and tied to its aliases the way tied embeddings are.
+
+Before loading from a local directory, every file listed in rankscope_manifest.json is checked
+against its recorded size and sha256; after loading, a weight holding NaN or an infinity is refused.
 """
+
+import hashlib
+import json
+import os
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +74,54 @@ from torch import nn
 from transformers import $base_class
 
 SUPPORTED_SCHEMAS = $supported_schemas
+MANIFEST_FILE = $manifest_file
+MANIFEST_SCHEMA = $manifest_schema
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_manifest(directory):
+    """Refuse a file listed in rankscope_manifest.json that is missing, truncated or changed (ValueError)."""
+    path = os.path.join(directory, MANIFEST_FILE)
+    if not os.path.isfile(path):
+        return  # written before manifests existed
+    try:
+        with open(path) as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"Could not read {path}: {exc}. The export is damaged; export it again.") from exc
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(manifest, dict) or manifest.get("schema") != MANIFEST_SCHEMA or not isinstance(files, dict):
+        raise ValueError(f"{path} is not a {MANIFEST_SCHEMA} manifest.")
+    for name, entry in files.items():
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", "..") or \
+                not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
+            raise ValueError(f"{path} is malformed at {name!r}: it must map plain file names to their size and sha256.")
+        file = os.path.join(directory, name)
+        if not os.path.isfile(file):
+            raise ValueError(f"{name}, listed in {MANIFEST_FILE}, is missing from {directory}; the export is "
+                             "incomplete. Export it again, or copy the whole directory.")
+        size = os.path.getsize(file)
+        if size != entry.get("size"):
+            raise ValueError(f"{name} is {size:,} bytes, but {MANIFEST_FILE} records {entry.get('size'):,}: the file "
+                             f"is truncated or was changed after the export ({directory}). Export it again.")
+        if _sha256(file) != entry.get("sha256"):
+            raise ValueError(f"{name} does not match its sha256 in {MANIFEST_FILE}: the file was changed after the "
+                             f"export ({directory}). Export it again.")
+
+
+def refuse_non_finite(model, where):
+    """Refuse a model whose weights hold NaN or an infinity, naming the tensor (ValueError)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"Tensor '{name}' in {where} holds NaN or infinite values; a model with such weights "
+                             "gives no usable output. Export it again.")
 
 
 class LowRankLinear(nn.Module):
@@ -105,6 +168,15 @@ class $remote_class($base_class):
         self._rankscope_shared_A = {f"{alias}.A": f"{owner}.A" for alias, owner in section["shared_A"].items()}
         self.all_tied_weights_keys.update(self._rankscope_shared_A)
         self._tied_weights_keys = {**(type(self)._tied_weights_keys or {}), **self._rankscope_shared_A}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        directory = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if os.path.isdir(directory):  # only a local directory: a hub id is resolved by transformers below
+            verify_manifest(directory)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        refuse_non_finite(loaded[0] if isinstance(loaded, tuple) else loaded, pretrained_model_name_or_path)
+        return loaded
 
     def get_expanded_tied_weights_keys(self, all_submodels=False):
         # transformers returns no tied keys at all when the embeddings are untied; the shared A stays tied.

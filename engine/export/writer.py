@@ -11,6 +11,12 @@ the session's evaluation windows, and checks that the reloaded parameter count i
 dense weights crept back). Any failed check raises `ExportError` and leaves `out_dir` untouched;
 on success the folder is renamed into place. `dense=True` writes `W_r = B_r A_r` as plain
 `nn.Linear` weights instead: a standard transformers model, not smaller than the original.
+
+Every export carries `rankscope_manifest.json` (size and sha256 of each file it wrote), and all its
+files get the same permissions (what the umask gives a new file). The target (DESIGN.md §14: nothing
+deletes a directory it did not create) may be new or empty; an earlier RankScope export there is
+replaced only with `overwrite=True`, and only when it holds nothing but the files that export wrote;
+any other directory is never modified.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +39,7 @@ from engine.compression.session import CompressionSession
 from engine.export.format import (
     CARD_FILE,
     CONFIG_FILE,
+    MANIFEST_FILE,
     PLAN_FILE,
     SECTION,
     SUPPORTED_SCHEMAS,
@@ -42,7 +50,9 @@ from engine.export.format import (
     describe_source,
     load_compressed,
     original_weights_bytes,
+    read_manifest,
     unique_state_dict,
+    write_manifest,
     write_safetensors,
 )
 from engine.export.modeling import MODELING_FILE, auto_map, modeling_source, remote_class_name
@@ -83,6 +93,7 @@ def export_compressed(
     plan: RankPlan,
     out_dir: Path | str,
     dense: bool = False,
+    overwrite: bool = False,
     prompt: str = DEFAULT_PROMPT,
     progress: Optional[ProgressCallback] = None,
     max_new_tokens: int = DEFAULT_NEW_TOKENS,
@@ -92,17 +103,19 @@ def export_compressed(
     """Write `plan` applied to the session's model to `out_dir`, verify the reload, and report.
 
     Example: `export_compressed(session, session.uniform_plan(0.2), "exports/fpca-20")`.
-    `out_dir` may be new, empty, or an earlier export (replaced only after the new one passed its
-    checks). The session's model is compressed in place while writing and restored afterwards.
-    Raises `ExportError` (or `PlanError`) with the reason when the plan does not fit the session or
-    the written directory does not reproduce the in-memory model.
+    `out_dir` may be new or empty; an earlier RankScope export there is replaced only with
+    `overwrite=True` (and only after the new one passed its checks), and never when it holds files
+    that export did not write. The session's model is compressed in place while writing and
+    restored afterwards. Raises `ExportError` (or `PlanError`) with the reason when the target is
+    refused, the plan does not fit the session or the written directory does not reproduce the
+    in-memory model.
     """
     out_dir = Path(out_dir).expanduser().resolve()
     if min(max_new_tokens, timing_runs, check_windows) < 1:
         raise ExportError("New tokens, timing runs and check windows must each be at least 1.")
+    check_export_target(out_dir, overwrite)
     _check_plan_fits(session, plan)
     _check_transformers_class(session.loaded.model)
-    _check_target(out_dir)
     storage = "dense" if dense else "low-rank"
     tracker = ProgressTracker(progress, f"export ({storage})", total=4, unit="steps")
     # staged as <parent>/.rankscope-export-<id>/<name>: the same folder name as the target, so transformers'
@@ -112,6 +125,7 @@ def export_compressed(
     try:
         check_ids = session.windows[:check_windows]  # [n, L]
         written = _write(session, plan, staging, storage, check_ids, progress)
+        write_manifest(staging)  # the reload checks below go through the manifest check too
         tracker.advance()
         verified = _verify(session, plan, staging, written, check_ids, storage, progress)
         tracker.advance()
@@ -134,8 +148,10 @@ def export_compressed(
             speed=speed, generation=generation, checks=verified.checks,
         )
         (staging / CARD_FILE).write_text(render_model_card(report))
+        write_manifest(staging)  # now with the model card
+        _same_permissions(staging)
         report.files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.is_file()}
-        _move_into_place(staging, out_dir)
+        _move_into_place(staging, out_dir, overwrite)
         session.store.record_export(sha256_json([str(out_dir), report.to_dict()])[:32], session.loaded.fingerprint,
                                     str(out_dir), report.to_dict())
         tracker.advance()
@@ -169,18 +185,66 @@ def _check_plan_fits(session: CompressionSession, plan: RankPlan) -> None:
         )
 
 
-def _check_target(out_dir: Path) -> None:
+# What RankScope wrote into an export before manifests existed (0.1.0): its own files and the tokenizer files that
+# `save_pretrained` writes. Replacing such an export removes only these names; anything else refuses the overwrite.
+_PRE_MANIFEST_FILES = frozenset({
+    CONFIG_FILE, WEIGHTS_FILE, PLAN_FILE, CARD_FILE, MODELING_FILE, "generation_config.json", "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json", "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model",
+})
+
+
+def check_export_target(out_dir: Path | str, overwrite: bool = False) -> None:
+    """Refuse an export target unless it is new, empty, or (with `overwrite`) an earlier export that holds only
+    the files that export wrote. Nothing is changed here; `export_compressed` checks again just before the move.
+
+    Raises `ExportError` saying why and what to do: a file, a directory that is not an export, an earlier export
+    without `overwrite` (--overwrite / the Export page's box), or an earlier export holding other files (named).
+    """
+    out_dir = Path(out_dir).expanduser().resolve()
+    _replaceable_files(out_dir, overwrite)
+
+
+def _replaceable_files(out_dir: Path, overwrite: bool) -> list[Path]:
+    """The files of an earlier export at `out_dir` that replacing it removes ([] when there is nothing there)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ExportError(f"{out_dir} exists and is a file; give a directory for the export.")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_export(out_dir):
-        raise ExportError(f"{out_dir} exists and is not an earlier RankScope export; choose a new or empty directory.")
+    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return []
+    written = _written_by_export(out_dir)
+    if written is None:
+        raise ExportError(f"{out_dir} exists and is not an earlier RankScope export; nothing in it was changed. "
+                          "Choose a new or empty directory.")
+    others = sorted(p.name + ("/" if p.is_dir() else "") for p in out_dir.iterdir()
+                    if p.name not in written or not (p.is_file() or p.is_symlink()))
+    if others:  # refused with or without overwrite: these are someone's files
+        shown = ", ".join(others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
+        raise ExportError(f"{out_dir} holds an earlier RankScope export and {len(others)} file(s) not written by it: "
+                          f"{shown}. Nothing was changed, and it is not replaced even with --overwrite; move those "
+                          "files elsewhere, or choose another directory.")
+    if not overwrite:
+        raise ExportError(f"{out_dir} holds an earlier RankScope export; nothing in it was changed. To replace it, "
+                          "pass --overwrite (rankscope export) or overwrite=True (export_compressed), or tick "
+                          "'Replace an earlier export' on the Export page; or choose another directory.")
+    return [out_dir / name for name in sorted(written) if (out_dir / name).is_file() or (out_dir / name).is_symlink()]
 
 
-def _is_export(directory: Path) -> bool:
+def _written_by_export(directory: Path) -> Optional[set[str]]:
+    """Names of the files an earlier RankScope export wrote in `directory`, or None if it is not an export.
+
+    With a manifest, its files and itself; for an export from before manifests (config.json with the compression
+    section), the names such an export could write."""
     try:
-        return SECTION in json.loads((directory / CONFIG_FILE).read_text())
-    except (OSError, ValueError, TypeError):
-        return False
+        files = read_manifest(directory)
+    except ExportError:
+        files = None  # a damaged manifest: fall back to config.json
+    if files is not None:
+        return {*files, MANIFEST_FILE}
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return {*_PRE_MANIFEST_FILES, MANIFEST_FILE} if isinstance(config, dict) and SECTION in config else None
 
 
 # -- writing -------------------------------------------------------------------------------------------------------
@@ -336,12 +400,39 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids[None], use_cache=False).logits[0].float()  # [L] -> [L, V]
 
 
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename the verified folder to `out_dir`, replacing an earlier export only now that the new one passed."""
-    if out_dir.exists():
-        previous = out_dir.with_name(f".{out_dir.name}.replaced-{uuid.uuid4().hex[:8]}")
-        out_dir.rename(previous)
+def _same_permissions(directory: Path) -> None:
+    """Give every file the mode a new file gets under the umask (safetensors writes its file 0600).
+
+    The manifest was just written with Python's `open`, so its mode is that of a new file (0644 for umask 022);
+    reading it there avoids `os.umask`, which would change the umask of every thread for a moment."""
+    mode = stat.S_IMODE((directory / MANIFEST_FILE).stat().st_mode)
+    for path in directory.iterdir():
+        if path.is_file() and stat.S_IMODE(path.stat().st_mode) != mode:
+            path.chmod(mode)
+
+
+def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the verified folder to `out_dir`, replacing an earlier export only now that the new one passed.
+
+    The target is checked again (a user may have added a file while the export ran). An earlier export is moved
+    aside, the new one renamed in, and then only the files the earlier export wrote are removed; if anything else
+    appeared in the meantime, the moved-aside folder is kept and named in the error."""
+    previous_files = _replaceable_files(out_dir, overwrite)
+    if not out_dir.exists():
         staging.rename(out_dir)
-        shutil.rmtree(previous)
-    else:
+        return
+    if not previous_files:  # an empty directory
+        out_dir.rmdir()
         staging.rename(out_dir)
+        return
+    previous = out_dir.with_name(f".{out_dir.name}.replaced-{uuid.uuid4().hex[:8]}")
+    out_dir.rename(previous)
+    staging.rename(out_dir)
+    for path in previous_files:
+        (previous / path.name).unlink(missing_ok=True)
+    try:
+        previous.rmdir()
+    except OSError:
+        left = sorted(p.name for p in previous.iterdir())
+        raise ExportError(f"The new export is at {out_dir}, but files appeared in the earlier one while exporting "
+                          f"({', '.join(left[:8])}); they were kept in {previous}.") from None
