@@ -41,3 +41,19 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"environment": environment(), **payload}, indent=2))
     return path
+
+
+def kl_note(environment_of_run: dict) -> str:
+    """What the KL numbers of a stored run are: exact since RankScope 0.2, a top-k estimate before."""
+    major_minor = tuple(int(x) for x in environment_of_run["engine_version"].split(".")[:2])
+    if major_minor >= (0, 2):
+        return "KL values are exact over the full vocabulary."
+    return ("KL values, and the studies' objective, are RankScope 0.1.0's top-1024 + tail-bucket estimate, which reads "
+            "low (about 2% forward, 20-70% reverse on this model; see compression-results.md); RankScope 0.2 computes "
+            "KL exactly, and rerunning this script measures with it.")
+
+
+def rendered_from_stored(name: str, render, doc: Path) -> None:
+    """Write `doc` again from the stored `bench/results/<name>.json`, without measuring anything."""
+    doc.write_text(render(json.loads((RESULTS / f"{name}.json").read_text())))
+    print(f"wrote {doc} from {RESULTS / f'{name}.json'}")

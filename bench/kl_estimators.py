@@ -3,8 +3,8 @@ bench/results/kl_estimators.json.
 
 On the first evaluation windows of the default model, for uniform 20% plans of feature-pca and svd,
 compares the exact forward and reverse KL (full 49,152-token distributions) with two top-k forms:
-- bucket: the original's top-k tokens plus one bucket for the rest (what `engine.metrics` does now;
-  a lower bound of the exact KL);
+- bucket: the original's top-k tokens plus one bucket for the rest (what RankScope 0.1.0 stored;
+  a lower bound of the exact KL; since 0.2 `engine.metrics` computes KL exactly);
 - uniform tail: the original's remaining mass spread evenly over the other tokens, so the compressed
   model's own tail enters the reverse KL term by term (a candidate replacement).
 Run: `.venv/bin/python bench/kl_estimators.py [--windows N]` (uses the cached calibration and factors).
@@ -23,12 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write_json  # noqa: E402
 from engine.compression.lowrank import compress_, restore_  # noqa: E402
-from engine.cache.reference import REFERENCE_TOP_K  # noqa: E402
 from engine.compression.session import CompressionSession  # noqa: E402
 from engine.texts.settings import TextSettings  # noqa: E402
 from engine.models.loading import load_model  # noqa: E402
 from engine.progress import TerminalProgress  # noqa: E402
 from engine.store import open_store  # noqa: E402
+
+REFERENCE_TOP_K = 1024  # the top-k RankScope 0.1.0 stored
 
 
 @torch.no_grad()

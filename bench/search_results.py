@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import write_json  # noqa: E402
+from bench.common import kl_note, rendered_from_stored, write_json  # noqa: E402
 from engine.compression.session import CompressionSession  # noqa: E402
 from engine.texts.settings import TextSettings  # noqa: E402
 from engine.models.loading import load_model  # noqa: E402
@@ -110,7 +110,7 @@ def render(p: dict) -> str:
         "decoder-linear parameters; v kept dense in searched plans. Objective: log PPL + beta x KL(P_comp‖P_orig) "
         "on 8 validation windows chosen among the 24 Sherlock Holmes windows after the evaluation windows. "
         "Every number below is re-measured on the evaluation windows (the first 8,192 tokens), which no "
-        f"study saw. Original perplexity {p['original']['perplexity']:.3f}.",
+        f"study saw. Original perplexity {p['original']['perplexity']:.3f}. {kl_note(p['environment'])}",
         "",
     ]
     for name, title in (("results-5x1", "5x1 grouping, 50 trials"), ("results-5x4", "5x4 grouping, 80 trials")):
@@ -148,4 +148,7 @@ def render(p: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    if "--render-only" in sys.argv:  # the doc again from the stored JSON, e.g. after a wording change
+        rendered_from_stored("search_results", render, DOC)
+    else:
+        main()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import write_json  # noqa: E402
+from bench.common import kl_note, rendered_from_stored, write_json  # noqa: E402
 from bench.search_results import STUDIES, TEXTS, full_text_result, run_study  # noqa: E402
 from engine.compression.grouping import Grouping  # noqa: E402
 from engine.compression.session import CompressionSession  # noqa: E402
@@ -134,7 +134,7 @@ def render(p: dict) -> str:
         "remove 20% of decoder-linear parameters, v dense. *Best known* is the best plan of the 50-trial study "
         f"`{ref['study']}`. Perplexities are on the evaluation windows (first 8,192 tokens of Sherlock Holmes), "
         "which no study saw; *excess* is the perplexity above the best known plan; *ratio distance* is the mean "
-        "absolute difference of the five projected group ratios from the best known plan's.",
+        f"absolute difference of the five projected group ratios from the best known plan's. {kl_note(env)}",
         "",
         f"Target references: original {p['original']['perplexity']:.3f}, best known {ref['perplexity']:.3f}, "
         + ", ".join(f"{k} {v['perplexity']:.3f}" for k, v in base.items()) + ".",
@@ -189,4 +189,7 @@ def render(p: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    if "--render-only" in sys.argv:  # the doc again from the stored JSON, e.g. after a wording change
+        rendered_from_stored("transfer_results", render, DOC)
+    else:
+        main()

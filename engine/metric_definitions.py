@@ -3,7 +3,7 @@
 Torch-free on purpose: the plan document (`engine.compression.plan`, which records the definitions in
 every plan it writes) and the display views (`engine.analysis`, which label columns with them) read
 it without loading a model stack. The computations these texts describe live in `engine.metrics`,
-one function per metric (`token_nll`/`perplexity`, `topk_kl`, `exact_kl`).
+one function per metric (`token_nll`/`perplexity`, `exact_kl`).
 
 The definition strings are part of saved plans (`metrics.definitions`), so changing one changes
 what new plans say; the labels are what every page shows.

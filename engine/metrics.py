@@ -3,14 +3,21 @@
 One loop runs a model over windows: `next_token_logprobs` yields, per window, the float32
 log-softmax of the model's next-token distribution at every predicted position, and reports
 progress. Each metric is one function on those log-probabilities (`token_nll` and `perplexity`,
-`topk_kl`, `exact_kl`); `evaluate_perplexity`, `compute_reference` and `evaluate_quality` only
-combine them. The metrics' keys, UI labels and definition texts live in `engine.metric_definitions`.
+`exact_kl`); `evaluate_perplexity`, `compute_reference` and `evaluate_quality` only combine them.
+The metrics' keys, UI labels and definition texts live in `engine.metric_definitions`.
+
+KL is exact in both directions and costs a trial almost nothing beyond its own forward pass. The
+embedding and the LM head are never compressed, so the original model's full next-token
+distribution is its LM head applied to its final hidden states: `compute_reference` keeps those
+hidden states (`[N, L−1, D]`, smaller than any top-k of a 49k vocabulary), and
+`ReferenceDistribution.logprobs` turns them back into log-probabilities, keeping as many windows
+in memory as its budget allows, so the trials of a search reuse them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -80,38 +87,10 @@ def exact_kl(logp: torch.Tensor, logq: torch.Tensor) -> tuple[float, float]:
     `logp`: [T, V] of the original model P, `logq`: [T, V] of the other model Q. Forward is
     `Σ_t Σ_v P·(log P − log Q)` = Σ_t KL(P_orig ‖ P_comp); reverse is Σ_t KL(P_comp ‖ P_orig).
     """
-    p, q = logp.exp(), logq.exp()  # [T, V]
-    return float((p * (logp - logq)).sum()), float((q * (logq - logp)).sum())
-
-
-def topk_kl(
-    top_logp: torch.Tensor, top_idx: torch.Tensor, tail_logp: torch.Tensor, logq: torch.Tensor
-) -> tuple[float, float]:
-    """(forward, reverse) KL over the original's top-k tokens plus one tail bucket, summed over positions.
-
-    P (the original) is given as `top_logp`/`top_idx` ([T, k]) and `tail_logp` ([T], log of the mass
-    outside the top k); Q as full log-probabilities `logq` ([T, V]). Both distributions are reduced
-    to k + 1 outcomes (the top-k tokens and "any other token"), and forward = Σ_t KL(P ‖ Q),
-    reverse = Σ_t KL(Q ‖ P) over those outcomes. Exact for the top-k terms; by coarse-graining,
-    a lower bound of the exact KL that reaches it when k = V.
-    """
-    logq_top = logq.gather(1, top_idx)  # [T, k]
-    tail_logq = _tail_logmass(logq, top_idx)  # [T]
-    p_top, q_top = top_logp.exp(), logq_top.exp()  # [T, k]
-    p_tail, q_tail = tail_logp.exp(), tail_logq.exp()  # [T]
-    forward = (p_top * (top_logp - logq_top)).sum() + (p_tail * (tail_logp - tail_logq)).sum()
-    reverse = (q_top * (logq_top - top_logp)).sum() + (q_tail * (tail_logq - tail_logp)).sum()
+    # kl_div(input, target, log_target) = Σ exp(target)·(target − input), one fused pass each
+    forward = F.kl_div(logq, logp, reduction="sum", log_target=True)
+    reverse = F.kl_div(logp, logq, reduction="sum", log_target=True)
     return float(forward), float(reverse)
-
-
-def _tail_logmass(logp: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
-    """log of the mass outside `top_idx` ([T, V], [T, k] -> [T]), floored so an empty tail stays finite.
-
-    Summed over the tail itself, not as 1 − (top mass): in float32 that difference is rounding
-    noise (~1e-7) when the tail is nearly empty, and the noise would add spurious KL.
-    """
-    rest = logp.scatter(1, top_idx, float("-inf"))  # [T, V]
-    return torch.logsumexp(rest, dim=-1).clamp_min(math.log(1e-30))  # [T]
 
 
 class _NllTally:
@@ -156,41 +135,61 @@ def evaluate_perplexity(
     return PerplexityResult(perplexity(tally.mean_nll), tally.mean_nll, tally.n_tokens, tally.window_nll)
 
 
-@dataclass(frozen=True)
-class ReferenceDistribution:
-    """The original model's next-token distribution on evaluation windows, stored as top-k + tail.
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits from its final hidden states (`[..., D]` -> `[..., V]`), as its forward computes them:
+    the output embedding, then the final logit soft-capping of models that have one (Gemma 2)."""
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
-    `top_logprobs`/`top_indices`: `[N, L−1, k]` log-probabilities and token ids of the k most likely
-    tokens at each predicted position; `tail_logmass`: `[N, L−1]` log of the remaining mass.
+
+REFERENCE_MEMORY_BYTES = 1 << 30  # log-probabilities kept in memory per reference (about 10 windows of 512 at 49k)
+
+
+@dataclass
+class ReferenceDistribution:
+    """The original model's exact next-token distribution on evaluation windows, kept as final hidden states.
+
+    `hidden`: `[N, L−1, D]` float32, the LM head's input at every predicted position of every window.
+    `logprobs(model, i)` gives window i's `[L−1, V]` log-probabilities through the (never compressed)
+    head; the first windows that fit `memory_bytes` are kept after their first use.
     """
 
-    top_logprobs: torch.Tensor  # [N, L-1, k] float32
-    top_indices: torch.Tensor  # [N, L-1, k] int64
-    tail_logmass: torch.Tensor  # [N, L-1] float32
+    hidden: torch.Tensor  # [N, L-1, D] float32
     perplexity: float
+    memory_bytes: int = REFERENCE_MEMORY_BYTES
+    _kept: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
-    @property
-    def top_k(self) -> int:
-        return self.top_logprobs.shape[-1]
+    def logprobs(self, model: torch.nn.Module, index: int) -> torch.Tensor:
+        """log P_orig for window `index`: `[L−1, V]` float32."""
+        kept = self._kept.get(index)
+        if kept is not None:
+            return kept
+        with torch.no_grad():
+            logp = F.log_softmax(head_logits(model, self.hidden[index]).float(), dim=-1)  # [L-1, V]
+        if (len(self._kept) + 1) * logp.numel() * logp.element_size() <= self.memory_bytes:
+            self._kept[index] = logp
+        return logp
 
 
 @torch.no_grad()
 def compute_reference(
-    model: torch.nn.Module, windows: torch.Tensor, top_k: int = 1024, progress: Optional[ProgressCallback] = None
+    model: torch.nn.Module, windows: torch.Tensor, progress: Optional[ProgressCallback] = None
 ) -> ReferenceDistribution:
-    """Run the original model once over `windows` and keep its top-k next-token distribution."""
-    tops, indices, tails = [], [], []
+    """Run the original model once over `windows` and keep its final hidden states (and its perplexity)."""
+    captured: list[torch.Tensor] = []
+    hook = model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    hidden = []
     tally = _NllTally()
-    for window in next_token_logprobs(model, windows, progress=progress, stage="reference distribution"):
-        logp = window.logp  # [L-1, V]
-        tally.add(token_nll(logp, window.targets))  # [L-1]
-        top, idx = logp.topk(min(top_k, logp.shape[-1]), dim=-1)  # [L-1, k] each
-        tops.append(top)
-        indices.append(idx)
-        tails.append(_tail_logmass(logp, idx))  # [L-1]
-    return ReferenceDistribution(
-        torch.stack(tops), torch.stack(indices), torch.stack(tails), perplexity(tally.mean_nll)
-    )  # [N, L-1, k], [N, L-1, k], [N, L-1]
+    try:
+        for window in next_token_logprobs(model, windows, progress=progress, stage="reference distribution"):
+            tally.add(token_nll(window.logp, window.targets))  # [L-1]
+            hidden.append(captured.pop()[0, :-1].float())  # [L-1, D]: the head's input, last position unused
+    finally:
+        hook.remove()
+    return ReferenceDistribution(torch.stack(hidden), perplexity(tally.mean_nll))  # [N, L-1, D]
 
 
 @dataclass(frozen=True)
@@ -219,19 +218,16 @@ def evaluate_quality(
 ) -> QualityResult:
     """Perplexity, forward KL(P_orig ‖ P_comp) and reverse KL(P_comp ‖ P_orig) per predicted token.
 
-    KL is `topk_kl`: over the original's top-k tokens plus one bucket for the rest of the vocabulary
-    (the tail), which is exact for the top-k terms and a lower bound overall; `bench/` measures the
-    gap to the exact KL on the default model. Only the evaluated model runs: the original's
-    distribution comes from `reference`. `window_indices` restricts evaluation to some windows.
+    Both KLs are exact (`exact_kl` over the full vocabulary). Only the evaluated model runs its
+    layers: the original's distribution comes from `reference` through the shared LM head, which
+    compression never changes. `window_indices` restricts evaluation to some windows.
     """
     tally = _NllTally()
     fwd_sum = rev_sum = 0.0
     for window in next_token_logprobs(model, windows, window_indices, progress, stage="evaluation"):
         i, logq = window.index, window.logp  # logq: [L-1, V]
         tally.add(token_nll(logq, window.targets))  # [L-1]
-        forward, reverse = topk_kl(
-            reference.top_logprobs[i], reference.top_indices[i], reference.tail_logmass[i], logq
-        )  # [L-1, k], [L-1, k], [L-1] against [L-1, V]
+        forward, reverse = exact_kl(reference.logprobs(model, i), logq)  # [L-1, V] each
         fwd_sum += forward
         rev_sum += reverse
     n_tokens = tally.n_tokens

@@ -57,10 +57,11 @@ class ReferenceRecord:
     text_fingerprint: str
     window_len: int
     n_windows: int
-    top_k: int
+    top_k: int  # 0 for 'final-hidden' references
     array_id: str
     perplexity: float
     seconds: float
+    kind: str = "final-hidden"  # 'final-hidden' (exact KL) or 'top-k' (written before RankScope 0.2)
 
 
 @dataclass(frozen=True)

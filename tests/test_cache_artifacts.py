@@ -214,7 +214,7 @@ def _variants(function, base: tuple, alternatives: dict[int, object]) -> list[st
     (keys.calibration_key, ("fp", "tf", W, 32), {0: "fp2", 1: "tf2", 2: Windowing(512, 64), 3: 16}),
     (keys.evaluation_key, ("fp", "tf", Windowing(512, 16)), {0: "fp2", 1: "tf2", 2: Windowing(512, 16, 16)}),
     (keys.factorization_key, ("fp", "feature-pca", "cal"), {0: "fp2", 1: "svd", 2: ""}),
-    (keys.reference_key, ("fp", "tf", Windowing(512, 16), 64), {0: "fp2", 1: "tf2", 2: Windowing(128, 16), 3: 32}),
+    (keys.reference_key, ("fp", "tf", Windowing(512, 16)), {0: "fp2", 1: "tf2", 2: Windowing(128, 16)}),
     (keys.sweep_key, ("fp", "svd", "fac", "ref"), {0: "fp2", 1: "awsvd", 2: "fac2", 3: "ref2"}),
 ])
 def test_keys_are_deterministic_and_follow_every_input(function, base, alternatives):
@@ -229,12 +229,12 @@ def test_keys_of_different_kinds_differ():
     """Calibration, evaluation, reference and windows keys of the same inputs are distinct."""
     w = Windowing(512, 16)
     found = {keys.windows_key("fp", "tf", w), keys.evaluation_key("fp", "tf", w),
-             keys.calibration_key("fp", "tf", w, 32), keys.reference_key("fp", "tf", w, 32)}
+             keys.calibration_key("fp", "tf", w, 32), keys.reference_key("fp", "tf", w)}
     assert len(found) == 4
 
 
 def test_key_formulas_are_those_of_release_0_1_0():
-    """Keys equal RankScope 0.1.0's formulas, so a cache it wrote is still found."""
+    """Keys equal RankScope 0.1.0's formulas, so a cache it wrote is still found (the reference's excepted)."""
     assert keys.calibration_key("fp", "tf", Windowing(512, 128), 32) == \
         sha256_json(["calibration", 1, "fp", "tf", 512, 128, 32])[:32]
     assert keys.evaluation_key("fp", "tf", Windowing(512, 16)) == \
@@ -244,6 +244,8 @@ def test_key_formulas_are_those_of_release_0_1_0():
     assert keys.factorization_key("fp", "feature-pca", "cal") == \
         sha256_json(["factorization", 1, 1, "fp", "feature-pca", "cal"])[:32]
     assert keys.factorization_key("fp", "svd", "") == sha256_json(["factorization", 1, 1, "fp", "svd", ""])[:32]
-    assert keys.reference_key("fp", "tf", Windowing(512, 16), 64) == \
-        sha256_json(["reference", "fp", "tf", 512, 16, 64])[:32]
+    # the reference alone changed on purpose (exact KL from final hidden states): never read a 0.1.0 top-k one
+    assert keys.reference_key("fp", "tf", Windowing(512, 16)) == \
+        sha256_json(["reference", 2, "fp", "tf", 512, 16])[:32]
+    assert keys.reference_key("fp", "tf", Windowing(512, 16)) != sha256_json(["reference", "fp", "tf", 512, 16, 1024])[:32]
     assert keys.sweep_key("fp", "svd", "fac", "ref") == sha256_json(["sweep", "fp", "svd", "fac", "ref"])[:32]

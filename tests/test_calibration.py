@@ -68,9 +68,10 @@ def _reference(per_window: list[np.ndarray], groups: list[int]) -> dict[str, np.
     [("llama", 6, 2), ("qwen2", 6, 3), ("gemma3", 6, 2), ("llama", 7, 3), ("gemma3", 5, 1)],
 )
 def test_streamed_statistics_match_direct_computation(family, n_windows, n_groups, tiny_model_dirs, store):
+    """With float64 products the streamed, batched statistics equal a direct float64 computation to rounding."""
     loaded = load_model(str(tiny_model_dirs[family]), store)
     windows = _windows(loaded, n_windows, 16)
-    stats = collect_statistics(loaded.model, loaded.adapter, windows, n_groups=n_groups)
+    stats = collect_statistics(loaded.model, loaded.adapter, windows, n_groups=n_groups, product_dtype=torch.float64)
     captured = _captured_inputs(loaded, windows)
     groups = group_assignment(n_windows, n_groups)
 
@@ -90,11 +91,37 @@ def test_streamed_statistics_match_direct_computation(family, n_windows, n_group
             assert not np.allclose(expected["pooled_covariance"], expected["covariance"], atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_default_float32_products_keep_every_statistic_within_1e_6(family, tiny_model_dirs, store):
+    """The engine's default (float32 product per batch, float64 sums) against float64 products, window by window."""
+    loaded = load_model(str(tiny_model_dirs[family]), store)
+    windows = _windows(loaded, 7, 16)
+    fast = collect_statistics(loaded.model, loaded.adapter, windows, n_groups=3)
+    exact = collect_statistics(loaded.model, loaded.adapter, windows, n_groups=3, tokens_per_batch=16,
+                               product_dtype=torch.float64)
+    worst = 0.0
+    for key, site in exact.sites.items():
+        for name in ("mean", "second_moment", "covariance", "pooled_covariance", "l2_norm"):
+            a, b = getattr(fast.site(*key), name), getattr(site, name)
+            worst = max(worst, float(torch.linalg.norm(a - b) / torch.linalg.norm(b)))
+    assert 0 < worst < 1e-6  # float32 products do differ, by less than the target
+
+
+def test_batching_windows_does_not_change_the_statistics(tiny_model_dirs, store):
+    loaded = load_model(str(tiny_model_dirs["qwen2"]), store)
+    windows = _windows(loaded, 6, 16)
+    one = collect_statistics(loaded.model, loaded.adapter, windows, 3, tokens_per_batch=16, product_dtype=torch.float64)
+    many = collect_statistics(loaded.model, loaded.adapter, windows, 3, tokens_per_batch=64, product_dtype=torch.float64)
+    for key, site in one.sites.items():
+        torch.testing.assert_close(many.site(*key).pooled_covariance, site.pooled_covariance, rtol=0, atol=1e-10)
+        torch.testing.assert_close(many.site(*key).second_moment, site.second_moment, rtol=0, atol=1e-10)
+
+
 def test_uneven_groups_are_weighted_per_group_not_per_token(tiny_model_dirs, store):
     """With 7 windows in 3 groups (3, 2, 2) a token-weighted pooling would give a different answer."""
     loaded = load_model(str(tiny_model_dirs["llama"]), store)
     windows = _windows(loaded, 7, 16)
-    stats = collect_statistics(loaded.model, loaded.adapter, windows, n_groups=3)
+    stats = collect_statistics(loaded.model, loaded.adapter, windows, n_groups=3, product_dtype=torch.float64)
     per_window = _captured_inputs(loaded, windows)[(1, "down_in")]
     groups = group_assignment(7, 3)
     covs = [np.cov(np.concatenate([w for w, g in zip(per_window, groups) if g == gid]), rowvar=False) for gid in range(3)]

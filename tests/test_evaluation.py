@@ -1,4 +1,4 @@
-"""Quality metrics of compressed models: perplexity, forward/reverse KL, and the top-k reference."""
+"""Quality metrics of compressed models: perplexity, exact forward/reverse KL, and the hidden-state reference."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from engine.compression.lowrank import compress_, restore_
 from engine.compression.units import ModelShapes
 from engine.methods import METHODS
-from engine.metrics import compute_reference, evaluate_perplexity, evaluate_quality, exact_kl
+from engine.metrics import (
+    ReferenceDistribution, compute_reference, evaluate_perplexity, evaluate_quality, exact_kl, head_logits,
+)
 from tests.tiny_models import TRAINING_TEXT, VOCAB_SIZE
 
 
@@ -63,22 +65,48 @@ def compressed(setup: Setup):
         restore_(setup.model)
 
 
-def test_reference_keeps_top_k_and_the_tail_mass(setup):
-    reference = compute_reference(setup.model, setup.windows, top_k=16)
+def test_reference_keeps_the_final_hidden_states_and_gives_back_the_exact_distribution(setup):
+    reference = compute_reference(setup.model, setup.windows)
     n, length = setup.windows.shape
-    assert reference.top_logprobs.shape == reference.top_indices.shape == (n, length - 1, 16)
-    assert reference.tail_logmass.shape == (n, length - 1)
-    total = torch.logsumexp(reference.top_logprobs, -1).exp() + reference.tail_logmass.exp()
-    torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-5)
-    assert (reference.top_logprobs[..., :-1] >= reference.top_logprobs[..., 1:]).all()  # descending
-    exact = setup.log_probs()
-    torch.testing.assert_close(reference.top_logprobs, exact.topk(16, -1).values, rtol=0, atol=1e-6)
+    assert reference.hidden.shape == (n, length - 1, setup.model.config.hidden_size)
+    exact = setup.log_probs()  # [N, L-1, V]
+    for i in range(n):
+        torch.testing.assert_close(reference.logprobs(setup.model, i), exact[i], rtol=0, atol=1e-5)
     nll = -exact.gather(-1, setup.windows[:, 1:, None]).mean().item()
     assert reference.perplexity == pytest.approx(math.exp(nll), rel=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_the_head_turns_final_hidden_states_into_the_models_own_logits(tiny_model_dirs, family, tmp_path):
+    """Exact KL rests on this: the LM head of the captured hidden states is the forward's logits, in every
+    supported family (Gemma's scaled embeddings and untied Qwen2 heads included)."""
+    from engine.models.loading import load_model
+    from engine.store.duckdb_store import Store
+
+    store = Store(tmp_path / "rankscope.duckdb")
+    try:
+        model = load_model(str(tiny_model_dirs[family]), store).model
+    finally:
+        store.close()
+    ids = torch.randint(3, VOCAB_SIZE, (2, 24))
+    reference = compute_reference(model, ids)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1]  # [2, L-1, V]
+    torch.testing.assert_close(head_logits(model, reference.hidden), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_windows_beyond_the_memory_budget_are_recomputed_with_the_same_values(setup):
+    roomy = compute_reference(setup.model, setup.windows)
+    tight = ReferenceDistribution(roomy.hidden, roomy.perplexity, memory_bytes=0)
+    with compressed(setup):
+        a = evaluate_quality(setup.model, setup.windows, roomy)
+        b = evaluate_quality(setup.model, setup.windows, tight)
+    assert len(roomy._kept) == setup.windows.shape[0] and tight._kept == {}
+    assert (a.kl_forward, a.kl_reverse, a.perplexity) == (b.kl_forward, b.kl_reverse, b.perplexity)
+
+
 def test_the_original_model_has_zero_kl_and_its_own_perplexity(setup):
-    reference = compute_reference(setup.model, setup.windows, top_k=64)
+    reference = compute_reference(setup.model, setup.windows)
     quality = evaluate_quality(setup.model, setup.windows, reference)
     perplexity = evaluate_perplexity(setup.model, setup.windows)
     assert abs(quality.kl_forward) < 1e-9 and abs(quality.kl_reverse) < 1e-9
@@ -95,38 +123,25 @@ def _exact_kls(original: torch.Tensor, other: torch.Tensor) -> tuple[float, floa
     return forward / tokens, reverse / tokens
 
 
-def test_top_k_kl_with_the_whole_vocabulary_is_the_exact_kl(setup):
+def test_both_kls_are_exact(setup):
     original = setup.log_probs()
-    reference = compute_reference(setup.model, setup.windows, top_k=VOCAB_SIZE)
-    assert reference.top_k == VOCAB_SIZE
+    reference = compute_reference(setup.model, setup.windows)
     with compressed(setup):
         approximated = setup.log_probs()
         quality = evaluate_quality(setup.model, setup.windows, reference)
     forward, reverse = _exact_kls(original, approximated)
-    assert forward > 1e-4 and reverse > 1e-4
+    assert forward > 1e-4 and reverse > 1e-4 and forward != pytest.approx(reverse, rel=1e-3)
     assert quality.kl_forward == pytest.approx(forward, rel=1e-4)
     assert quality.kl_reverse == pytest.approx(reverse, rel=1e-4)
+    p, q = original.exp(), approximated.exp()  # the definitions, written out
+    assert forward == pytest.approx(float((p * (original - approximated)).sum(-1).mean()), rel=1e-4)
+    assert reverse == pytest.approx(float((q * (approximated - original)).sum(-1).mean()), rel=1e-4)
     nll = -approximated.gather(-1, setup.windows[:, 1:, None]).mean().item()
     assert quality.perplexity == pytest.approx(math.exp(nll), rel=1e-6)
 
 
-def test_top_k_kl_is_a_lower_bound_that_grows_with_k(setup):
-    original = setup.log_probs()
-    references = {k: compute_reference(setup.model, setup.windows, top_k=k) for k in (1, 4, 16, 64, VOCAB_SIZE)}
-    with compressed(setup):
-        forward, reverse = _exact_kls(original, setup.log_probs())
-        results = [evaluate_quality(setup.model, setup.windows, references[k]) for k in sorted(references)]
-    for smaller, larger in zip(results, results[1:]):
-        # merging tokens into one tail bucket can only lose divergence (coarse-graining)
-        assert smaller.kl_forward <= larger.kl_forward + 1e-7
-        assert smaller.kl_reverse <= larger.kl_reverse + 1e-7
-    assert results[-1].kl_forward <= forward * (1 + 1e-4) and results[-1].kl_reverse <= reverse * (1 + 1e-4)
-    assert results[0].kl_forward < 0.9 * forward  # top-1 misses a real part of it
-    assert len({r.perplexity for r in results}) == 1  # perplexity does not depend on the reference
-
-
 def test_window_indices_restrict_evaluation(setup):
-    reference = compute_reference(setup.model, setup.windows, top_k=32)
+    reference = compute_reference(setup.model, setup.windows)
     with compressed(setup):
         everything = evaluate_quality(setup.model, setup.windows, reference)
         some = evaluate_quality(setup.model, setup.windows, reference, window_indices=[3, 1])

@@ -85,7 +85,7 @@ def test_next_token_logprobs_yields_one_normalized_entry_per_requested_window(ti
 
 def test_perplexity_and_quality_agree_on_the_mean_nll(tiny_model_dirs, store):
     loaded, windows = _tiny_windows("gemma3", tiny_model_dirs, store, n=3)
-    reference = compute_reference(loaded.model, windows, top_k=8)
+    reference = compute_reference(loaded.model, windows)
     quality = evaluate_quality(loaded.model, windows, reference)
     plain = evaluate_perplexity(loaded.model, windows)
 

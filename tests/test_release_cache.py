@@ -4,7 +4,8 @@ The fixture was made with the release's own code (tests/fixtures/make_release_ca
 37ce152) on the tiny llama: a calibration, spectra, a baseline evaluation, a feature-pca
 factorisation and reference distribution, a per-type sweep, a finished study and an export
 record. Each check below finds a stored artifact under the key this version computes and reads
-it instead of computing it again (the compute functions are made to fail).
+it instead of computing it again (the compute functions are made to fail), except the reference
+distribution, which 0.2 replaced on purpose (exact KL) and so computes anew.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from engine.cache.evaluation import ensure_baseline_evaluation
 from engine.cache.lookups import find_calibration, stored_spectra
 from engine.compression.plan import RankPlan
 from engine.compression.session import CompressionSession
-from engine.compression.sweep import sweep_by_type, sweep_id
+from engine.compression.sweep import sweep_id
+from engine.errors import RankScopeError
 from engine.models.loading import load_model
 from engine.search.duckdb_storage import DuckDBStudyStorage
 from engine.search.records import StudyState
@@ -83,19 +85,23 @@ def test_calibration_spectra_and_baseline_are_read_not_recomputed(release, monke
     assert baseline.n_windows == 4 and baseline.perplexity > 1
 
 
-def test_a_session_sweep_and_plan_reuse_the_release_artifacts(release, monkeypatch):
+def test_a_session_reuses_the_release_factors_but_not_its_approximate_kl(release, monkeypatch):
+    """Calibration and factors are read back; the 0.1.0 reference (top-k KL) is not: the reference is
+    computed again as final hidden states (exact KL), and the old sweep's approximate points are kept
+    in the store but never mixed into a sweep with exact KL."""
     store, loaded, texts = release
     monkeypatch.setattr(calibration_cache, "collect_statistics", _must_not_run)
-    monkeypatch.setattr(reference_cache, "compute_reference", _must_not_run)
+    computed = []
+    real_compute_reference = reference_cache.compute_reference
+    monkeypatch.setattr(reference_cache, "compute_reference",
+                        lambda *a, **k: computed.append(1) or real_compute_reference(*a, **k))
+    old_sweeps = store.fetch_all("SELECT sweep_id FROM sweeps")
     session = CompressionSession.open(store, loaded, "feature-pca", texts)
-    monkeypatch.setattr(factorization_cache, "get_method", _must_not_run)  # opened: the factors came from the cache
-    stored = store.sensitivity_points(sweep_id(session))
-    assert len(stored) == 14
-    evaluated = []
-    monkeypatch.setattr(session, "evaluate_ranks", lambda *a, **k: evaluated.append(a) or _must_not_run())
-    assert sweep_by_type(session, [0.2, 0.5]) == stored  # every point found under this version's sweep key
-    assert evaluated == []
-    monkeypatch.undo()
+    assert computed == [1] and session.reference_record.kind == "final-hidden"
+    assert store.fetch_one("SELECT count(*) FROM reference_distributions WHERE kind = 'top-k'")[0] == 2
+    monkeypatch.setattr(factorization_cache, "get_method", _must_not_run)  # the factors came from the cache
+    assert [(sweep_id(session),)] != old_sweeps and store.sensitivity_points(sweep_id(session)) == []
+    assert store.sensitivity_points(old_sweeps[0][0])  # the release's points are still there
     saved = RankPlan.load(FIXTURE / "plan.json")
     assert session.evaluate(saved).metrics["perplexity"] == pytest.approx(saved.metrics["perplexity"], rel=1e-5)
 
@@ -113,3 +119,15 @@ def test_the_release_study_loads_with_typed_texts_and_resumes_at_once(release):
     StudyRunner(storage, session, "release-study").run()  # replays the stored trials, adds none
     assert storage.trials("release-study") == trials
     assert [e["path"] for e in store.exports(loaded.fingerprint)]  # the export record is listed
+
+
+def test_an_unfinished_release_study_is_not_resumed_with_another_kl(release):
+    store, loaded, texts = release
+    storage = DuckDBStudyStorage(store)
+    store.execute("UPDATE studies SET state = 'stopped' WHERE study_id = 'release-study'")
+    store.execute("DELETE FROM study_results WHERE study_id = 'release-study'")
+    session = CompressionSession.open(store, loaded, "feature-pca", texts)
+    trials = storage.trials("release-study")
+    with pytest.raises(RankScopeError, match="top-k estimate of KL.*--warm-start-study release-study"):
+        StudyRunner(storage, session, "release-study").run()
+    assert storage.trials("release-study") == trials

@@ -4,7 +4,8 @@ A key hashes everything the artifact depends on: the model fingerprint (weights 
 hence BOS handling), the text fingerprint, the windowing and, where they apply, the method, the
 calibration and a definition version. Bump a version when the definition of what it keys changes,
 so old values are never mixed with new ones. The key formulas are those of RankScope 0.1.0, so a
-cache written by it is still found (tests/test_release_cache.py).
+cache written by it is still found (tests/test_release_cache.py), except the reference
+distribution's: 0.2 replaced its top-k estimate by exact KL (`REFERENCE_VERSION`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from engine.texts.windows import Windowing
 
 STATISTICS_VERSION = 1  # definition of a stored calibration statistic
 FACTORIZATION_VERSION = 1  # definition of a stored factorisation
+REFERENCE_VERSION = 2  # 2: final hidden states (exact KL); 1 was top-k + tail bucket (0.1.0)
 KEY_LENGTH = 32
 
 
@@ -43,8 +45,10 @@ def factorization_key(model_fingerprint: str, method: str, calibration_id: str) 
     )[:KEY_LENGTH]
 
 
-def reference_key(model_fingerprint: str, text_fp: str, windowing: Windowing, top_k: int) -> str:
-    return sha256_json(["reference", model_fingerprint, text_fp, *windowing.key(), top_k])[:KEY_LENGTH]
+def reference_key(model_fingerprint: str, text_fp: str, windowing: Windowing) -> str:
+    """Version 2 keys differ from 0.1.0's top-k references, so an approximate reference is never read as exact
+    (and sweep keys, built on reference ids, change with them)."""
+    return sha256_json(["reference", REFERENCE_VERSION, model_fingerprint, text_fp, *windowing.key()])[:KEY_LENGTH]
 
 
 def sweep_key(model_fingerprint: str, method: str, factorization_id: str, reference_id: str) -> str:

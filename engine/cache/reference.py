@@ -1,14 +1,13 @@
-"""The original model's next-token distribution on evaluation windows, cached.
+"""The original model's next-token distribution on evaluation windows, cached as its final hidden states.
 
-Trials then run only the compressed model: KL against the original reads this reference.
+Trials then run only the compressed model: exact KL against the original reads this reference
+through the model's own (never compressed) LM head (`engine.metrics.ReferenceDistribution`).
 """
 
 from __future__ import annotations
 
 import time
 from typing import Optional
-
-import torch
 
 from engine.cache.artifacts import Computed, get_or_compute
 from engine.cache.keys import reference_key
@@ -21,34 +20,27 @@ from engine.store.duckdb_store import Store
 from engine.texts.corpus import text_fingerprint
 from engine.texts.windows import Windowing
 
-REFERENCE_TOP_K = 1024
-
-
 def ensure_reference(
     store: Store,
     loaded: LoadedModel,
     text_source: str,
     windowing: Windowing,
-    top_k: int = REFERENCE_TOP_K,
     progress: Optional[ProgressCallback] = None,
 ) -> tuple[ReferenceRecord, ReferenceDistribution]:
-    """The original model's top-k next-token distribution on the windows of `text_source` cut by `windowing`."""
+    """The original model's next-token distribution on the windows of `text_source` cut by `windowing`."""
     text_fp = text_fingerprint(text_source)
-    key = reference_key(loaded.fingerprint, text_fp, windowing, top_k)
+    key = reference_key(loaded.fingerprint, text_fp, windowing)
 
     def compute() -> Computed:
         windows = ensure_windows(store, loaded, text_source, windowing)  # [N, L]
         start = time.perf_counter()
-        reference = compute_reference(loaded.model, windows, top_k, progress)
-        tensors = {"top_logprobs": reference.top_logprobs, "top_indices": reference.top_indices.to(torch.int32),
-                   "tail_logmass": reference.tail_logmass}
+        reference = compute_reference(loaded.model, windows, progress)
         record = ReferenceRecord(key, loaded.fingerprint, text_fp, windowing.window_len, windows.shape[0],
-                                 reference.top_k, key, reference.perplexity, time.perf_counter() - start)
-        return Computed(reference, record, tensors)
+                                 0, key, reference.perplexity, time.perf_counter() - start)
+        return Computed(reference, record, {"hidden": reference.hidden})  # [N, L-1, D]
 
     def load(record: ReferenceRecord, tensors, _metadata) -> ReferenceDistribution:
-        return ReferenceDistribution(tensors["top_logprobs"], tensors["top_indices"].long(), tensors["tail_logmass"],
-                                     record.perplexity)
+        return ReferenceDistribution(tensors["hidden"], record.perplexity)
 
     cached = get_or_compute(store, "reference", key, compute, load, record_type=ReferenceRecord)
     return cached.record, cached.value

@@ -30,7 +30,7 @@ from engine.hashing import sha256_json
 from engine.progress import ProgressCallback, ProgressTracker
 from engine.search.baselines import greedy_ratios, lord_ratios, uniform_ratios
 from engine.search.records import StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord, this_process
-from engine.search.settings import StudySettings
+from engine.search.settings import EXACT_KL_SINCE, StudySettings
 from engine.search.subset import choose_subset, objective
 from engine.search.summary import is_complete
 from engine.texts.settings import TextSettings
@@ -212,6 +212,11 @@ class StudyRunner:
         sid = self.record.study_id
         if is_complete(self.storage, self.record):
             return self.record  # nothing to add: a finished study is not replayed
+        if self.record.settings.get("version", 1) < EXACT_KL_SINCE and self.storage.trials(sid):
+            raise RankScopeError(
+                f"Study '{sid}' scored its trials with the top-k estimate of KL that RankScope 0.1.0 used; this version "
+                "computes KL exactly, and one study must not mix the two. Its trials stay readable; start a new study "
+                f"to go on (`rankscope search start --warm-start-study {sid}` carries its best plan over).")
         self.storage.set_state(sid, StudyState.RUNNING, owner=this_process())
         try:
             windows, reference, subset = self._validation()

@@ -10,8 +10,10 @@ from engine.errors import RankScopeError
 from engine.methods.base import METHODS
 from engine.texts.settings import TextSettings
 
-# 2: `texts` is a versioned TextSettings (1 wrote RankScope 0.1.0's flat dict, still read)
+# 2: `texts` is a versioned TextSettings (1 wrote RankScope 0.1.0's flat dict, still read), and trials are
+# scored with exact KL (version 1 studies used a top-k estimate: they are read, but not resumed)
 SETTINGS_VERSION = 2
+EXACT_KL_SINCE = 2
 OBJECTIVE_KL = ("reverse", "forward")
 SUBSETS = ("sensitive", "random", "all")
 ATTENTION_GROUPS = ("qk", "q", "k", "v", "o", "q+k")

@@ -216,6 +216,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE studies ADD COLUMN owner_json VARCHAR",
         ),
     ),
+    Migration(
+        5,
+        "reference distributions as final hidden states (exact KL)",
+        (
+            # 'top-k': top-k log-probabilities plus a tail bucket (before 0.2); 'final-hidden': the LM head's input
+            "ALTER TABLE reference_distributions ADD COLUMN kind VARCHAR NOT NULL DEFAULT 'top-k'",
+        ),
+    ),
 )
 
 SCHEMA_VERSION: int = MIGRATIONS[-1].version
