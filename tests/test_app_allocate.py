@@ -130,7 +130,8 @@ def test_allocate_page_refuses_bad_uploads_with_a_reason(workbench, tiny_model_d
     good = RankPlan.build(shapes, METHOD, ranks, grouping={"kind": "custom-mlp"})
     forged = json.loads(good.to_json())
     forged["parameters"]["decoder_linear"]["reduction"] = 0.9
-    at.file_uploader(key="alloc_upload").set_value(("forged.json", json.dumps(forged).encode(), "application/json")).run()
+    upload = ("forged.json", json.dumps(forged).encode(), "application/json")
+    at.file_uploader(key="alloc_upload").set_value(upload).run()
     refusal = at.error[0].value
     assert not at.exception and "Refused 'forged.json'" in refusal and "'parameters' do not match its ranks" in refusal
     assert f"({good.parameters['decoder_linear']['reduction']:.2%} removed)" in refusal

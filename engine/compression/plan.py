@@ -140,9 +140,10 @@ class RankPlan:
         recorded = (self.model.get("model_type"), self.model.get("num_layers"))
         if recorded != (shapes.model_type, shapes.num_layers):
             raise PlanError(
-                f"The plan's model section says model type {recorded[0]!r} with {recorded[1]!r} layers, but the model "
-                f"with its fingerprint ({shapes.fingerprint[:12]}, '{shapes.model_id}') is a '{shapes.model_type}' with "
-                f"{shapes.num_layers} layers, so the plan has been altered. Make the plan again with this model."
+                f"The plan's model section says model type {recorded[0]!r} with {recorded[1]!r} layers, but the "
+                f"model with its fingerprint ({shapes.fingerprint[:12]}, '{shapes.model_id}') is a "
+                f"'{shapes.model_type}' with {shapes.num_layers} layers, so the plan has been altered. Make the plan "
+                "again with this model."
             )
 
     # -- JSON --------------------------------------------------------------------------------------
@@ -226,8 +227,8 @@ def _reductions(parameters: Any) -> Optional[str]:
     try:
         decoder, total = parameters["decoder_linear"], parameters["total"]
         return (f"{decoder['compressed']:,} of {decoder['dense']:,} decoder-linear parameters kept "
-                f"({decoder['reduction']:.2%} removed), {total['compressed']:,} of {total['dense']:,} in the whole model "
-                f"({total['reduction']:.2%} removed)")
+                f"({decoder['reduction']:.2%} removed), {total['compressed']:,} of {total['dense']:,} in the whole "
+                f"model ({total['reduction']:.2%} removed)")
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -239,8 +240,8 @@ def _parameters_mismatch(recorded: Any, computed: dict, shapes: ModelShapes) -> 
         described = _reductions(recorded)
         said = f"the plan says {described}" if described else "the plan's 'parameters' section is malformed"
     return (
-        f"The plan's 'parameters' do not match its ranks: on '{shapes.model_id}' the ranks give {_reductions(computed)}, "
-        f"but {said}. These counts follow from the ranks, so a plan that contradicts them has been edited or made "
+        f"The plan's 'parameters' do not match its ranks: on '{shapes.model_id}' the ranks give "
+        f"{_reductions(computed)}, but {said}. These counts follow from the ranks, so a plan that contradicts them has been edited or made "
         f"for other shapes, and is refused rather than shown, saved or exported with wrong numbers. Make the plan "
         f"again, or set 'parameters' to {json.dumps(computed, separators=(',', ':'))}."
     )
