@@ -128,6 +128,21 @@ def test_unreadable_model_files_are_one_error_line(runner, tiny_model_dirs, samp
     assert len(errors) == 1 and str(damaged) in errors[0] and CORRUPT_MODELS[kind][1] in errors[0], result.stderr
 
 
+@pytest.mark.parametrize("name,content,words", [
+    ("binary.txt", bytes(range(256)) * 4, "not UTF-8 text"),
+    ("table.parquet", b"not parquet\n" * 8, "not a Parquet file"),
+    ("records.jsonl", b'{"text": "ok"}\n{text}\n', "line 2 is not JSON"),
+], ids=["txt", "parquet", "jsonl"])
+def test_unreadable_text_files_are_one_error_line(runner, tiny_model_dirs, tmp_path, name, content, words):
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = runner.invoke(app, ["calibrate", "--model", str(tiny_model_dirs["llama"]), "--text", str(path),
+                                 "--windows", "2", "--window-len", "16", "--groups", "1"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert f"Error: Could not read text '{path}': " in result.stderr and words in result.stderr
+    assert "Traceback" not in result.output and "An error occurred" not in result.output
+
+
 def test_unsupported_architecture_is_a_readable_error(runner, tiny_model_dirs):
     result = runner.invoke(app, ["models", "--model", str(tiny_model_dirs["gpt2"])])
     assert result.exit_code == 2
