@@ -264,6 +264,9 @@ def test_a_forged_fingerprint_does_not_lend_another_models_counts(tiny_shapes, t
     forged["model"]["model_type"] = "qwen2"  # forged consistently: the llama's counts still give it away
     with pytest.raises(PlanError, match="'parameters' do not match its ranks") as refused:
         RankPlan.from_dict(forged).validate_for(tiny_qwen_shapes)
+    without = {**forged, "model": {k: v for k, v in forged["model"].items() if k != "num_layers"}}
+    with pytest.raises(PlanError, match="lacks 'num_layers'.*num_layers 2"):
+        RankPlan.from_dict(without).validate_for(tiny_qwen_shapes)
     honest = RankPlan.build(tiny_qwen_shapes, "svd", plan.ranks)
     assert f"{honest.parameters['total']['compressed']:,} of {tiny_qwen_shapes.total_params:,}" in str(refused.value)
 

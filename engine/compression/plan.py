@@ -138,13 +138,21 @@ class RankPlan:
 
     def _check_model_section(self, shapes: ModelShapes) -> None:
         recorded = (self.model.get("model_type"), self.model.get("num_layers"))
-        if recorded != (shapes.model_type, shapes.num_layers):
+        if recorded == (shapes.model_type, shapes.num_layers):
+            return
+        missing = [key for key in ("model_type", "num_layers") if self.model.get(key) is None]
+        if missing:
             raise PlanError(
-                f"The plan's model section says model type {recorded[0]!r} with {recorded[1]!r} layers, but the "
-                f"model with its fingerprint ({shapes.fingerprint[:12]}, '{shapes.model_id}') is a "
-                f"'{shapes.model_type}' with {shapes.num_layers} layers, so the plan has been altered. Make the plan "
-                "again with this model."
+                f"The plan's model section lacks {' and '.join(repr(k) for k in missing)}; the model with its "
+                f"fingerprint ('{shapes.model_id}') has model_type '{shapes.model_type}' and num_layers "
+                f"{shapes.num_layers}. Add them, or make the plan again with this model."
             )
+        raise PlanError(
+            f"The plan's model section says model type {recorded[0]!r} with {recorded[1]!r} layers, but the "
+            f"model with its fingerprint ({shapes.fingerprint[:12]}, '{shapes.model_id}') is a "
+            f"'{shapes.model_type}' with {shapes.num_layers} layers, so the plan has been altered. Make the plan "
+            "again with this model."
+        )
 
     # -- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -241,7 +249,7 @@ def _parameters_mismatch(recorded: Any, computed: dict, shapes: ModelShapes) -> 
         said = f"the plan says {described}" if described else "the plan's 'parameters' section is malformed"
     return (
         f"The plan's 'parameters' do not match its ranks: on '{shapes.model_id}' the ranks give "
-        f"{_reductions(computed)}, but {said}. These counts follow from the ranks, so a plan that contradicts them has been edited or made "
-        f"for other shapes, and is refused rather than shown, saved or exported with wrong numbers. Make the plan "
-        f"again, or set 'parameters' to {json.dumps(computed, separators=(',', ':'))}."
+        f"{_reductions(computed)}, but {said}. These counts follow from the ranks, so a plan that contradicts "
+        "them has been edited or made for other shapes, and is refused rather than shown, saved or exported with "
+        f"wrong numbers. Make the plan again, or set 'parameters' to {json.dumps(computed, separators=(',', ':'))}."
     )
