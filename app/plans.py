@@ -2,7 +2,9 @@
 
 Saved plans live in the browser session (`st.session_state`), by name, as plan dicts; the Allocate
 page saves them, the Search page adds a study's best plan, and the Export page exports them.
-An upload is refused with a reason (not UTF-8, not JSON, another schema, a plan for another model).
+An upload is refused with a reason (not UTF-8, not JSON, another schema, a plan for another model,
+a plan whose parameter counts are not what its ranks give, a plan that compresses nothing). Every
+plan a page shows or passes on comes through `RankPlan.for_model`, so its numbers are the model's.
 """
 
 from __future__ import annotations
@@ -23,17 +25,22 @@ def saved_plans() -> dict[str, dict]:
 
 
 def plans_for_model(shapes: ModelShapes) -> dict[str, RankPlan]:
-    """The saved plans made for this model, by name."""
-    return {name: RankPlan.from_dict(data) for name, data in saved_plans().items()
-            if data.get("model", {}).get("fingerprint") == shapes.fingerprint}
+    """The saved plans made for this model, by name, each checked against it (`st.warning` for one that fails)."""
+    plans = {}
+    for name, data in saved_plans().items():
+        if data.get("model", {}).get("fingerprint") != shapes.fingerprint:
+            continue
+        try:
+            plans[name] = RankPlan.from_dict(data).for_model(shapes)
+        except PlanError as exc:
+            st.warning(f"Saved plan '{name}' is left out: {exc}")
+    return plans
 
 
 def read_uploaded_plan(upload, shapes: ModelShapes) -> Optional[RankPlan]:
     """The uploaded plan checked against the model, or None after an `st.error` saying why it was refused."""
     try:
-        plan = RankPlan.from_json(upload.getvalue().decode("utf-8"))
-        plan.validate_for(shapes)
-        return plan
+        return RankPlan.from_json(upload.getvalue().decode("utf-8")).for_model(shapes)
     except UnicodeDecodeError:
         st.error(f"Refused '{upload.name}': it is not a UTF-8 text file, so it cannot be a plan JSON.")
     except PlanError as exc:

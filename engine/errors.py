@@ -13,6 +13,10 @@ class ModelNotFoundError(RankScopeError):
     """A model name, path or hub id could not be resolved."""
 
 
+class ModelFileError(RankScopeError):
+    """A model file that exists but cannot be read: not a GGUF file, a damaged or truncated weight file, bad JSON."""
+
+
 class UnsupportedArchitectureError(RankScopeError):
     """The model's `model_type` has no architecture adapter."""
 

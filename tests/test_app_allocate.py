@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -120,13 +121,25 @@ def test_allocate_page_refuses_bad_uploads_with_a_reason(workbench, tiny_model_d
 
     store = open_store()
     other = ModelShapes.of(load_model(str(tiny_model_dirs["qwen2"]), store))
-    foreign = RankPlan.build(other, METHOD, {})
+    foreign = RankPlan.build(other, METHOD, {s.path: 8 for s in other.linears if s.linear_type == "down"})
     at.file_uploader(key="alloc_upload").set_value(("qwen.json", foreign.to_json().encode(), "application/json")).run()
     assert not at.exception and "was made for model" in at.error[0].value
 
     shapes = ModelShapes.of(load_model(str(workbench["model"]), store))
     ranks = {s.path: 8 for s in shapes.linears if s.linear_type in ("gate", "up", "down")}
     good = RankPlan.build(shapes, METHOD, ranks, grouping={"kind": "custom-mlp"})
+    forged = json.loads(good.to_json())
+    forged["parameters"]["decoder_linear"]["reduction"] = 0.9
+    upload = ("forged.json", json.dumps(forged).encode(), "application/json")
+    at.file_uploader(key="alloc_upload").set_value(upload).run()
+    refusal = at.error[0].value
+    assert not at.exception and "Refused 'forged.json'" in refusal and "'parameters' do not match its ranks" in refusal
+    assert f"({good.parameters['decoder_linear']['reduction']:.2%} removed)" in refusal
+    assert "alloc_saved_plans" not in at.session_state or not at.session_state["alloc_saved_plans"]
+    empty = {**json.loads(good.to_json()), "ranks": {}}
+    at.file_uploader(key="alloc_upload").set_value(("empty.json", json.dumps(empty).encode(), "application/json")).run()
+    assert not at.exception and "must compress at least one linear" in at.error[0].value
+
     at.file_uploader(key="alloc_upload").set_value(("mlp8.json", good.to_json().encode(), "application/json")).run()
     assert_clean(at)
     assert "Loaded 'mlp8'" in at.success[0].value

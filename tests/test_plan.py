@@ -34,15 +34,25 @@ def _smollm2_shapes() -> ModelShapes:
 SMOL = _smollm2_shapes()
 
 
-@pytest.fixture(scope="module")
-def tiny_shapes(tiny_model_dirs, tmp_path_factory) -> ModelShapes:
+def _tiny_shapes(family: str, tiny_model_dirs, tmp_path_factory) -> ModelShapes:
     from engine.models.loading import load_model
     from engine.store import open_store
 
     root = tmp_path_factory.mktemp("plan-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RANKSCOPE_CACHE", str(root))
-        return ModelShapes.of(load_model(str(tiny_model_dirs["llama"]), open_store(root / "rankscope.duckdb")))
+        return ModelShapes.of(load_model(str(tiny_model_dirs[family]), open_store(root / "rankscope.duckdb")))
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tiny_model_dirs, tmp_path_factory) -> ModelShapes:
+    return _tiny_shapes("llama", tiny_model_dirs, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen_shapes(tiny_model_dirs, tmp_path_factory) -> ModelShapes:
+    """The tiny qwen2: the tiny llama's decoder-linear paths and shapes, but untied embeddings (more parameters)."""
+    return _tiny_shapes("qwen2", tiny_model_dirs, tmp_path_factory)
 
 
 # -- ratio -> rank ------------------------------------------------------------------------------------------
@@ -178,6 +188,87 @@ def test_a_plan_for_another_model_is_rejected(tiny_shapes, tmp_path):
         RankPlan.load(tiny_plan.save(tmp_path / "tiny.json")).validate_for(SMOL)
     with pytest.raises(PlanError, match="Could not read plan file"):
         RankPlan.load(tmp_path / "missing.json")
+
+
+def _twenty_percent_plan(shapes: ModelShapes) -> RankPlan:
+    """A plan removing about 20% of the decoder-linear parameters (projected onto that budget)."""
+    grouping = Grouping("5x1", search_v=True)
+    ratios = {name: 0.2 for name in grouping.groups(shapes, "svd")}
+    ranks, _ = project_to_budget(shapes, "svd", grouping, ratios, budget_target(shapes, 0.2))
+    return RankPlan.build(shapes, "svd", ranks)
+
+
+def test_a_checked_plan_is_the_plan_with_every_module_listed(tiny_shapes):
+    plan = _twenty_percent_plan(tiny_shapes)
+    assert plan.for_model(tiny_shapes) == plan == plan.validate_for(tiny_shapes)
+    path = tiny_shapes.linears[0].path
+    partial = RankPlan.from_dict({**plan.to_dict(), "ranks": {p: r for p, r in plan.ranks.items() if p != path}})
+    assert path not in partial.ranks and partial.for_model(tiny_shapes).ranks[path] is None  # missing = dense
+
+
+def test_forged_parameters_are_refused_with_the_counts_the_ranks_give(tiny_shapes, tmp_path):
+    plan = _twenty_percent_plan(tiny_shapes)
+    true = plan.parameters
+    assert 0.15 < true["decoder_linear"]["reduction"] <= 0.2
+    forged = json.loads(plan.to_json())
+    dense = true["decoder_linear"]["dense"]
+    forged["parameters"]["decoder_linear"].update(compressed=dense // 10, reduction=0.9)
+    forged["parameters"]["total"]["reduction"] = 0.9
+    path = tmp_path / "forged.json"
+    path.write_text(json.dumps(forged))
+    loaded = RankPlan.load(path)  # the form is fine
+    for check in (loaded.validate_for, loaded.for_model):
+        with pytest.raises(PlanError, match="'parameters' do not match its ranks") as refused:
+            check(tiny_shapes)
+        message = str(refused.value)
+        assert f"({true['decoder_linear']['reduction']:.2%} removed)" in message  # the recomputed ~20%
+        assert "(90.00% removed)" in message  # and what the document claimed
+        assert json.dumps(true, separators=(",", ":")) in message  # the right section, to paste
+    from engine.analysis.allocation import plan_summary
+
+    with pytest.raises(PlanError, match="do not match its ranks"):
+        plan_summary("forged", loaded, tiny_shapes)
+    assert plan_summary("honest", plan, tiny_shapes)["decoder_reduction"] == true["decoder_linear"]["reduction"]
+    without = {k: v for k, v in forged.items() if k != "parameters"}
+    with pytest.raises(PlanError, match="has no 'parameters' section"):
+        RankPlan.from_dict(without).for_model(tiny_shapes)
+    with pytest.raises(PlanError, match="'parameters' section is malformed"):
+        RankPlan.from_dict({**forged, "parameters": {"total": 3}}).for_model(tiny_shapes)
+    with pytest.raises(PlanError, match="'parameters' is not an object"):
+        RankPlan.from_dict({**forged, "parameters": [1]})
+
+
+@pytest.mark.parametrize("ranks,words", [({}, "its 'ranks' are empty"), (None, "all 14 ranks are null")],
+                         ids=["empty", "all-null"])
+def test_a_plan_that_compresses_nothing_is_refused(tiny_shapes, ranks, words):
+    plan = _twenty_percent_plan(tiny_shapes)
+    document = plan.to_dict()
+    document["ranks"] = {p: None for p in plan.ranks} if ranks is None else ranks
+    # a plan that says it removes 20% but keeps everything dense: refused when read, before any model is known
+    with pytest.raises(PlanError, match=f"must compress at least one linear.*{words}"):
+        RankPlan.from_json(json.dumps(document))
+    with pytest.raises(PlanError, match="must compress at least one linear"):
+        RankPlan(**document).for_model(tiny_shapes)
+    with pytest.raises(PlanError, match="must compress at least one linear"):
+        RankPlan.build(tiny_shapes, "svd", document["ranks"])
+
+
+def test_a_forged_fingerprint_does_not_lend_another_models_counts(tiny_shapes, tiny_qwen_shapes):
+    plan = _twenty_percent_plan(tiny_shapes)  # llama: tied embeddings
+    assert [(s.path, s.d_out, s.d_in) for s in tiny_shapes.linears] == [
+        (s.path, s.d_out, s.d_in) for s in tiny_qwen_shapes.linears]  # the ranks fit the qwen2 model too
+    assert tiny_qwen_shapes.total_params != tiny_shapes.total_params
+    forged = {**plan.to_dict(), "model": {**plan.model, "fingerprint": tiny_qwen_shapes.fingerprint}}
+    with pytest.raises(PlanError, match="model type 'llama' with 2 layers.*is a 'qwen2'"):
+        RankPlan.from_dict(forged).validate_for(tiny_qwen_shapes)
+    forged["model"]["model_type"] = "qwen2"  # forged consistently: the llama's counts still give it away
+    with pytest.raises(PlanError, match="'parameters' do not match its ranks") as refused:
+        RankPlan.from_dict(forged).validate_for(tiny_qwen_shapes)
+    without = {**forged, "model": {k: v for k, v in forged["model"].items() if k != "num_layers"}}
+    with pytest.raises(PlanError, match="lacks 'num_layers'.*num_layers 2"):
+        RankPlan.from_dict(without).validate_for(tiny_qwen_shapes)
+    honest = RankPlan.build(tiny_qwen_shapes, "svd", plan.ranks)
+    assert f"{honest.parameters['total']['compressed']:,} of {tiny_qwen_shapes.total_params:,}" in str(refused.value)
 
 
 # -- groupings ------------------------------------------------------------------------------------------------

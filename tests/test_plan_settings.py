@@ -34,7 +34,7 @@ def texts(tmp_path):
 def _plan(calibration, evaluation, method="whiten") -> RankPlan:
     """A plan document as a session writes it (ranks do not matter here)."""
     return RankPlan(
-        model={"id": "m", "fingerprint": "f", "model_type": "llama", "num_layers": 2}, method=method, ranks={},
+        model={"id": "m", "fingerprint": "f", "model_type": "llama", "num_layers": 2}, method=method, ranks={"q": 8},
         calibration={"text": str(calibration), "text_fingerprint": text_fingerprint(str(calibration)),
                      "window_len": 64, "n_windows": 6, "n_groups": 3},
         evaluation={"text": str(evaluation), "text_fingerprint": text_fingerprint(str(evaluation)),

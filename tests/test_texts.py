@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -90,6 +91,49 @@ def test_missing_and_unsupported_files_raise_corpus_error(tmp_path):
         load_corpus(str(csv))
     with pytest.raises(CorpusError, match=r"Unsupported"):
         text_fingerprint(str(csv))
+
+
+BINARY = bytes(range(128, 256)) * 8 + bytes(range(0, 128)) * 8  # not UTF-8 from its first byte
+
+
+UNREADABLE_TEXTS = [  # (file name, content, what the error says)
+    ("random.txt", BINARY, r"the file is not UTF-8 text: the byte at offset 0 \(line 1\) is 0x80"),
+    ("latin1.txt", "First line.\nUn café crème.\n".encode("latin-1"), r"offset 18 \(line 2\) is 0xe9"),
+    ("utf16.txt", "Plain words.".encode("utf-16-le"), r"NUL bytes \(the first at offset 1, line 1\)"),
+    ("not.parquet", b"text\nhello\n" * 20, "the file is not a Parquet file: a Parquet file starts and ends with"),
+    ("empty.parquet", b"", "not a Parquet file.*this one is empty"),
+    ("random.parquet", BINARY, "not a Parquet file"),
+    ("bad.jsonl", b'{"text": "fine"}\n\n{"text": "also fine"}\n{"text": unquoted}\n',
+     r"line 4 is not JSON \(Expecting value"),
+    ("scalar.jsonl", b'{"text": "fine"}\n"just a string"\n', "line 2 is a JSON str, not an object"),
+    ("random.jsonl", BINARY, "the file is not UTF-8 text: line 1 has byte 0x80 at column 1"),
+]
+
+
+@pytest.mark.parametrize("name,content,words", UNREADABLE_TEXTS, ids=[case[0] for case in UNREADABLE_TEXTS])
+def test_unreadable_text_files_say_what_is_wrong(tmp_path, name, content, words):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(CorpusError, match=f"Could not read text '{re.escape(str(path))}': .*{words}") as info:
+        load_corpus(str(path))
+    assert "An error occurred while generating the dataset" not in str(info.value)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1 << 20])
+def test_the_utf8_check_finds_the_first_bad_byte_across_read_chunks(tmp_path, monkeypatch, chunk):
+    from engine.texts import corpus
+
+    monkeypatch.setattr(corpus, "_CHUNK", chunk)
+    good = "Ünïcödé wörds ✓ 🙂\n".encode() * 3
+    path = tmp_path / "text.txt"
+    path.write_bytes(good)
+    assert corpus._utf8_problem(path) is None  # characters split between reads are not errors
+    path.write_bytes(good + "é".encode()[:1] + b"x")  # a lead byte without its continuation
+    assert f"offset {len(good):,} (line 4) is 0xc3" in corpus._utf8_problem(path)
+    path.write_bytes(good + "é".encode()[:1])  # cut at the end of the file
+    assert f"offset {len(good):,} (line 4)" in corpus._utf8_problem(path)
+    path.write_bytes(good + b"\0")
+    assert f"NUL bytes (the first at offset {len(good):,}, line 4)" in corpus._utf8_problem(path)
 
 
 def test_empty_text_is_rejected(tmp_path):

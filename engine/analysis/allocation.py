@@ -54,8 +54,14 @@ def ranks_from_unit_ranks(shapes: ModelShapes, method: str,
     return ranks
 
 
-def plan_summary(name: str, plan: RankPlan) -> dict:
-    """A comparison row: parameters both ways, grouping, and metrics where the plan was evaluated."""
+def plan_summary(name: str, plan: RankPlan, shapes: Optional[ModelShapes] = None) -> dict:
+    """A comparison row: parameters both ways, grouping, and metrics where the plan was evaluated.
+
+    With `shapes`, the plan is checked against that model first (`RankPlan.for_model`: a `PlanError`
+    when its recorded counts are not what its ranks give); without, it must be a checked plan already.
+    """
+    if shapes is not None:
+        plan = plan.for_model(shapes)
     decoder, total = plan.parameters["decoder_linear"], plan.parameters["total"]
     metrics = plan.metrics or {}
     grouping = plan.grouping or {}

