@@ -1,7 +1,9 @@
 """Rank plans in the browser session: the saved plans the pages share, and checked plan uploads.
 
 Saved plans live in the browser session (`st.session_state`), by name, as plan dicts; the Allocate
-page saves them, the Search page adds a study's best plan, and the Export page exports them.
+page saves them, the Search page adds a study's best plan, and the Export page exports them. Each
+saved plan is also written next to the cache database (`engine.compression.plan_shelf`), and a new
+browser session starts with the plans found there, so a restarted app loses none.
 An upload is refused with a reason (not UTF-8, not JSON, another schema, a plan for another model,
 a plan whose parameter counts are not what its ranks give, a plan that compresses nothing). Every
 plan a page shows or passes on comes through `RankPlan.for_model`, so its numbers are the model's.
@@ -13,15 +15,33 @@ from typing import Optional
 
 import streamlit as st
 
+from app.resources import current_store
 from engine.compression.plan import PlanError, RankPlan
+from engine.compression.plan_shelf import PlanShelf
 from engine.compression.units import ModelShapes
 
 SAVED_PLANS = "alloc_saved_plans"  # name -> plan dict
 
 
 def saved_plans() -> dict[str, dict]:
-    """The saved plans of this browser session (shared with the Allocate page), name -> plan dict."""
-    return st.session_state.setdefault(SAVED_PLANS, {})
+    """The saved plans of this browser session (shared with the Allocate page), name -> plan dict; a new session
+    starts with the plans saved next to the cache."""
+    if SAVED_PLANS not in st.session_state:
+        st.session_state[SAVED_PLANS] = {name: plan.to_dict() for name, plan in _shelf().load().items()}
+    return st.session_state[SAVED_PLANS]
+
+
+def save_plan(name: str, plan: RankPlan) -> None:
+    """Keep `plan` under `name` in this session and on the shelf next to the cache (once: a page may call this on
+    every rerun)."""
+    data = plan.to_dict()
+    if saved_plans().get(name) != data:
+        saved_plans()[name] = data
+        _shelf().save(name, plan)
+
+
+def _shelf() -> PlanShelf:
+    return PlanShelf(current_store().cache_dir)
 
 
 def plans_for_model(shapes: ModelShapes) -> dict[str, RankPlan]:

@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app.plans import read_uploaded_plan, saved_plans
+from app.plans import read_uploaded_plan, save_plan, saved_plans
 from app.progress import watch_job
 from app.tasks import AppliedPlan, start_apply
 from app.workspace import choose_method, load_workspace_model, persistent, set_persistent, workspace_sidebar
@@ -176,7 +176,7 @@ keep = st.columns([2, 1, 2])
 name = keep[0].text_input("Plan name", key="alloc_plan_name", placeholder=f"plan-{len(saved) + 1}").strip()
 if keep[1].button("Save plan", key="save_plan"):
     plan_name = name or f"plan-{len(saved) + 1}"
-    saved[plan_name] = current.to_dict()
+    save_plan(plan_name, current)
     st.success(f"Saved '{plan_name}'{' with its metrics' if current.metrics else ' (not evaluated)'}.")
 keep[2].download_button("Download this plan (JSON)", data=current.to_json(), mime="application/json",
                         file_name=f"{name or 'rank-plan'}.json", key="download_current_plan")
@@ -187,7 +187,7 @@ if upload is not None:
     if uploaded_plan is not None:
         loaded_name = upload.name.removesuffix(".json")
         if saved.get(loaded_name) != uploaded_plan.to_dict():
-            saved[loaded_name] = uploaded_plan.to_dict()
+            save_plan(loaded_name, uploaded_plan)
         st.success(f"Loaded '{loaded_name}' ({uploaded_plan.method}); it is listed below.")
 
 if saved:

@@ -10,7 +10,7 @@ import plotly.express as px
 import streamlit as st
 
 from app.access import AccessRefused, path_policy
-from app.plans import plans_for_model, read_uploaded_plan, saved_plans
+from app.plans import plans_for_model, read_uploaded_plan, save_plan
 from app.progress import watch_job
 from app.resources import current_store, get_job_board
 from app.tasks import (
@@ -70,7 +70,7 @@ elif source == "study":
         if job is not None and isinstance(job.result, RankPlan):
             plan_name = f"{study_id}-best"
             plan = job.result
-            saved_plans()[plan_name] = plan.to_dict()
+            save_plan(plan_name, plan)
     else:
         st.info("No study of this model has a finished trial yet: run one on the Search page.")
 else:

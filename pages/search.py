@@ -7,7 +7,7 @@ import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
 
-from app.plans import plans_for_model, read_uploaded_plan, saved_plans
+from app.plans import plans_for_model, read_uploaded_plan, save_plan
 from app.progress import watch_job
 from app.resources import current_store, get_job_board
 from app.tasks import model_scope, start_study, start_study_plan, study_job_id, study_plan_job_id
@@ -291,7 +291,7 @@ if plan_job is not None and isinstance(plan_job.result, RankPlan) and best_now i
     st.caption("The best trial has changed since that plan was made: press Use best plan again.")
 elif plan_job is not None and isinstance(plan_job.result, RankPlan):
     plan_name = f"{study_id}-best"
-    saved_plans()[plan_name] = plan_job.result.to_dict()
+    save_plan(plan_name, plan_job.result)
     metrics = plan_job.result.metrics
     st.success(f"'{plan_name}' is in the saved plans (Allocate and Export pages): perplexity {metrics['perplexity']:.3f} "
                f"on the evaluation text, {plan_job.result.parameters['decoder_linear']['reduction']:.2%} of decoder "

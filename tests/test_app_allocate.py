@@ -63,6 +63,11 @@ def test_allocate_page_meter_matches_the_engine_and_apply_shows_finite_quality(w
     assert saved.evaluation["window_len"] == WINDOW_LEN and saved.ranks == ranks | saved.ranks
     assert len(at.get("download_button")) == 2  # the current plan, and the chosen saved plan
 
+    # the plan is also kept next to the cache: a new browser session (or a restarted app) starts with it
+    assert RankPlan.load(store.cache_dir / "plans" / "by-hand.json") == saved
+    fresh = open_app("allocate")
+    assert RankPlan.from_dict(fresh.session_state["alloc_saved_plans"]["by-hand"]) == saved
+
 
 def test_allocate_page_projects_sliders_onto_a_budget(workbench):
     at = open_app("allocate")
