@@ -4,12 +4,14 @@ On the default model with svd factors (data-free: no calibration), one layer of 
 is evaluated for a few layers spread over depth (default 0, 10, 20, 29) on 4 windows of 512 tokens,
 both ways in the same run, alternating which goes first: a full evaluation (`evaluate_ranks`) and
 the prefix-cached path (`LayerPrefixCache.replaying`). Reported per layer: the best and median
-seconds of each path, and the largest difference of perplexity and both KLs between the two
-(expected 0: the paths are bit for bit the same computation above the compressed layer).
+wall and CPU seconds of each path, and the largest difference of perplexity and both KLs between
+the two (expected 0: the paths are bit for bit the same computation above the compressed layer).
 
-The cost of a whole 30-layer sweep is estimated from these: the prefix path's time is fitted as
-`a + b × (layers run)`, summed over every layer, plus one original layer step per layer to advance
-the cache (measured), against 30 full evaluations (target: ratio <= 0.55).
+The machine's 2 cores are shared, so wall time swings by tens of percent; the bench runs one torch
+thread and estimates from CPU time (process time), which measures the work. One cost model
+`a + b × (layers run)` is fitted to both paths' best CPU times (a full evaluation runs every layer);
+a whole 30-layer sweep is then Σ_k (a + b × (30 − k)) plus one original layer step per layer to
+advance the cache (measured), against 30 × (a + 30 b) for full evaluations (target: ratio <= 0.55).
 Run: `.venv/bin/python bench/bench_sweep.py [--model DIR] [--windows N] [--layers 0,10,20,29] [--reps R]`.
 The cache is a temporary folder (RANKSCOPE_CACHE); the model directory is only read.
 """
@@ -22,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,9 +44,10 @@ METRICS = ("perplexity", "kl_forward", "kl_reverse")
 
 
 def _timed(call):
-    start = time.perf_counter()
+    """(wall seconds, CPU seconds of this process, result) of `call()`."""
+    wall, cpu = time.perf_counter(), time.process_time()
     result = call()
-    return time.perf_counter() - start, result
+    return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
 def main() -> None:
@@ -56,7 +60,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=4, help="evaluation windows of 512 tokens")
     parser.add_argument("--layers", default="0,10,20,29")
     parser.add_argument("--reps", type=int, default=2, help="evaluations of each point by each path")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: CPU time measures the work)")
     args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     store = open_store()
     loaded = load_model(args.model, store, TerminalProgress())
     texts = TextSettings(evaluation_windowing=Windowing(512, args.windows))
@@ -65,65 +73,66 @@ def main() -> None:
     layers = [int(x) for x in args.layers.split(",")]
 
     cache = LayerPrefixCache(loaded, session.windows)
-    initial_s, advance_s, steps = 0.0, 0.0, 0
+    initial, advance, steps = (0.0, 0.0), (0.0, 0.0), 0
     rows, max_abs, max_rel = [], 0.0, 0.0
     for layer in sorted(layers):
         ranks = {p: u.rank_for_ratio(args.ratio) for u in session.shapes.units(args.method)
                  if "+".join(u.types) == args.type and u.layer == layer for p in u.paths}
         if cache.layer is None:  # the embeddings: the inputs of layer 0
-            initial_s, _ = _timed(lambda: cache.advance_to(0))
+            *initial, _ = _timed(lambda: cache.advance_to(0))
         step_from = cache.layer
-        seconds, _ = _timed(lambda: cache.advance_to(layer))  # one original layer per step and window
-        advance_s, steps = advance_s + seconds, steps + (layer - step_from)
-        full_s, prefix_s, results = [], [], {"full": [], "prefix": []}
+        wall, cpu, _ = _timed(lambda: cache.advance_to(layer))  # one original layer per step and window
+        advance, steps = (advance[0] + wall, advance[1] + cpu), steps + (layer - step_from)
+        times, results = {"full": [], "prefix": []}, {"full": [], "prefix": []}
 
-        def full():
-            seconds, result = _timed(lambda: session.evaluate_ranks(ranks))
-            full_s.append(seconds)
-            results["full"].append(result)
-
-        def prefix():
-            with cache.replaying():
-                seconds, result = _timed(lambda: session.evaluate_ranks(ranks))
-            prefix_s.append(seconds)
-            results["prefix"].append(result)
+        def run(path):
+            with cache.replaying() if path == "prefix" else nullcontext():
+                wall, cpu, result = _timed(lambda: session.evaluate_ranks(ranks))
+            times[path].append((wall, cpu))
+            results[path].append(result)
 
         for rep in range(args.reps):
-            for run in ((full, prefix) if rep % 2 == 0 else (prefix, full)):
-                run()
+            for path in (("full", "prefix") if rep % 2 == 0 else ("prefix", "full")):
+                run(path)
         reference = results["full"][0]
         for result in results["full"] + results["prefix"]:
             for key in METRICS:
                 a, b = getattr(reference, key), getattr(result, key)
                 max_abs = max(max_abs, abs(a - b))
                 max_rel = max(max_rel, abs(a - b) / max(abs(a), 1e-30))
-        rows.append({"layer": layer, "layers_run": n_layers - layer,
-                     "full_s": {"best": round(min(full_s), 3), "median": round(statistics.median(full_s), 3)},
-                     "prefix_s": {"best": round(min(prefix_s), 3), "median": round(statistics.median(prefix_s), 3)},
-                     "ratio_best": round(min(prefix_s) / min(full_s), 3),
-                     "metrics": {key: getattr(reference, key) for key in METRICS}})
-        print(rows[-1], flush=True)
+        row = {"layer": layer, "layers_run": n_layers - layer}
+        for path in ("full", "prefix"):
+            for i, clock in enumerate(("wall", "cpu")):
+                values = [t[i] for t in times[path]]
+                row[f"{path}_{clock}_s"] = {"best": round(min(values), 3), "median": round(statistics.median(values), 3)}
+        row["ratio_cpu_best"] = round(row["prefix_cpu_s"]["best"] / row["full_cpu_s"]["best"], 3)
+        row["metrics"] = {key: getattr(reference, key) for key in METRICS}
+        rows.append(row)
+        print(row, flush=True)
 
-    # a whole sweep: prefix(k) ~ a + b * (layers run), summed over k, plus one advance step per layer
-    xs = [r["layers_run"] for r in rows]
-    ys = [r["prefix_s"]["best"] for r in rows]
+    # one cost model for both paths: seconds ~ a + b * (layers run), a full evaluation running every layer
+    xs = [r["layers_run"] for r in rows] + [n_layers] * len(rows)
+    ys = [r["prefix_cpu_s"]["best"] for r in rows] + [r["full_cpu_s"]["best"] for r in rows]
     mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
     b = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
     a = mean_y - b * mean_x
-    full_best = statistics.fmean(r["full_s"]["best"] for r in rows)
-    step_s = advance_s / max(steps, 1)
-    prefix_sweep = sum(a + b * (n_layers - k) for k in range(n_layers)) + initial_s + (n_layers - 1) * step_s
-    full_sweep = n_layers * full_best
+    step = advance[1] / max(steps, 1)
+    layers_part = sum(a + b * (n_layers - k) for k in range(n_layers))
+    prefix_sweep = layers_part + initial[1] + (n_layers - 1) * step
+    full_sweep = n_layers * (a + b * n_layers)
     path = write_json("sweep", {
         "model": loaded.model_id, "method": args.method, "type": args.type, "ratio": args.ratio,
-        "evaluation_windows": args.windows, "window_len": 512, "reps": args.reps,
+        "evaluation_windows": args.windows, "window_len": 512, "reps": args.reps, "clock": "cpu (process time)",
         "points": rows,
-        "advance": {"initial_s": round(initial_s, 3), "seconds": round(advance_s, 3), "layer_steps": steps,
-                    "seconds_per_step": round(step_s, 3)},
-        "fit_prefix_s": {"fixed": round(a, 4), "per_layer": round(b, 4)},
-        "whole_sweep_estimate": {"layers": n_layers, "full_s": round(full_sweep, 1), "prefix_s": round(prefix_sweep, 1),
-                                 "ratio": round(prefix_sweep / full_sweep, 3), "target": 0.55},
-        "measured_ratio_these_layers": round(sum(ys) / sum(r["full_s"]["best"] for r in rows), 3),
+        "advance": {"initial_cpu_s": round(initial[1], 3), "cpu_s": round(advance[1], 3), "wall_s": round(advance[0], 3),
+                    "layer_steps": steps, "cpu_s_per_step": round(step, 3)},
+        "fit_cpu_s": {"fixed": round(a, 4), "per_layer": round(b, 4),
+                      "fixed_share_of_full": round(a / (a + b * n_layers), 3)},
+        "whole_sweep_estimate": {"layers": n_layers, "full_cpu_s": round(full_sweep, 1),
+                                 "prefix_cpu_s": round(prefix_sweep, 1), "ratio": round(prefix_sweep / full_sweep, 3),
+                                 "ratio_without_advancing": round(layers_part / full_sweep, 3), "target": 0.55},
+        "measured_cpu_ratio_these_layers": round(sum(r["prefix_cpu_s"]["best"] for r in rows)
+                                                 / sum(r["full_cpu_s"]["best"] for r in rows), 3),
         "max_metric_difference": {"abs": max_abs, "rel": max_rel},
         "cache_mib_per_layer": round(cache.nbytes / 2**20, 1),
         "peak_rss_mib": round(peak_rss_mib()),
