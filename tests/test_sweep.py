@@ -162,3 +162,126 @@ def test_joint_svd_sweeps_the_shared_pairs(store, tiny_model_dirs, sample_text_f
     svd = _session(store, tiny_model_dirs["llama"], sample_text_file)
     assert sweep_id(svd) != sweep_id(session)
     assert store.sensitivity_points(sweep_id(svd)) == []
+
+
+# -- per-layer points reuse the original layers below the compressed one ------------------------------------
+
+def _tiny_family_model(model_type: str):
+    """A tiny random model of `model_type` with 4 layers; Gemma3 mixes sliding and global layers."""
+    import torch
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                              Qwen3Config)
+
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    config = {
+        "llama": lambda: LlamaConfig(**common),
+        "mistral": lambda: MistralConfig(**common, sliding_window=8),
+        "qwen2": lambda: Qwen2Config(**common),
+        "qwen3": lambda: Qwen3Config(**common, head_dim=8),
+        "gemma3_text": lambda: Gemma3TextConfig(**common, head_dim=8, sliding_window=8, layer_types=[
+            "sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
+    }[model_type]()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
+def test_the_replayed_prefix_reproduces_the_forward_bit_for_bit(model_type):
+    import torch
+
+    from engine.compression.layer_prefix import PREFIX_MODEL_TYPES, LayerPrefixCache
+    from engine.models.adapters import adapter_for_model_type
+    from engine.models.loading import LoadedModel
+
+    assert model_type in PREFIX_MODEL_TYPES
+    model = _tiny_family_model(model_type)
+    loaded = LoadedModel("tiny", "fp", None, model, None, adapter_for_model_type(model_type))
+    windows = torch.randint(0, 97, (3, 24))  # longer than the sliding window
+    with torch.no_grad():
+        full = [model(input_ids=windows[i : i + 1], use_cache=False).logits for i in range(3)]
+    cache = LayerPrefixCache(loaded, windows)
+    calls = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, j=j: calls.append(j))
+             for j, layer in enumerate(model.model.layers)]
+    for layer in (0, 1, 2, 3, 1):
+        cache.advance_to(layer)
+        assert cache.layer == layer and len(cache.states) == 3
+        assert cache.nbytes == 3 * 24 * 32 * 4
+        calls.clear()
+        with cache.replaying(), torch.no_grad():
+            for i in (2, 0, 1):
+                assert torch.equal(model(input_ids=windows[i : i + 1], use_cache=False).logits, full[i])
+        assert calls == list(range(layer, 4)) * 3  # the layers below were not run
+    with torch.no_grad():  # and the model is whole again afterwards
+        assert torch.equal(model(input_ids=windows[:1], use_cache=False).logits, full[0])
+    for hook in hooks:
+        hook.remove()
+    with cache.replaying(), torch.no_grad(), pytest.raises(RankScopeError, match="no states for a window"):
+        model(input_ids=torch.randint(0, 97, (1, 24)), use_cache=False)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_by_layer_points_reuse_the_prefix_with_the_numbers_of_full_evaluations(store, tiny_model_dirs,
+                                                                              sample_text_file, family):
+    session = _session(store, tiny_model_dirs[family], sample_text_file)
+    layer0_runs = []
+    session.loaded.model.model.layers[0].mlp.register_forward_hook(lambda *_: layer0_runs.append(1))
+    points = [p for t in ("q", "down") for p in sweep_by_layer(session, t, 0.5)]
+    assert [(p.linear_type, p.layer) for p in points] == [("q", 0), ("q", 1), ("down", 0), ("down", 1)]
+    n_windows = session.windows.shape[0]
+    # per type: the point at layer 0 (full), one original pass to cache layer 1's inputs, none at layer 1
+    assert len(layer0_runs) == 2 * 2 * n_windows
+    for point in points:
+        direct = session.evaluate_ranks(_ranks(session, point))  # the full evaluation
+        assert (point.perplexity, point.kl_forward, point.kl_reverse) == (
+            direct.perplexity, direct.kl_forward, direct.kl_reverse)  # bit for bit
+
+
+def _ranks(session, point) -> dict:
+    return {p: u.rank_for_ratio(point.ratio) for u in session.shapes.units(session.method)
+            if "+".join(u.types) == point.linear_type and u.layer == point.layer for p in u.paths}
+
+
+def test_by_layer_sweeps_visit_layers_upwards_and_resume(session, store, monkeypatch):
+    import engine.compression.sweep as sweep
+
+    advanced = []
+    real = sweep.LayerPrefixCache.advance_to
+    monkeypatch.setattr(sweep.LayerPrefixCache, "advance_to",
+                        lambda self, layer: (advanced.append(layer), real(self, layer))[1])
+    assert [p.layer for p in sweep_by_layer(session, "o", 0.4, layers=[1])] == [1]
+    assert [p.layer for p in sweep_by_layer(session, "o", 0.4, layers=[1, 0])] == [0, 1]  # only layer 0 measured
+    assert advanced == [1, 0]
+    advanced.clear()
+    assert [p.layer for p in sweep_by_layer(session, "v", 0.4, layers=[1, 0])] == [0, 1]
+    assert advanced == [0, 1]  # sorted upwards
+    assert len(store.sensitivity_points(sweep_id(session))) == 4
+
+
+def test_models_without_a_proven_partial_forward_are_evaluated_in_full(session, monkeypatch):
+    import engine.compression.sweep as sweep
+
+    class Refused:
+        def __init__(self, *args):
+            raise AssertionError("the prefix cache was used")
+
+    monkeypatch.setattr(sweep, "LayerPrefixCache", Refused)
+    monkeypatch.setattr(session.loaded.model.config, "model_type", "gemma3")  # multimodal Gemma3: not proven
+    points = sweep_by_layer(session, "up", 0.5)
+    assert [p.layer for p in points] == [0, 1]
+    monkeypatch.setattr(session.loaded.model.config, "model_type", "llama")
+    assert len(sweep_by_layer(session, "gate", 0.5, reuse_prefix=False)) == 2  # asked for full evaluations
+
+
+def test_the_prefix_refuses_a_compressed_layer_below_it(session):
+    from engine.compression.layer_prefix import LayerPrefixCache
+
+    cache = LayerPrefixCache(session.loaded, session.windows)
+    cache.advance_to(1)
+    with cache.replaying(), pytest.raises(RankScopeError, match="compressed below layer 1"):
+        session.evaluate_ranks({p: u.rank_for_ratio(0.5) for u in session.shapes.units("svd")
+                                if u.types == ("q",) and u.layer == 0 for p in u.paths})
+    from engine.compression.lowrank import compressed_paths
+
+    assert compressed_paths(session.loaded.model) == []
