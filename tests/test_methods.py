@@ -283,7 +283,8 @@ def test_factorization_tensors_round_trip_keeps_shared_a_shared(tiny, method, tm
 
 
 # --- the fast factorisations against today's straightforward ones, on tiny random matrices ---
-# hidden 12, kv 6, intermediate 20: q, o square; k, v narrow; gate, up wide (d_out > d_in); down narrow
+# hidden 12, kv 6, intermediate 20: q, o square; k, v narrow; gate, up wide (d_out > d_in); down narrow.
+# Layer 1's up has two equal columns (rank 11).
 TINY_SHAPES = {"q": (12, 12), "k": (6, 12), "v": (6, 12), "o": (12, 12), "gate": (20, 12), "up": (20, 12), "down": (12, 20)}
 # (layer, site) -> rank of the site's inputs: layer 1 has singular covariances and second moments
 INPUT_RANK = {(1, "mlp_in"): 7, (1, "down_in"): 9, (1, "attn_in"): 10}
@@ -306,6 +307,8 @@ def _random_linears(num_layers: int = 2, seed: int = 0) -> _Loaded:
             module = torch.nn.Linear(d_in, d_out, bias=False)
             with torch.no_grad():
                 module.weight.copy_(torch.randn(d_out, d_in, generator=generator))
+                if (layer, linear_type) == (1, "up"):  # a wide weight of rank d_in − 1
+                    module.weight[:, 1] = module.weight[:, 0]
             refs.append(LinearRef(layer, linear_type, f"layers.{layer}.{linear_type}", module))
     return _Loaded(refs)
 
@@ -404,6 +407,28 @@ def test_whiten_equals_the_svd_of_the_whitened_weight_up_to_sign():
         torch.testing.assert_close(f.weight(f.max_rank).double(), w, rtol=0, atol=1e-5 * w.abs().max().item())
         shapes_seen.add((w.shape[0] >= w.shape[1], rank < min(w.shape)))
     assert shapes_seen == {(True, True), (True, False), (False, True), (False, False)}
+
+
+@pytest.mark.parametrize("conditioning", ["well", "ill", "rank-deficient"])
+def test_output_principal_directions_of_a_wide_weight_are_orthonormal_and_keep_it(conditioning):
+    from engine.methods.feature_pca import output_principal_directions
+
+    generator = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 16, generator=generator, dtype=torch.float64)
+    if conditioning == "ill":  # κ = 1e7 in mixed directions: Cholesky QR would lose orthogonality, Householder QR takes over
+        left, _, right = torch.linalg.svd(w, full_matrices=False)
+        w = left @ torch.diag(torch.logspace(0, -7, 16, dtype=torch.float64)) @ right
+    elif conditioning == "rank-deficient":
+        w[:, 3] = w[:, 5]
+    x = torch.randn(100, 16, generator=generator, dtype=torch.float64)
+    c = x.T @ x / 100
+    U, A = output_principal_directions(w, c)
+    assert U.shape == (40, 16) and A.shape == (16, 16)
+    torch.testing.assert_close(U.T @ U, torch.eye(16, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(U @ A, w, rtol=0, atol=1e-12 * w.abs().max().item())
+    torch.testing.assert_close(A, U.T @ w, rtol=0, atol=1e-12 * w.abs().max().item())
+    values = torch.linalg.eigvalsh(w @ c @ w.T).flip(0)[:16]
+    torch.testing.assert_close(torch.diagonal(U.T @ w @ c @ w.T @ U), values, rtol=1e-9, atol=1e-12 * values[0].item())
 
 
 class _CountingStatistics:
