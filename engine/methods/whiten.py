@@ -24,7 +24,8 @@ def cholesky_with_ridge(matrix: torch.Tensor) -> torch.Tensor:
     scale = matrix.diagonal().mean().clamp_min(1e-30)
     ridge = 0.0
     for _ in range(12):
-        factor, info = torch.linalg.cholesky_ex(matrix + ridge * scale * torch.eye(matrix.shape[0], dtype=matrix.dtype))
+        shifted = matrix if ridge == 0.0 else matrix + ridge * scale * torch.eye(matrix.shape[0], dtype=matrix.dtype)
+        factor, info = torch.linalg.cholesky_ex(shifted)
         if int(info) == 0:
             return factor
         ridge = 1e-8 if ridge == 0.0 else ridge * 10
