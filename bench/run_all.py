@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_spectra.py", "bench_compression.py", "bench_search.py", "bench_export.py"]
+BENCHMARKS = ["bench_spectra.py", "bench_compression.py", "bench_search.py", "bench_export.py", "bench_factorization.py"]
 
 if __name__ == "__main__":
     for name in BENCHMARKS:
