@@ -7,9 +7,10 @@ then measured on actual inputs: ‖(W − W_r) X‖ is minimised, not ‖W − W
 How (not what): the SVD of `X = W S` comes from a float64 symmetric eigendecomposition of its
 smaller Gram matrix. `d_out ≥ d_in`: `XᵀX = V Σ² Vᵀ`, `B = X V` (= UΣ), `A = Vᵀ S⁻¹`.
 `d_out < d_in`: `X Xᵀ = U Σ² Uᵀ`, `B = UΣ`, `A = Σ⁻¹ Uᵀ W` (= Vᵀ S⁻¹). Same factors (up to sign,
-and to rotation within repeated singular values); directions whose σ² is below float64 rounding
-of σ_max² are ordered less exactly than an SVD would, and only those. `S` is computed once per
-input site (q, k, v share one; gate, up another); sites run in parallel (`per_site`).
+and to rotation within repeated singular values). σ is resolved to about 1e-8 of σ_max (σ² to
+float64 rounding of σ_max²) where an SVD resolves 1e-16, so only directions below that are
+ordered less exactly. `S` is computed once per input site (q, k, v share one; gate, up another);
+sites run in parallel (`per_site`).
 """
 
 from __future__ import annotations
