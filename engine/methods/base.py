@@ -13,8 +13,10 @@ and list them in `Factorization.joint_groups`; their ranks must be equal.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Callable, Iterable, Optional, Protocol, TypeVar
 
 import torch
 
@@ -125,11 +127,62 @@ def svd_factors(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
 
 
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+_THREADS_LOCK = threading.Lock()
+
+
+def _one_intra_op_thread() -> None:
+    with _THREADS_LOCK:  # set_num_threads also writes process-wide state (default, oneDNN cache): one at a time
+        torch.set_num_threads(1)
+
+
+def parallel_map(fn: Callable[[Item], Result], items: Iterable[Item]) -> list[Result]:
+    """`[fn(x) for x in items]`, run on `torch.get_num_threads()` worker threads of one intra-op thread each.
+
+    A method factorises hundreds of independent matrices of a few hundred rows. Two OpenMP threads
+    on one such eigh/SVD gain little (and lose a lot when the cores are busy elsewhere: the threads
+    wait on each other), so the matrices are spread over the cores instead, one LAPACK thread
+    each. torch keeps the thread count per thread (OpenMP and MKL), so the calling thread keeps
+    its own; the process-wide default for threads started later, which the workers' setting also
+    writes, is put back afterwards. With one thread (or one item) it runs inline.
+    """
+    items = list(items)
+    saved = torch.get_num_threads()
+    workers = min(saved, len(items))
+    if workers <= 1:
+        return [fn(item) for item in items]
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="factorize", initializer=_one_intra_op_thread) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        with _THREADS_LOCK:
+            torch.set_num_threads(saved)
+
+
 def per_linear(
     loaded: LoadedModel, method: str, factorize_one: Callable[[object], Factors]
 ) -> Factorization:
-    """Apply `factorize_one(LinearRef)` to every decoder linear."""
-    return Factorization(method, {ref.path: factorize_one(ref) for ref in loaded.linears()})
+    """Apply `factorize_one(LinearRef)` to every decoder linear (in parallel, see `parallel_map`)."""
+    refs = list(loaded.linears())
+    return Factorization(method, dict(zip((ref.path for ref in refs), parallel_map(factorize_one, refs))))
+
+
+def per_site(
+    loaded: LoadedModel, method: str, factorize_site: Callable[[list], dict[str, Factors]]
+) -> Factorization:
+    """Apply `factorize_site([LinearRef, ...]) -> {path: Factors}` to the linears of each input site.
+
+    Linears that read one site (q, k, v; gate, up) come together, so what depends only on the
+    site's statistics (a covariance, a Cholesky factor) is computed once for all of them. Sites
+    run in parallel (`parallel_map`); factors keep the order of `loaded.linears()`.
+    """
+    refs = list(loaded.linears())
+    by_site: dict[tuple[int, str], list] = {}
+    for ref in refs:
+        by_site.setdefault((ref.layer, ref.site), []).append(ref)
+    factors = {path: f for part in parallel_map(factorize_site, list(by_site.values())) for path, f in part.items()}
+    return Factorization(method, {ref.path: factors[ref.path] for ref in refs})
 
 
 def weight64(ref) -> torch.Tensor:

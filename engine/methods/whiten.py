@@ -3,13 +3,21 @@
 `S` = Cholesky factor of the input second moment `E[xxᵀ] = S Sᵀ` (a small ridge is added if it is
 not positive definite); SVD of `W S = U Σ Vᵀ`; `B = U_r Σ_r`, `A = V_rᵀ S⁻¹`. Truncation error is
 then measured on actual inputs: ‖(W − W_r) X‖ is minimised, not ‖W − W_r‖.
+
+How (not what): the SVD of `X = W S` comes from a float64 symmetric eigendecomposition of its
+smaller Gram matrix. `d_out ≥ d_in`: `XᵀX = V Σ² Vᵀ`, `B = X V` (= UΣ), `A = Vᵀ S⁻¹`.
+`d_out < d_in`: `X Xᵀ = U Σ² Uᵀ`, `B = UΣ`, `A = Σ⁻¹ Uᵀ W` (= Vᵀ S⁻¹). Same factors (up to sign,
+and to rotation within repeated singular values). σ is resolved to about 1e-8 of σ_max (σ² to
+float64 rounding of σ_max²) where an SVD resolves 1e-16, so only directions below that are
+ordered less exactly. `S` is computed once per input site (q, k, v share one; gate, up another);
+sites run in parallel (`per_site`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from engine.methods.base import as_factors, per_linear, register_method, svd_factors, weight64
+from engine.methods.base import as_factors, per_site, register_method, weight64
 
 
 def cholesky_with_ridge(matrix: torch.Tensor) -> torch.Tensor:
@@ -17,11 +25,27 @@ def cholesky_with_ridge(matrix: torch.Tensor) -> torch.Tensor:
     scale = matrix.diagonal().mean().clamp_min(1e-30)
     ridge = 0.0
     for _ in range(12):
-        factor, info = torch.linalg.cholesky_ex(matrix + ridge * scale * torch.eye(matrix.shape[0], dtype=matrix.dtype))
+        shifted = matrix if ridge == 0.0 else matrix + ridge * scale * torch.eye(matrix.shape[0], dtype=matrix.dtype)
+        factor, info = torch.linalg.cholesky_ex(shifted)
         if int(info) == 0:
             return factor
         ridge = 1e-8 if ridge == 0.0 else ridge * 10
     raise ValueError("second moment is not positive definite even with a ridge of 1e-4")
+
+
+def whitened_factors(w: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(B, A)` (float64) with `W S = U Σ Vᵀ`, `B = U Σ`, `A = Vᵀ S⁻¹`, by descending σ; S lower triangular."""
+    d_out, d_in = w.shape
+    X = w @ S  # [d_out, d_in]
+    if d_out >= d_in:
+        _, V = torch.linalg.eigh(X.T @ X)  # ascending
+        V = V.flip(1)
+        return X @ V, torch.linalg.solve_triangular(S, V.T, upper=False, left=False)
+    values, U = torch.linalg.eigh(X @ X.T)  # ascending
+    U, sigma = U.flip(1), values.flip(0).clamp_min(0).sqrt()
+    # σ = 0 only for a rank-deficient W; any positive scale keeps B_i A_i = U_i U_iᵀ W there
+    sigma = sigma.clamp_min(max(sigma[0].item() * torch.finfo(torch.float64).eps, 1e-300))
+    return U * sigma, (U.T @ w) / sigma.unsqueeze(1)
 
 
 class Whiten:
@@ -30,13 +54,11 @@ class Whiten:
     description = "SVD of W·S with S the Cholesky factor of E[xxᵀ] (SVD-LLM)."
 
     def factorize(self, loaded, statistics):
-        def one(ref):
-            S = cholesky_with_ridge(statistics.site(ref.layer, ref.site).second_moment.to(torch.float64))
-            U, sigma, Vh = svd_factors(weight64(ref) @ S)
-            A = torch.linalg.solve_triangular(S, Vh, upper=False, left=False)  # Vᵀ S⁻¹
-            return as_factors(U * sigma, A)
+        def one_site(refs):
+            S = cholesky_with_ridge(statistics.site(refs[0].layer, refs[0].site).second_moment.to(torch.float64))
+            return {ref.path: as_factors(*whitened_factors(weight64(ref), S)) for ref in refs}
 
-        return per_linear(loaded, self.name, one)
+        return per_site(loaded, self.name, one_site)
 
 
 register_method(Whiten())
