@@ -103,29 +103,27 @@ class PathPolicy:
     def _roots_text(self) -> str:
         return ", ".join(str(root) for root in self.read_roots)
 
+    def _readable_or_named(self, typed: str, names, what: str, files: str) -> str:
+        """`typed` locally or when it is one of `names`; else its resolved path inside the read roots, or a refusal
+        that names the roots and reads the same whether the path exists or not."""
+        if not self.shared or typed in names:
+            return typed
+        path = self._readable(typed)
+        if path is None:
+            raise AccessRefused(f"This shared app {what} ({', '.join(names)}) or {files} inside these folders: "
+                                f"{self._roots_text()}. Choose one of those.")
+        return path
+
     def model_reference(self, reference: str) -> str:
         """The model reference to load: as typed locally; when shared, a registry name or a resolved path inside
         the read roots (anything else, hub ids included, raises `AccessRefused`)."""
-        if not self.shared or reference in REGISTRY:
-            return reference
-        path = self._readable(reference)
-        if path is None:
-            raise AccessRefused(
-                f"This shared app loads a registry model ({', '.join(REGISTRY)}) or a model directory or .gguf file "
-                f"inside these folders: {self._roots_text()}. Choose one of those.")
-        return path
+        return self._readable_or_named(reference, REGISTRY, "loads a registry model",
+                                       "a model directory or .gguf file")
 
     def text_source(self, source: str) -> str:
         """The text to read: as typed locally; when shared, a built-in book or a resolved path inside the read
         roots (anything else, hub datasets included, raises `AccessRefused`)."""
-        if not self.shared or source in BUILTIN_BOOKS:
-            return source
-        path = self._readable(source)
-        if path is None:
-            raise AccessRefused(
-                f"This shared app reads a built-in text ({', '.join(BUILTIN_BOOKS)}) or a .txt/.jsonl/.parquet file "
-                f"inside these folders: {self._roots_text()}. Choose one of those.")
-        return path
+        return self._readable_or_named(source, BUILTIN_BOOKS, "reads a built-in text", "a .txt/.jsonl/.parquet file")
 
     def export_directory(self, typed: str) -> Path:
         """Where to export: as typed locally (`~` expanded); when shared, a resolved folder below the workspace (a

@@ -8,24 +8,23 @@ from pathlib import Path
 from typing import Any
 
 
-def sha256_file(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
+def _file_digest(path: Path, digest, block_size: int) -> str:
     with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+        for block in iter(lambda: handle.read(block_size), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    return _file_digest(path, hashlib.sha256(), 1 << 20)
 
 
 def xxh3_file(path: Path) -> str:
     """Hex xxh3-64 of a file's bytes: a checksum fast enough to verify a large cached array on every read."""
     import xxhash
 
-    digest = xxhash.xxh3_64()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return _file_digest(path, xxhash.xxh3_64(), 1 << 22)
 
 
 def sha256_text(text: str) -> str:

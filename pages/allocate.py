@@ -120,6 +120,10 @@ edited_units = sum(1 for before, after in zip(rows["rank"], unit_ranks)
                    if (None if pd.isna(before) else before) != after)
 try:
     ranks = ranks_from_unit_ranks(shapes, method, unit_ranks)
+    if all(rank is None for rank in ranks.values()):
+        st.info("Every matrix is dense: this is the original model. Move a slider above 0, or give a matrix a rank "
+                "in the table, to compress.")
+        st.stop()
     plan = RankPlan.build(shapes, method, ranks,
                           grouping={**(base_grouping or {}), "edited_units": edited_units} if edited_units else base_grouping)
 except PlanError as exc:

@@ -155,3 +155,14 @@ def test_allocate_page_refuses_bad_uploads_with_a_reason(workbench, tiny_model_d
     edited = at.data_editor[0].value
     assert edited.loc[edited["type"] == "down", "rank"].tolist() == [8, 8]
     assert edited.loc[edited["type"] == "q", "rank"].isna().all()
+
+
+def test_allocate_page_says_an_all_dense_allocation_is_the_original_model(workbench):
+    at = open_app("allocate")
+    for slider in at.slider:
+        if slider.key.startswith("ratio."):
+            slider.set_value(0.0)
+    at.run()
+    assert_clean(at)
+    assert any("Every matrix is dense: this is the original model" in i.value for i in at.info)
+    assert not [b for b in at.button if b.key == "apply_plan"]  # nothing to apply

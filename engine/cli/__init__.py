@@ -10,7 +10,7 @@ commands (texts, windows, method, `--json`) are declared once in `options`. The 
 | `analysis` | `prepare`, `models`, `calibrate`, `spectra` |
 | `compression` | `compress`, `evaluate`, `sweep` |
 | `export` | `export` |
-| `search` | `search start`, `search resume`, `search status`, `search best`, `search export-plan` |
+| `search` | `search start`, `search resume`, `search status`, `search best`, `search export-plan`, `search restore` |
 
 `--cache DIR` (before the command) points every command at another cache folder.
 """
