@@ -56,7 +56,7 @@ def main() -> None:
         timings: dict = {}
         with timed(timings, "export_s"):
             report = export_compressed(session, plan, out, progress=TerminalProgress(), max_new_tokens=args.new_tokens,
-                                       timing_runs=args.runs)
+                                       timing_runs=args.runs, overwrite=args.out is not None)  # --out: a rerun replaces
         with timed(timings, "load_compressed_s"):
             load_compressed(out)
         from transformers import AutoModelForCausalLM

@@ -49,8 +49,8 @@ def kl_note(environment_of_run: dict) -> str:
     if major_minor >= (0, 2):
         return "KL values are exact over the full vocabulary."
     return ("KL values, and the studies' objective, are RankScope 0.1.0's top-1024 + tail-bucket estimate, which reads "
-            "low (about 2% forward, 20-70% reverse on this model; see compression-results.md); RankScope 0.2 computes "
-            "KL exactly, and rerunning this script measures with it.")
+            "low (compression-results.md measures by how much on this model); RankScope 0.2 computes KL exactly, and "
+            "rerunning this script measures with it.")
 
 
 def rendered_from_stored(name: str, render, doc: Path) -> None:
