@@ -14,6 +14,7 @@ import streamlit as st
 
 from app.jobs import JobBoard, ModelGuard
 from app.sessions import SessionPool
+from engine.compression.units import ModelShapes
 from engine.models.loading import LoadedModel, load_model
 from engine.models.registry import DEFAULT_MODEL
 from engine.paths import database_path
@@ -40,7 +41,24 @@ def get_store(database: str) -> Store:
 
 @st.cache_resource(show_spinner="Loading model...", max_entries=2)
 def get_model(reference: str, database: str) -> LoadedModel:
-    return load_model(reference, get_store(database))
+    loaded = load_model(reference, get_store(database))
+    model_shapes(loaded)  # read now, while no job can have compressed the model in place
+    return loaded
+
+
+def model_shapes(loaded: LoadedModel) -> ModelShapes:
+    """The model's decoder-linear shapes and parameter totals, read once per model.
+
+    Jobs compress the shared model in place while they evaluate, so counting its parameters on a
+    page rerun could count factors instead of the dense matrices; `get_model` fills this cache right
+    after loading, before any job can run.
+    """
+    return _shapes(loaded.fingerprint, loaded)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _shapes(model_fingerprint: str, _loaded: LoadedModel) -> ModelShapes:
+    return ModelShapes.of(_loaded)
 
 
 @st.cache_resource(show_spinner=False)

@@ -8,13 +8,14 @@ import streamlit as st
 
 from app.plans import read_uploaded_plan, save_plan, saved_plans
 from app.progress import watch_job
+from app.resources import model_shapes
 from app.tasks import AppliedPlan, start_apply
 from app.workspace import choose_method, load_workspace_model, persistent, set_persistent, workspace_sidebar
 from engine.analysis import METRIC_LABELS
 from engine.analysis.allocation import budget_meter_rows, plan_summary, ranks_from_unit_ranks, unit_rank_rows
 from engine.compression.grouping import BudgetError, Grouping, budget_target, project_to_budget, ranks_from_ratios
 from engine.compression.plan import PlanError, RankPlan
-from engine.compression.units import ModelShapes, count_parameters
+from engine.compression.units import count_parameters
 from engine.errors import RankScopeError
 from engine.hashing import sha256_json
 
@@ -43,7 +44,7 @@ def edit_saved_plan(name: str) -> None:
 
 
 method = choose_method()
-shapes = ModelShapes.of(loaded)
+shapes = model_shapes(loaded)
 
 st.subheader("Groups")
 layout = st.columns(3)

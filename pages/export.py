@@ -12,7 +12,7 @@ import streamlit as st
 from app.access import AccessRefused, path_policy
 from app.plans import plans_for_model, read_uploaded_plan, save_plan
 from app.progress import watch_job
-from app.resources import current_store, get_job_board
+from app.resources import current_store, get_job_board, model_shapes
 from app.tasks import (
     export_job_prefix, export_plan_settings, generation_job_id, start_export, start_generation, start_study_plan,
     study_plan_job_id,
@@ -22,7 +22,6 @@ from engine.analysis import METRIC_LABELS
 from engine.analysis.allocation import plan_summary
 from engine.analysis.export_summary import MIB, check_rows, export_overview, export_rows, quality_rows, size_speed_rows
 from engine.compression.plan import RankPlan
-from engine.compression.units import ModelShapes
 from engine.errors import RankScopeError
 from engine.export.format import CARD_FILE, PLAN_FILE
 from engine.export.report import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT, SideBySide
@@ -40,7 +39,7 @@ workspace = workspace_sidebar()
 loaded = load_workspace_model(workspace)
 store = current_store()
 board = get_job_board()
-shapes = ModelShapes.of(loaded)
+shapes = model_shapes(loaded)
 
 # -- the plan ---------------------------------------------------------------------------------------------------
 st.subheader("Plan")

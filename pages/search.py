@@ -9,7 +9,7 @@ import streamlit as st
 
 from app.plans import plans_for_model, read_uploaded_plan, save_plan
 from app.progress import watch_job
-from app.resources import current_store, get_job_board
+from app.resources import current_store, get_job_board, model_shapes
 from app.tasks import model_scope, start_study, start_study_plan, study_job_id, study_plan_job_id
 from app.workspace import choose_method, load_workspace_model, persistent, set_persistent, workspace_sidebar
 from engine.analysis import METRIC_LABELS
@@ -18,7 +18,6 @@ from engine.analysis.search_summary import (
 )
 from engine.compression.grouping import Grouping
 from engine.compression.plan import RankPlan
-from engine.compression.units import ModelShapes
 from engine.errors import RankScopeError
 from engine.search.records import StudyState
 from engine.search.runner import new_study_id
@@ -39,7 +38,7 @@ workspace = workspace_sidebar()
 loaded = load_workspace_model(workspace)
 storage = DuckDBStudyStorage(current_store())
 board = get_job_board()
-shapes = ModelShapes.of(loaded)
+shapes = model_shapes(loaded)
 records = storage.list_studies()
 studies = [r for r in records if r.model_fingerprint == loaded.fingerprint]
 

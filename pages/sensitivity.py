@@ -9,14 +9,13 @@ import plotly.express as px
 import streamlit as st
 
 from app.progress import watch_job
-from app.resources import current_store, get_job_board
+from app.resources import current_store, get_job_board, model_shapes
 from app.tasks import session_scope, start_layer_sweep, start_type_sweep
 from app.workspace import choose_method, load_workspace_model, persistent, workspace_sidebar
 from engine.analysis import METRIC_LABELS
 from engine.analysis.sensitivity_summary import layer_grid, layer_sweep_ratios, sweep_unit_labels, type_curve_rows
 from engine.cache.keys import calibration_key
 from engine.compression.sweep import DEFAULT_RATIOS
-from engine.compression.units import ModelShapes
 from engine.errors import RankScopeError
 from engine.methods import get_method
 from engine.store.cache_inventory import find_sweep
@@ -32,7 +31,7 @@ store = current_store()
 board = get_job_board()
 
 method = choose_method()
-shapes = ModelShapes.of(loaded)
+shapes = model_shapes(loaded)
 labels = sweep_unit_labels(shapes, method)
 try:
     calibration_id = (calibration_key(loaded.fingerprint, text_fingerprint(workspace.calibration_text),
