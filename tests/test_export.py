@@ -352,14 +352,20 @@ def test_export_help_describes_the_command():
         assert words in result.stdout, words
 
 
-def test_export_command_writes_and_reports(tiny_model_dirs, text_file, tmp_path):
-    runner = CliRunner()
+def _cli_plan(runner, model_dir, text_file, tmp_path) -> tuple[list[str], Path]:
+    """Text options for the tiny models, and a uniform 30% plan made with them by `rankscope compress`."""
     options = ["--calibration-text", str(text_file), "--calibration-windows", "8", "--groups", "4",
                "--eval-text", str(text_file), "--eval-windows", "2", "--window-len", "32"]
     plan_file = tmp_path / "plan.json"
-    made = runner.invoke(app, ["compress", "--model", str(tiny_model_dirs["qwen2"]), "--uniform", "0.3",
+    made = runner.invoke(app, ["compress", "--model", str(model_dir), "--uniform", "0.3",
                                "--save-plan", str(plan_file), *options])
     assert made.exit_code == 0, made.output
+    return options, plan_file
+
+
+def test_export_command_writes_and_reports(tiny_model_dirs, text_file, tmp_path):
+    runner = CliRunner()
+    options, plan_file = _cli_plan(runner, tiny_model_dirs["qwen2"], text_file, tmp_path)
     result = runner.invoke(app, ["export", "--plan", str(plan_file), "--out", str(tmp_path / "export"),
                                  "--new-tokens", "8", "--timing-runs", "1", "--json", *options])
     assert result.exit_code == 0, result.output
@@ -536,12 +542,7 @@ def _error_lines(result) -> list[str]:
 
 def test_export_command_replaces_an_earlier_export_only_with_overwrite(tiny_model_dirs, text_file, tmp_path):
     runner = CliRunner()
-    options = ["--calibration-text", str(text_file), "--calibration-windows", "8", "--groups", "4",
-               "--eval-text", str(text_file), "--eval-windows", "2", "--window-len", "32"]
-    plan_file = tmp_path / "plan.json"
-    made = runner.invoke(app, ["compress", "--model", str(tiny_model_dirs["llama"]), "--uniform", "0.3",
-                               "--save-plan", str(plan_file), *options])
-    assert made.exit_code == 0, made.output
+    options, plan_file = _cli_plan(runner, tiny_model_dirs["llama"], text_file, tmp_path)
     out = tmp_path / "export"
     export = ["export", "--plan", str(plan_file), "--out", str(out), "--new-tokens", "4", "--timing-runs", "1", *options]
     assert runner.invoke(app, export).exit_code == 0
