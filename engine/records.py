@@ -88,10 +88,28 @@ class SpectrumRow:
     values: list[float]
 
 
+@dataclass(frozen=True)
+class RecoveryRecord:
+    """A finished recovery run: the plan it started from, its settings, what it measured; vectors in `array_id`."""
+
+    run_id: str
+    model_fingerprint: str
+    kind: str
+    base_plan_json: str  # the plan the run started from, exactly as given
+    settings_json: str
+    result_json: str  # before/after metrics, the loss and validation history, the final ranks
+    steps: int
+    tokens: int
+    seconds: float
+    peak_rss_bytes: int
+    array_id: str
+
+
 # record type -> the store table that holds it (the record's first field is the table's key)
 RECORD_TABLES: dict[type, str] = {
     CalibrationRecord: "calibrations",
     EvaluationRecord: "evaluations",
     FactorizationRecord: "factorizations",
     ReferenceRecord: "reference_distributions",
+    RecoveryRecord: "recovery_runs",
 }

@@ -10,6 +10,7 @@ commands (texts, windows, method, `--json`) are declared once in `options`. The 
 | `analysis` | `prepare`, `models`, `calibrate`, `spectra` |
 | `compression` | `compress`, `evaluate`, `sweep` |
 | `export` | `export` |
+| `recovery` | `recover` |
 | `search` | `search start`, `search resume`, `search status`, `search best`, `search export-plan`, `search restore` |
 
 `--cache DIR` (before the command) points every command at another cache folder.
@@ -50,4 +51,4 @@ def echo_json(value) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
 
 
-from engine.cli import analysis, compression, export, search  # noqa: E402,F401  (registers the commands)
+from engine.cli import analysis, compression, export, recovery, search  # noqa: E402,F401  (registers the commands)

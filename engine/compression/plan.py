@@ -44,6 +44,9 @@ class RankPlan:
     parameters: dict = field(default_factory=dict)
     metrics: Optional[dict] = None
     provenance: dict = field(default_factory=dict)
+    # a recovered plan: {"run_id", "kind", "subset", "base_ranks", "settings", "steps", "tokens"}; its vectors are
+    # arrays in the store, folded into the factors sliced at `base_ranks` (engine.compression.recovered)
+    recovery: Optional[dict] = None
     schema: str = SCHEMA
 
     # -- construction -------------------------------------------------------------------------
@@ -130,7 +133,11 @@ class RankPlan:
             self._check_model_section(shapes)
             if not _same_numbers(self.parameters, counts):
                 raise PlanError(_parameters_mismatch(self.parameters, counts, shapes))
-        return replace(self, ranks=full, parameters=counts)
+        recovery = self.recovery
+        if recovery is not None:
+            recovery = {**recovery, "base_ranks": {s.path: recovery["base_ranks"].get(s.path) for s in shapes.linears}}
+            _check_recovery_section(recovery, full)
+        return replace(self, ranks=full, parameters=counts, recovery=recovery)
 
     def validate_for(self, shapes: ModelShapes, allow_other_model: bool = False) -> "RankPlan":
         """`for_model`: raise `PlanError` unless the plan fits `shapes`; returns the checked plan."""
@@ -185,6 +192,7 @@ class RankPlan:
         _refuse_empty(data["ranks"])
         if not isinstance(data.get("parameters", {}), dict):
             raise PlanError("Plan field 'parameters' is not an object.")
+        _check_recovery_section(data.get("recovery"), data["ranks"])
         known = {f for f in cls.__dataclass_fields__}
         extra = set(data) - known
         if extra:
@@ -207,6 +215,26 @@ class RankPlan:
         except OSError as exc:
             raise PlanError(f"Could not read plan file {path}: {exc.strerror or exc}.") from exc
         return cls.from_json(text)
+
+
+RECOVERY_KEYS = {"run_id", "kind", "subset", "base_ranks", "settings", "steps", "tokens"}
+
+
+def _check_recovery_section(section: Any, ranks: Mapping[str, Optional[int]]) -> None:
+    """A recovery section names its run and kind, and starts from ranks no lower than the plan's own."""
+    if section is None:
+        return
+    if not isinstance(section, dict) or set(section) - RECOVERY_KEYS or not {"run_id", "kind", "base_ranks"} <= set(section):
+        raise PlanError(f"Plan field 'recovery' must be an object with run_id, kind and base_ranks (allowed keys: "
+                        f"{', '.join(sorted(RECOVERY_KEYS))}), got {section!r:.200}.")
+    base = section["base_ranks"]
+    if not isinstance(base, dict) or set(base) != set(ranks):
+        raise PlanError("The recovery section's base_ranks must name the same modules as the plan's ranks.")
+    for path, rank in ranks.items():
+        start = base[path]
+        if (rank is None) != (start is None) or (rank is not None and (not isinstance(start, int) or rank > start)):
+            raise PlanError(f"The recovery of '{path}' starts at rank {start!r} and ends at {rank!r}: recovery keeps or "
+                            "lowers a rank and never makes a dense linear low-rank or a low-rank one dense.")
 
 
 def _refuse_empty(ranks: Mapping[str, Optional[int]]) -> None:

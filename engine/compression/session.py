@@ -19,13 +19,15 @@ from engine.cache.reference import ensure_reference
 from engine.cache.windows import ensure_windows
 from engine.compression.grouping import Grouping, budget_target, project_to_budget, ranks_from_ratios
 from engine.compression.lowrank import compress_, restore_
-from engine.compression.plan import RankPlan
+from engine.compression.plan import PlanError, RankPlan
+from engine.compression.recovered import apply_recovery_
 from engine.compression.units import ModelShapes
 from engine.methods import Factorization, get_method
 from engine.metrics import QualityResult, ReferenceDistribution, evaluate_quality
 from engine.models.loading import LoadedModel
 from engine.progress import ProgressCallback
 from engine.records import FactorizationRecord, ReferenceRecord
+from engine.store.arrays import load_arrays
 from engine.store.duckdb_store import Store
 from engine.texts.settings import TextSettings
 
@@ -104,10 +106,44 @@ class CompressionSession:
         finally:
             restore_(model)
 
+    def apply_(self, plan: RankPlan) -> None:
+        """Compress the model in place as `plan` says; `restore_(session.loaded.model)` undoes it.
+
+        A recovered plan's factors are sliced at its starting ranks and its run's stored vectors are
+        folded in (`engine.compression.recovered`), which gives the plan's own ranks.
+        """
+        recovery = plan.recovery
+        model = self.loaded.model
+        if recovery is None:
+            compress_(model, plan.ranks, self.factorization)
+            return
+        tensors = load_arrays(self.store, recovery["run_id"])
+        if tensors is None:
+            raise PlanError(
+                f"This plan was recovered by run {recovery['run_id'][:12]}, whose trained vectors are not in this cache "
+                f"({self.store.cache_dir}). Run the recovery again on the plan it started from (rankscope recover, with "
+                "the settings in the plan's 'recovery' section) to rebuild them.")
+        compress_(model, recovery["base_ranks"], self.factorization)
+        try:
+            ranks = apply_recovery_(model, recovery["kind"], tensors, recovery.get("subset"))
+            wrong = {p: (r, plan.ranks.get(p)) for p, r in ranks.items() if plan.ranks.get(p) != r}
+            if wrong:
+                path, (got, said) = next(iter(wrong.items()))
+                raise PlanError(f"The recovery run's vectors give '{path}' rank {got}, but the plan says {said}: "
+                                "the plan does not belong to this run.")
+        except Exception:
+            restore_(model)
+            raise
+
     def evaluate(self, plan: RankPlan, progress: Optional[ProgressCallback] = None) -> RankPlan:
         """The plan with its measured metrics filled in."""
-        plan.validate_for(self.shapes)
-        result = self.evaluate_ranks(plan.ranks, progress)
+        plan = plan.validate_for(self.shapes)
+        model = self.loaded.model
+        try:
+            self.apply_(plan)
+            result = evaluate_quality(model, self.windows, self.reference, progress)
+        finally:
+            restore_(model)
         return plan.with_metrics(result.to_dict())
 
     def original_quality(self) -> dict:

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from engine.compression.lowrank import compress_, restore_
+from engine.compression.lowrank import restore_
 from engine.compression.plan import RankPlan
 from engine.compression.session import CompressionSession
 from engine.export.format import (
@@ -255,7 +255,7 @@ def _write(session: CompressionSession, plan: RankPlan, staging: Path, storage: 
     model = session.loaded.model
     restore_(model)
     original_names = set(model.state_dict())
-    compress_(model, plan.ranks, session.factorization)
+    session.apply_(plan)
     try:
         check_logits = [_logits(model, ids) for ids in check_ids]
         quality = evaluate_quality(model, session.windows, session.reference, progress)

@@ -224,6 +224,26 @@ MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE reference_distributions ADD COLUMN kind VARCHAR NOT NULL DEFAULT 'top-k'",
         ),
     ),
+    Migration(
+        6,
+        "recovery runs (subspace post-training, basis selection) and their trained vectors",
+        (
+            """CREATE TABLE recovery_runs (
+                run_id VARCHAR PRIMARY KEY,
+                model_fingerprint VARCHAR NOT NULL,
+                kind VARCHAR NOT NULL,
+                base_plan_json VARCHAR NOT NULL,
+                settings_json VARCHAR NOT NULL,
+                result_json VARCHAR NOT NULL,
+                steps INTEGER NOT NULL,
+                tokens BIGINT NOT NULL,
+                seconds DOUBLE NOT NULL,
+                peak_rss_bytes BIGINT NOT NULL,
+                array_id VARCHAR NOT NULL,
+                created_at TIMESTAMP NOT NULL DEFAULT current_timestamp
+            )""",
+        ),
+    ),
 )
 
 SCHEMA_VERSION: int = MIGRATIONS[-1].version
