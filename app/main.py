@@ -17,6 +17,7 @@ navigation = st.navigation(
         st.Page(PAGES / "sensitivity.py", title="Sensitivity", icon=":material/tune:"),
         st.Page(PAGES / "allocate.py", title="Allocate", icon=":material/view_column:"),
         st.Page(PAGES / "search.py", title="Search", icon=":material/query_stats:"),
+        st.Page(PAGES / "recover.py", title="Recover", icon=":material/healing:"),
         st.Page(PAGES / "export.py", title="Export", icon=":material/output:"),
     ]
 )

@@ -1,5 +1,5 @@
 """The app's long actions as background jobs: calibration, spectra, sweeps, plan evaluation, search
-studies, a study's best plan, exports and side-by-side generation.
+studies, a study's best plan, recovery runs, exports and side-by-side generation.
 
 Each `start_*` function composes engine calls into one job on the process-wide `JobBoard` and
 returns it; the engine writes every result to the store before the job ends, and pages read the
@@ -10,18 +10,24 @@ joins one job, and a page finds the jobs of its scope with `JobBoard.with_prefix
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
 
-from app.jobs import Job
-from app.resources import current_database, current_store, get_job_board, get_model_guard, get_session_pool
+from app.jobs import Job, JobStopped
+from app.resources import current_database, current_store, get_job_board, get_model_guard, get_session_pool, model_shapes
 from app.sessions import SessionKey, SharedModelSession
 from app.workspace import Workspace
 from engine.compression.plan import RankPlan
 from engine.compression.plan_settings import PlanSettings, plan_settings
 from engine.texts.settings import TextSettings
 from engine.compression.sweep import sweep_by_layer, sweep_by_type
+from engine.progress import ProgressEvent
+from engine.recovery.settings import RecoverySettings
+from engine.recovery.training import (
+    RecoveryInterrupted, RecoveryOutcome, StepReport, checkpoint_state, recover, run_key,
+)
 from engine.errors import RankScopeError
 from engine.export import check_export_target, export_compressed, generate_side_by_side, load_compressed
 from engine.export.report import SideBySide
@@ -245,3 +251,69 @@ def start_generation(loaded: LoadedModel, directory: str, prompt: str, new_token
             return generate_side_by_side(loaded.model, compressed, loaded.tokenizer, prompt, new_tokens)
 
     return get_job_board().start(generation_job_id(loaded, directory), "Side-by-side generation", work)
+
+
+# -- recovery ----------------------------------------------------------------------------------------------------
+
+# job id -> the steps its run has reported so far (dicts shaped like a finished run's `history`), for the live chart;
+# a job keeps only its latest progress event, and the steps of a running recovery exist nowhere else until it ends
+_RECOVERY_STEPS: dict[str, list[dict]] = {}
+
+
+def recovery_job_prefix(loaded: LoadedModel) -> str:
+    return f"{model_scope(loaded)}recovery/"
+
+
+def recovery_run_id(loaded: LoadedModel, plan: RankPlan, settings: RecoverySettings) -> str:
+    """The engine's key of the run `recover` would do for this plan and these settings (its checkpoint and stored
+    result are found by it). Raises `PlanError` for a plan of another model."""
+    return run_key(model_shapes(loaded), plan, settings)[2]
+
+
+def recovery_job_id(loaded: LoadedModel, run_id: str) -> str:
+    return recovery_job_prefix(loaded) + run_id
+
+
+def recovery_steps(job_id: str) -> list[dict]:
+    """The steps the job's run has reported so far (a copy), oldest first; empty before the first step."""
+    return list(_RECOVERY_STEPS.get(job_id, ()))
+
+
+def start_recovery(loaded: LoadedModel, plan: RankPlan, settings: RecoverySettings, label: str) -> Job:
+    """Train a recovery of `plan` (`engine.recovery.training.recover`): stored, resumable; returns its
+    `RecoveryOutcome`. A run that finished before comes back from the store at once.
+
+    The model guard is held for the whole run: the shared model is compressed and trained in place. Stop is
+    cooperative: before the first step it ends the job at the next progress report (nothing to keep); from then on
+    the run checkpoints after its current step and the job ends as stopped, and starting it again resumes there.
+    The run uses the app's session for the plan's method and texts, so its factors are not loaded twice.
+    """
+    store, guard = current_store(), get_model_guard(loaded.fingerprint)
+    run_id = recovery_run_id(loaded, plan, settings)
+    job_id = recovery_job_id(loaded, run_id)
+    open_session = _texts_session_opener(loaded, plan.method, plan_settings(plan).texts)
+    trained = threading.Event()  # set at this job's first step
+
+    def on_step(report: StepReport) -> None:
+        trained.set()
+        _RECOVERY_STEPS[job_id].append({"step": report.step, "loss": report.loss, "seconds": report.seconds,
+                                        "validation_perplexity": report.validation_perplexity,
+                                        "ranks_total": report.ranks_total})
+
+    def work(job: Job) -> RecoveryOutcome:
+        # a resumed run reports only the steps after its checkpoint: the checkpoint holds the curve before them
+        _RECOVERY_STEPS[job_id] = list((checkpoint_state(store, run_id) or {}).get("history", ()))
+
+        def progress(event: ProgressEvent) -> None:
+            # before the first step nothing is lost by ending at once; after it, the run stops through should_stop
+            (job.observe if trained.is_set() else job.report)(event)
+
+        session = open_session(job)
+        with guard.hold(f"training a {settings.kind} recovery"):
+            try:
+                return recover(store, loaded, plan, settings, progress=progress, on_step=on_step,
+                               should_stop=lambda: job.stop_requested, session=session)
+            except RecoveryInterrupted as exc:
+                raise JobStopped(label) from exc
+
+    return get_job_board().start(job_id, label, work, resumable=True)

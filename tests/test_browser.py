@@ -1,8 +1,8 @@
 """The workbench in a real browser: Debian's chromium, driven by Playwright, against a live app server.
 
-One walk, Model -> Spectra -> Sensitivity -> Allocate -> Search -> Export (calibrate, compute
-spectra, run a per-type sweep, apply a plan, run a short study and keep its best plan, export that
-plan and generate from it), on two set-ups:
+One walk, Model -> Spectra -> Sensitivity -> Allocate -> Search -> Recover -> Export (calibrate, compute
+spectra, run a per-type sweep, apply a plan, run a short study and keep its best plan, recover it for
+two steps, export that plan and generate from it), on two set-ups:
 - the tiny llama model with small windows (in `make test`): the numbers the pages show are checked
   against the engine's for the same settings, computed independently in a separate cache; its
   screenshots under `test-output/screenshots/` are the README tour;
@@ -52,6 +52,8 @@ METHOD, DEFAULT_RATIO = "feature-pca", 0.2  # the Allocate page's defaults
 # a short study: 4 trials (3 random first), on 4 sensitive windows of 8 candidates found by 2 probes
 STUDY_PAGE_FIELDS = {"Trials": "4", "Initial random points": "3", "Candidate windows": "8", "Subset size": "4",
                      "Probe plans": "2"}
+# short enough for the tiny model's texts (4 calibration windows, then 4 training and 1 validation window)
+RECOVERY_PAGE_FIELDS = {"Steps": "2", "Windows per step": "1", "Training windows": "4", "Validation windows": "1"}
 STUDY_SETTINGS = dict(n_trials=4, n_initial_points=3, subset_candidates=8, subset_size=4, subset_probe_plans=2)
 
 
@@ -288,6 +290,16 @@ def _walk_pages(b: Browser, url: str, setup: WalkSetup, export_dir: Path, shown:
     page.get_by_text("'walk-best' is in the saved plans").wait_for(timeout=setup.wait_ms)
     b.screenshot("05-search")
 
+    # Recover: two subspace steps on the study's best plan, watched to the end
+    b.open_page("Recover")
+    for label, value in RECOVERY_PAGE_FIELDS.items():
+        b.fill(label, value)
+    page.get_by_role("button", name="Start recovery").click()
+    page.get_by_text("Finished.", exact=True).wait_for(timeout=setup.wait_ms)
+    shown["recovery_steps"] = b.metric("Steps")
+    b.wait_for("() => document.querySelectorAll('.js-plotly-plot').length === 1")
+    b.screenshot("06-recover")
+
     # Export: the study's best plan, written to a directory, reloaded and re-measured; then generate
     b.open_page("Export")
     b.fill("Directory", str(export_dir))
@@ -296,7 +308,7 @@ def _walk_pages(b: Browser, url: str, setup: WalkSetup, export_dir: Path, shown:
     shown["export_perplexity"] = float(b.metric("Perplexity"))
     page.get_by_role("button", name="Generate").click()
     page.get_by_text("Greedy decoding,").wait_for(timeout=setup.wait_ms)
-    b.screenshot("06-export")
+    b.screenshot("07-export")
 
 
 def check_shown_numbers(shown: dict, expected: dict, setup: WalkSetup, export_dir: Path) -> None:
@@ -318,6 +330,7 @@ def check_shown_numbers(shown: dict, expected: dict, setup: WalkSetup, export_di
     assert shown["applied KL(P_comp‖P_orig)"] == pytest.approx(metrics["kl_reverse"], rel=1e-2, abs=1e-7)
     assert shown["study_best_perplexity"] == pytest.approx(expected["study_best_perplexity"], abs=2e-3)
     assert shown["trials"] == f"{STUDY_SETTINGS['n_trials']}/{STUDY_SETTINGS['n_trials']}"
+    assert shown["recovery_steps"] == RECOVERY_PAGE_FIELDS["Steps"]
     assert shown["reload_check"] == "passed"
     assert shown["export_perplexity"] == pytest.approx(shown["study_best_perplexity"], abs=2e-3)
     assert (export_dir / "model.safetensors").is_file()

@@ -46,3 +46,24 @@ def test_default_model_was_converted_from_its_pypi_package(real_model_dir):
     assert sidecar["source"].startswith(package_dir)
     assert sidecar["source"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert len(sidecar["fingerprint"]) == 64
+
+
+def test_a_recovery_on_the_default_model_folds_into_a_plan_that_measures_the_same(real_model_dir, store):
+    """Two subspace steps on SmolLM2-135M with data-free SVD factors (short windows keep it cheap): the run
+    trains, the recovered plan keeps the plan's ranks, and applying it gives the run's own numbers."""
+    from engine.compression.session import CompressionSession
+    from engine.recovery.settings import RecoverySettings
+    from engine.recovery.training import recover
+    from engine.texts.settings import TextSettings
+
+    loaded = load_model(str(real_model_dir), store)
+    texts = TextSettings("war-and-peace", Windowing(128, 2), 1, "sherlock-holmes", Windowing(128, 1))
+    session = CompressionSession.open(store, loaded, "svd", texts)
+    plan = session.uniform_plan(0.1)
+    settings = RecoverySettings("subspace", steps=2, batch_windows=1, training_windows=2, validation_windows=1,
+                                eval_every=2, subset=16)
+    outcome = recover(store, loaded, plan, settings)
+    assert outcome.plan.ranks == plan.ranks and outcome.record.tokens == 2 * 128
+    assert outcome.result["after"]["perplexity"] != outcome.result["before"]["perplexity"]
+    again = session.evaluate(outcome.plan)
+    assert again.metrics["perplexity"] == pytest.approx(outcome.result["after"]["perplexity"], rel=1e-9)

@@ -130,9 +130,11 @@ def _check_target(target: Path, plan: Path) -> None:
 def _step_printer(bar):
     def show(report) -> None:
         if report.validation_perplexity is not None:
+            import sys
+
             from tqdm import tqdm
 
             kept = f", {report.ranks_total:,} directions kept" if report.ranks_total is not None else ""
             tqdm.write(f"step {report.step}/{report.steps}: loss {report.loss:.4f}, validation perplexity "
-                       f"{report.validation_perplexity:.3f}{kept}")
+                       f"{report.validation_perplexity:.3f}{kept}", file=sys.stderr)
     return show

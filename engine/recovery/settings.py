@@ -53,13 +53,25 @@ class RecoverySettings:
             raise RecoveryError(f"The learning rate must be between 0 and 1, got {self.learning_rate!r}.")
         if self.prune_to is not None:
             if self.kind != "basis":
-                raise RecoveryError("Pruning directions (--prune-to) belongs to the basis recovery; subspace post-training "
-                                    "keeps the plan's ranks. Use --kind basis, or leave --prune-to out.")
+                raise RecoveryError("Pruning directions (a prune target, --prune-to) belongs to the basis recovery; "
+                                    "subspace post-training keeps the plan's ranks. Choose basis, or leave the prune "
+                                    "target out.")
             if not 0 < self.prune_to < 1:
-                raise RecoveryError(f"--prune-to is a decoder-linear reduction between 0 and 1, got {self.prune_to!r}.")
+                raise RecoveryError(f"The prune target (--prune-to) is a decoder-linear reduction between 0 and 1, got "
+                                    f"{self.prune_to!r}.")
             if self.prune_rounds >= self.steps:
                 raise RecoveryError(f"{self.prune_rounds} pruning rounds need more than {self.prune_rounds} training steps "
                                     f"(got {self.steps}): each round is followed by training.")
+
+    def canonical(self) -> "RecoverySettings":
+        """These settings with the values that do not change the training set to their defaults (a learning rate
+        equal to the kind's default, r' for basis, pruning rounds without pruning), so equal runs have one key."""
+        return replace(
+            self,
+            learning_rate=None if self.learning_rate == DEFAULT_LEARNING_RATE[self.kind] else self.learning_rate,
+            subset=self.subset if self.kind == "subspace" else DEFAULT_SUBSET,
+            prune_rounds=self.prune_rounds if self.prune_to is not None else RecoverySettings.prune_rounds,
+        )
 
     @property
     def lr(self) -> float:

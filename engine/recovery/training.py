@@ -85,9 +85,27 @@ class RecoveryOutcome:
 
 
 def run_id_for(plan: RankPlan, settings: RecoverySettings) -> str:
-    """The key of a run: what the plan compresses and measures (not its file or provenance) and the settings."""
+    """The key of a run: what the plan compresses and measures (not its file or provenance) and the settings
+    (in their canonical form, so a default given explicitly names the same run)."""
     content = {k: v for k, v in plan.to_dict().items() if k not in ("metrics", "provenance")}
-    return sha256_json([content, settings.to_dict()])[:32]
+    return sha256_json([content, settings.canonical().to_dict()])[:32]
+
+
+def run_key(shapes: ModelShapes, plan: RankPlan, settings: RecoverySettings) -> tuple[RankPlan, RecoverySettings, str]:
+    """(the plan checked against the model, the settings resolved against its texts, the run's id): what `recover`
+    works from, for front ends that look a run up before starting it. Raises `PlanError` for another model's plan."""
+    plan = plan.for_model(shapes)
+    settings = settings.resolved(plan.calibration, plan.evaluation)
+    return plan, settings, run_id_for(plan, settings)
+
+
+def checkpoint_state(store: Store, run_id: str) -> Optional[dict]:
+    """The step and history of a run's checkpoint (a run stopped part-way), or None when it has none."""
+    path = checkpoint_path(store, run_id)
+    if not path.is_file():
+        return None
+    state = torch.load(path, weights_only=True)["state"]
+    return {"step": state["step"], "history": state["history"]}
 
 
 def checkpoint_path(store: Store, run_id: str) -> Path:
@@ -100,7 +118,8 @@ def stored_outcome(store: Store, run_id: str) -> Optional[RecoveryOutcome]:
     if record is None or load_arrays(store, record.array_id) is None:
         return None
     result = json.loads(record.result_json)
-    return RecoveryOutcome(record, RankPlan.from_dict(result["plan"]), result, from_cache=True)
+    return RecoveryOutcome(record, RankPlan.from_dict(result["plan"]), result, from_cache=True,
+                           resumed_from=result.get("resumed_from", 0))
 
 
 def recover(
@@ -111,22 +130,28 @@ def recover(
     progress: Optional[ProgressCallback] = None,
     on_step: Optional[Callable[[StepReport], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
+    session: Optional[CompressionSession] = None,
 ) -> RecoveryOutcome:
-    """Train, fold and store a recovery of `plan` on `loaded`; see the module docstring."""
+    """Train, fold and store a recovery of `plan` on `loaded`; see the module docstring.
+
+    `session` reuses an open session of the plan's method and texts (a front end's), so its factors are not
+    loaded a second time."""
     shapes = ModelShapes.of(loaded)
-    plan = plan.for_model(shapes)  # PlanError naming both models when it is another model's plan
+    plan, settings, run_id = run_key(shapes, plan, settings)  # PlanError naming both models for another's plan
     if plan.recovery is not None:
         raise PlanError(f"This plan is already the result of recovery run {plan.recovery['run_id'][:12]}; recover the "
                         "plan it started from instead (recovery runs do not stack).")
-    settings = settings.resolved(plan.calibration, plan.evaluation)
-    run_id = run_id_for(plan, settings)
     done = stored_outcome(store, run_id)
     if done is not None:
         return done
     base_ranks = dict(plan.ranks)
     pruning = _pruning_schedule(shapes, plan, settings)  # refuses an unreachable target before any work
     train, validation = _training_windows(store, loaded, settings)
-    session = CompressionSession.open(store, loaded, plan.method, plan_settings(plan).texts, progress)
+    texts = plan_settings(plan).texts
+    if session is None:
+        session = CompressionSession.open(store, loaded, plan.method, texts, progress)
+    elif session.loaded is not loaded or session.method != plan.method or session.texts != texts:
+        raise RecoveryError("The session given does not hold this plan's model, method and texts.")
     model = loaded.model
 
     before = session.evaluate(plan, progress).metrics
@@ -241,7 +266,8 @@ def _training_windows(store: Store, loaded: LoadedModel, settings: RecoverySetti
         raise RecoveryError(
             f"The training text cannot give this run its windows: {exc} A run needs {settings.training_windows} training "
             f"+ {settings.validation_windows} validation windows of {settings.window_len} tokens after window "
-            f"{settings.start_window}; lower --training-windows/--validation-windows, or give a longer text.") from exc
+            f"{settings.start_window}; use fewer training or validation windows (--training-windows, "
+            "--validation-windows), or a longer text.") from exc
     return windows[: settings.training_windows], windows[settings.training_windows:]
 
 
@@ -253,13 +279,13 @@ def _pruning_schedule(shapes: ModelShapes, plan: RankPlan, settings: RecoverySet
         return {}
     start = plan.parameters["decoder_linear"]["reduction"]
     if settings.prune_to <= start:
-        raise RecoveryError(f"--prune-to {settings.prune_to:.1%} does not prune: the plan already removes {start:.1%} of "
-                            "the decoder-linear parameters. Give a larger reduction.")
+        raise RecoveryError(f"A prune target (--prune-to) of {settings.prune_to:.1%} does not prune: the plan already "
+                            f"removes {start:.1%} of the decoder-linear parameters. Give a larger reduction.")
     floor = {p: (1 if r is not None else None) for p, r in plan.ranks.items()}
     reachable = count_parameters(shapes, plan.method, floor).decoder_reduction
     if settings.prune_to > reachable:
-        raise RecoveryError(f"--prune-to {settings.prune_to:.1%} is out of reach by pruning this plan's compressed linears: "
-                            f"rank 1 everywhere removes {reachable:.1%}. Give a reduction between {start:.1%} and "
+        raise RecoveryError(f"A prune target (--prune-to) of {settings.prune_to:.1%} is out of reach by pruning this "
+                            f"plan's compressed linears: rank 1 everywhere removes {reachable:.1%}. Give a reduction between {start:.1%} and "
                             f"{reachable:.1%}.")
     steps = settings.pruning_steps()
     return {step: _scaled_ranks(shapes, plan, start + (settings.prune_to - start) * (i + 1) / len(steps))
@@ -340,5 +366,5 @@ def describe_settings(settings: RecoverySettings) -> str:
     return text
 
 
-__all__ = ["recover", "RecoveryInterrupted", "RecoveryOutcome", "StepReport", "run_id_for", "stored_outcome",
-           "checkpoint_path", "describe_settings"]
+__all__ = ["recover", "RecoveryInterrupted", "RecoveryOutcome", "StepReport", "run_id_for", "run_key", "stored_outcome",
+           "checkpoint_path", "checkpoint_state", "describe_settings"]
