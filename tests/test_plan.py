@@ -138,7 +138,8 @@ def _document(**changes) -> str:
 @pytest.mark.parametrize("text,words", [
     ("{not json", "not valid JSON"),
     ("[1, 2]", "JSON object"),
-    (_document(schema="rankscope.plan/v2"), "Unsupported plan schema 'rankscope.plan/v2'"),
+    (_document(schema="rankscope.plan/v3"), "Unsupported plan schema .rankscope.plan/v3.: this RankScope reads .rankscope.plan/v1. and .rankscope.plan/v2."),
+    (_document(schema="rankscope.plan/v2"), "plan prunes MLP channels .a non-empty .channels. object."),
     (json.dumps({k: v for k, v in json.loads(_document()).items() if k != "ranks"}), "'ranks' is missing"),
     (_document(model={"id": "x"}), "fingerprint"),
     (_document(ranks={"model.layers.0.q": 8.5}), "integer or null"),

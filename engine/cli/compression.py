@@ -17,7 +17,8 @@ from engine.texts.settings import TextSettings
 DEFAULT_MODEL = "smollm2-135m"
 PlanModelOption = typer.Option(None, "--model", "-m", help="Registry name, model directory, .gguf file or hub id "
                                f"(default: the model a --plan names, else {DEFAULT_MODEL}).")
-PlanMethodOption = typer.Option(None, "--method", help=f"{METHODS_HELP} (default: a --plan's own, else feature-pca).")
+PlanMethodOption = typer.Option(None, "--method", help=f"{METHODS_HELP} (default: a --plan's own, awsvd for --lorap, "
+                                "else feature-pca).")
 
 
 def open_session(model: str, method: str, texts: TextSettings, plan=None):
@@ -71,23 +72,40 @@ def compress(
     model: Optional[str] = PlanModelOption,
     method: Optional[str] = PlanMethodOption,
     uniform: Optional[float] = typer.Option(None, "--uniform", help="Remove this share of decoder-linear parameters, same ratio everywhere (e.g. 0.2)."),
-    plan: Optional[Path] = typer.Option(None, "--plan", help="A rank plan JSON (rankscope.plan/v1), run with its own "
-                                        "method, calibration and evaluation unless options say otherwise."),
+    lorap: Optional[float] = typer.Option(None, "--lorap", help="LoRAP at this decoder-linear reduction (e.g. 0.2): "
+                                          "every layer at that ratio, attention factorised with the --split, the MLP "
+                                          "pruned by channels (default method: awsvd, LoRAP's)."),
+    split: str = typer.Option("1:3", "--split", help="--lorap: the q+k : v+o parameter split of attention."),
+    retention: float = typer.Option(0.01, "--retention", help="--lorap: the share of least important MLP channels "
+                                    "kept (LoRAP: 0.01; 0 to 0.5)."),
+    aggregation: str = typer.Option("l2", "--aggregation", help="--lorap: a channel row's score, l2 (LoRAP), l1 or max."),
+    mlp: str = typer.Option("prune", "--mlp", help="--lorap: prune the MLP by channels, or low-rank (the same "
+                            "parameters factorised, for comparison)."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="A rank plan JSON (rankscope.plan/v1 or v2), run with its "
+                                        "own method, calibration and evaluation unless options say otherwise."),
     save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="Write the evaluated plan here."),
     texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
 ):
-    """Compress with a uniform ratio or a plan, and report parameters, perplexity and both KLs."""
+    """Compress with a uniform ratio, LoRAP's allocation or a plan, and report parameters, perplexity and both KLs."""
     from engine.progress import TerminalProgress
 
     notes: tuple = ()
     try:
-        if (uniform is None) == (plan is None):
-            raise RankScopeError("Give exactly one of --uniform RATIO or --plan FILE.")
+        if sum(x is not None for x in (uniform, lorap, plan)) != 1:
+            raise RankScopeError("Give exactly one of --uniform RATIO, --lorap RATIO or --plan FILE.")
         if plan is not None:
             given, settings, model = read_plan(plan, model, method, texts)
             session = open_session(model, settings.method, settings.texts, given)
             candidate, notes = given, settings.notes
+        elif lorap is not None:
+            from engine.compression.lorap import lorap_plan, parse_split
+            from engine.compression.pruning import PruningSettings
+
+            pruning, parsed_split = PruningSettings(aggregation, retention), parse_split(split)  # checked before loading
+            model = model or DEFAULT_MODEL
+            session = open_session(model, method or "awsvd", texts.settings())
+            candidate = lorap_plan(session, lorap, parsed_split, pruning, mlp, TerminalProgress())
         else:
             model = model or DEFAULT_MODEL
             session = open_session(model, method or "feature-pca", texts.settings())

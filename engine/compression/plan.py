@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from engine import __version__
+from engine.compression.pruning import PruningSettings
 from engine.compression.units import ModelShapes, count_parameters
 from engine.errors import RankScopeError
 from engine.metric_definitions import metric_definitions
 
 SCHEMA = "rankscope.plan/v1"
+SCHEMA_V2 = "rankscope.plan/v2"  # v1 plus pruned MLPs (`channels`, `pruning`); written only when a plan prunes
+SCHEMAS = (SCHEMA, SCHEMA_V2)
 METRIC_DEFINITIONS: dict[str, str] = metric_definitions()  # recorded in every plan's `metrics.definitions`
 
 
@@ -47,6 +50,9 @@ class RankPlan:
     # a recovered plan: {"run_id", "kind", "subset", "base_ranks", "settings", "steps", "tokens"}; its vectors are
     # arrays in the store, folded into the factors sliced at `base_ranks` (engine.compression.recovered)
     recovery: Optional[dict] = None
+    # v2: MLP path -> kept channels (None: not pruned), and how channels were chosen ({"aggregation", "retention"})
+    channels: Optional[dict] = None
+    pruning: Optional[dict] = None
     schema: str = SCHEMA
 
     # -- construction -------------------------------------------------------------------------
@@ -62,8 +68,14 @@ class RankPlan:
         metrics: Optional[dict] = None,
         seed: Optional[int] = None,
         study_id: Optional[str] = None,
+        channels: Optional[Mapping[str, Optional[int]]] = None,
+        pruning: Optional[dict] = None,
     ) -> "RankPlan":
-        """A validated plan for `shapes` with its parameter counts filled in; missing paths are dense."""
+        """A validated plan for `shapes` with its parameter counts filled in; missing paths are dense.
+
+        `channels` (MLP path -> kept channels) prunes MLPs as LoRAP does, with `pruning` saying how channels are
+        chosen ({"aggregation", "retention"}); such a plan is a `rankscope.plan/v2` document."""
+        pruned = {p: k for p, k in (channels or {}).items() if k is not None}
         full = {s.path: ranks.get(s.path) for s in shapes.linears}
         full.update({p: r for p, r in ranks.items() if p not in full})  # unknown paths: rejected below, not dropped
         plan = cls(
@@ -74,10 +86,13 @@ class RankPlan:
             grouping=grouping,
             calibration=calibration,
             evaluation=evaluation,
-            parameters=count_parameters(shapes, method, full).to_dict(),
+            parameters=count_parameters(shapes, method, full, pruned).to_dict(),
             metrics=metrics,
             provenance={"engine_version": __version__, "created_at": datetime.now(timezone.utc).isoformat(),
                         "seed": seed, "study_id": study_id},
+            channels={m.path: pruned.get(m.path) for m in shapes.mlps} if pruned else None,
+            pruning=_pruning_section(pruning) if pruned else None,
+            schema=SCHEMA_V2 if pruned else SCHEMA,
         )
         plan.validate_for(shapes)
         return plan
@@ -126,9 +141,10 @@ class RankPlan:
                     f"min(d_in, d_out) = {unit.max_rank} for this {unit.d_out}x{unit.d_in} "
                     f"{'stacked ' if len(unit.paths) > 1 else ''}matrix, or null for dense."
                 )
-        _refuse_empty(self.ranks)
+        channels = self._checked_channels(shapes)
+        _refuse_empty(self.ranks, channels)
         full = {s.path: self.ranks.get(s.path) for s in shapes.linears}
-        counts = count_parameters(shapes, self.method, full).to_dict()
+        counts = count_parameters(shapes, self.method, full, channels).to_dict()
         if not allow_other_model:
             self._check_model_section(shapes)
             if not _same_numbers(self.parameters, counts):
@@ -137,7 +153,34 @@ class RankPlan:
         if recovery is not None:
             recovery = {**recovery, "base_ranks": {s.path: recovery["base_ranks"].get(s.path) for s in shapes.linears}}
             _check_recovery_section(recovery, full)
-        return replace(self, ranks=full, parameters=counts, recovery=recovery)
+        if channels is not None:
+            channels = {m.path: channels.get(m.path) for m in shapes.mlps}
+        return replace(self, ranks=full, parameters=counts, recovery=recovery, channels=channels)
+
+    def _checked_channels(self, shapes: ModelShapes) -> Optional[dict]:
+        """The kept channels of a v2 plan, checked against the model's MLPs (None for a plan that prunes nothing)."""
+        if not self.channels:
+            return None
+        mlps = {m.path: m for m in shapes.mlps}
+        if not mlps:
+            raise PlanError(f"This plan prunes MLP channels, but '{shapes.model_id}' has no gated MLPs (gate, up and "
+                            "down projections); channel pruning needs them.")
+        unknown = [p for p in self.channels if p not in mlps]
+        if unknown:
+            raise PlanError(f"The plan prunes {len(unknown)} MLP(s) the model does not have, e.g. '{unknown[0]}'. MLP "
+                            f"paths look like '{next(iter(mlps))}'.")
+        for path, kept in self.channels.items():
+            if kept is None:
+                continue
+            mlp = mlps[path]
+            if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= mlp.d_ff:
+                raise PlanError(f"Kept channels {kept!r} for '{path}' are not allowed: a pruned MLP keeps from 1 to "
+                                f"{mlp.d_ff} channels (its intermediate width), or null for not pruned.")
+            ranked = [p for p in mlp.paths if self.ranks.get(p) is not None]
+            if ranked:
+                raise PlanError(f"The plan both prunes '{path}' and gives '{ranked[0]}' a rank; a pruned MLP keeps its "
+                                "gate, up and down as smaller dense matrices, so their ranks must be null.")
+        return {p: k for p, k in self.channels.items() if k is not None}
 
     def validate_for(self, shapes: ModelShapes, allow_other_model: bool = False) -> "RankPlan":
         """`for_model`: raise `PlanError` unless the plan fits `shapes`; returns the checked plan."""
@@ -179,8 +222,15 @@ class RankPlan:
         if not isinstance(data, dict):
             raise PlanError(f"A rank plan is a JSON object, got {type(data).__name__}.")
         schema = data.get("schema")
-        if schema != SCHEMA:
-            raise PlanError(f"Unsupported plan schema {schema!r}: this RankScope reads '{SCHEMA}'.")
+        if schema not in SCHEMAS:
+            raise PlanError(f"Unsupported plan schema {schema!r}: this RankScope reads {' and '.join(repr(s) for s in SCHEMAS)}.")
+        if (schema == SCHEMA_V2) != bool(data.get("channels")):
+            raise PlanError(f"A '{SCHEMA_V2}' plan prunes MLP channels (a non-empty 'channels' object) and a '{SCHEMA}' "
+                            f"plan does not; this one is '{schema}' {'without' if schema == SCHEMA_V2 else 'with'} them.")
+        if data.get("channels") is not None:
+            if not isinstance(data["channels"], dict):
+                raise PlanError("Plan field 'channels' must map MLP paths to kept channel counts.")
+            PruningSettings.from_dict(data.get("pruning"))  # PruningError naming what is allowed
         for key, kind in (("model", dict), ("method", str), ("ranks", dict)):
             if not isinstance(data.get(key), kind):
                 raise PlanError(f"Plan field '{key}' is missing or not a {kind.__name__}.")
@@ -189,7 +239,7 @@ class RankPlan:
         for path, rank in data["ranks"].items():
             if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int)):
                 raise PlanError(f"Rank for '{path}' must be an integer or null, got {rank!r}.")
-        _refuse_empty(data["ranks"])
+        _refuse_empty(data["ranks"], {p: k for p, k in (data.get("channels") or {}).items() if k is not None})
         if not isinstance(data.get("parameters", {}), dict):
             raise PlanError("Plan field 'parameters' is not an object.")
         _check_recovery_section(data.get("recovery"), data["ranks"])
@@ -237,8 +287,12 @@ def _check_recovery_section(section: Any, ranks: Mapping[str, Optional[int]]) ->
                             "lowers a rank and never makes a dense linear low-rank or a low-rank one dense.")
 
 
-def _refuse_empty(ranks: Mapping[str, Optional[int]]) -> None:
-    if all(rank is None for rank in ranks.values()):
+def _pruning_section(pruning: Optional[Mapping[str, Any]]) -> dict:
+    return PruningSettings.from_dict(pruning).to_dict()
+
+
+def _refuse_empty(ranks: Mapping[str, Optional[int]], pruned: Optional[Mapping[str, int]] = None) -> None:
+    if not pruned and all(rank is None for rank in ranks.values()):
         raise PlanError(
             "A plan must compress at least one linear, but this one keeps every module dense ("
             + ("its 'ranks' are empty" if not ranks else f"all {len(ranks)} ranks are null")

@@ -111,13 +111,15 @@ def attach_(model: nn.Module, kind: str, subset: int = DEFAULT_SUBSET) -> dict[s
     if kind not in RECOVERY_KINDS:
         raise RecoveryError(f"Unknown recovery '{kind}'. Recoveries: {', '.join(RECOVERY_KINDS)}.")
     paths = compressed_paths(model)
-    if not paths:
-        raise RecoveryError("The model has no compressed linears to recover; apply a plan first.")
+    if not any(isinstance(model.get_submodule(p), LowRankLinear) for p in paths):
+        raise RecoveryError("The model has no low-rank linears to recover; apply a plan that factorises some first.")
     wrappers: dict[str, Trainable] = {}
     for path in paths:
         base = model.get_submodule(path)
+        if isinstance(base, (SubspaceLinear, ScaledBasisLinear)):
+            raise RecoveryError(f"'{path}' is already wrapped for recovery; it cannot be wrapped twice.")
         if not isinstance(base, LowRankLinear):
-            raise RecoveryError(f"'{path}' is a {type(base).__name__}, not a low-rank linear; it cannot be wrapped twice.")
+            continue  # a pruned MLP's smaller dense linear: recovery trains the low-rank factors only
         wrapper = SubspaceLinear(base, subset) if kind == "subspace" else ScaledBasisLinear(base)
         _set_submodule(model, path, wrapper)
         wrappers[path] = wrapper

@@ -20,6 +20,7 @@ from engine.cache.windows import ensure_windows
 from engine.compression.grouping import Grouping, budget_target, project_to_budget, ranks_from_ratios
 from engine.compression.lowrank import compress_, restore_
 from engine.compression.plan import PlanError, RankPlan
+from engine.compression.pruning import PruningSettings, channel_scores, kept_channels, prune_mlps_
 from engine.compression.recovered import apply_recovery_
 from engine.compression.units import ModelShapes
 from engine.methods import Factorization, get_method
@@ -44,6 +45,7 @@ class CompressionSession:
         self.factorization_record, self.factorization = factorization_record, factorization
         self.windows, self.reference_record, self.reference = windows, reference_record, reference
         self.shapes = ModelShapes.of(loaded)
+        self._channel_orders: dict[str, dict[str, torch.Tensor]] = {}  # aggregation -> MLP path -> channel order
 
     @classmethod
     def open(cls, store: Store, loaded: LoadedModel, method: str, texts: TextSettings = TextSettings(),
@@ -114,8 +116,10 @@ class CompressionSession:
         """
         recovery = plan.recovery
         model = self.loaded.model
+        kept = self.kept_channels(plan.channels, plan.pruning) if plan.channels else {}
         if recovery is None:
             compress_(model, plan.ranks, self.factorization)
+            self._prune_(kept)
             return
         tensors = load_arrays(self.store, recovery["run_id"])
         if tensors is None:
@@ -125,6 +129,7 @@ class CompressionSession:
                 "the settings in the plan's 'recovery' section) to rebuild them.")
         compress_(model, recovery["base_ranks"], self.factorization)
         try:
+            self._prune_(kept)
             ranks = apply_recovery_(model, recovery["kind"], tensors, recovery.get("subset"))
             wrong = {p: (r, plan.ranks.get(p)) for p, r in ranks.items() if plan.ranks.get(p) != r}
             if wrong:
@@ -133,6 +138,47 @@ class CompressionSession:
                                 "the plan does not belong to this run.")
         except Exception:
             restore_(model)
+            raise
+
+    # -- channel pruning (LoRAP) ----------------------------------------------------------------------------
+    def channel_order(self, aggregation: str = "l2", progress: Optional[ProgressCallback] = None) -> dict[str, torch.Tensor]:
+        """MLP path -> its channels by descending LoRAP group score (computed once per aggregation).
+
+        Scores weigh the original weights by the calibration's input-channel L2 norms, so a method without
+        calibration (svd, joint-svd) gathers the session texts' calibration here, once."""
+        if aggregation not in self._channel_orders:
+            PruningSettings(aggregation=aggregation)  # refuses an unknown aggregation with the allowed ones
+            calibration = self.calibration or ensure_calibration(
+                self.store, self.loaded, self.texts.calibration_text, self.texts.calibration_windowing,
+                self.texts.n_groups, progress)
+            model = self.loaded.model
+            restore_(model)  # scores come from the dense weights
+            orders = {}
+            for mlp in self.shapes.mlps:
+                gate, up, down = (model.get_submodule(p).weight.detach() for p in mlp.paths)
+                mlp_in = calibration.statistics.site(mlp.layer, "mlp_in").l2_norm
+                down_in = calibration.statistics.site(mlp.layer, "down_in").l2_norm
+                scores = channel_scores(gate, up, down, mlp_in, down_in, aggregation)
+                orders[mlp.path] = torch.argsort(scores, descending=True, stable=True)
+            self._channel_orders[aggregation] = orders
+        return self._channel_orders[aggregation]
+
+    def kept_channels(self, channels: Mapping[str, Optional[int]], pruning: Optional[Mapping] = None
+                      ) -> dict[str, tuple[str, str, str, torch.Tensor]]:
+        """For each pruned MLP: (gate, up, down paths, the kept channel ids), chosen as `pruning` says."""
+        settings = PruningSettings.from_dict(pruning)
+        orders = self.channel_order(settings.aggregation)
+        by_path = {m.path: m for m in self.shapes.mlps}
+        return {path: (*by_path[path].paths, kept_channels(orders[path], keep, settings.retention))
+                for path, keep in channels.items() if keep is not None}
+
+    def _prune_(self, kept: Mapping[str, tuple[str, str, str, torch.Tensor]]) -> None:
+        if not kept:
+            return
+        try:
+            prune_mlps_(self.loaded.model, kept)
+        except Exception:
+            restore_(self.loaded.model)
             raise
 
     def evaluate(self, plan: RankPlan, progress: Optional[ProgressCallback] = None) -> RankPlan:

@@ -66,6 +66,27 @@ class RankUnit:
 
 
 @dataclass(frozen=True)
+class MlpShape:
+    """One layer's gated MLP, the unit of channel pruning: `d_ff` channels of gate rows, up rows, down columns."""
+
+    path: str  # the MLP module, e.g. model.layers.3.mlp
+    layer: int
+    gate: str
+    up: str
+    down: str
+    d_model: int
+    d_ff: int
+
+    @property
+    def paths(self) -> tuple[str, str, str]:
+        return self.gate, self.up, self.down
+
+    def params(self, kept: Optional[int]) -> int:
+        """Weights of gate, up and down with `kept` channels (None: all of them)."""
+        return 3 * self.d_model * (self.d_ff if kept is None else kept)
+
+
+@dataclass(frozen=True)
 class ModelShapes:
     """What plans need to know about a model: its decoder linears and parameter totals."""
 
@@ -89,6 +110,20 @@ class ModelShapes:
     @property
     def decoder_linear_params(self) -> int:
         return sum(s.d_in * s.d_out for s in self.linears)
+
+    @property
+    def mlps(self) -> tuple[MlpShape, ...]:
+        """Each layer's gated MLP (layers without all of gate, up and down have none)."""
+        by_layer: dict[int, dict[str, LinearShape]] = {}
+        for s in self.linears:
+            by_layer.setdefault(s.layer, {})[s.linear_type] = s
+        out = []
+        for layer, types in sorted(by_layer.items()):
+            if {"gate", "up", "down"} <= set(types):
+                gate, up, down = types["gate"], types["up"], types["down"]
+                out.append(MlpShape(gate.path.rpartition(".")[0], layer, gate.path, up.path, down.path,
+                                    gate.d_in, gate.d_out))
+        return tuple(out)
 
     def units(self, method: str) -> list[RankUnit]:
         """Rank units in layer order; joint pairs for joint methods, single linears otherwise."""
@@ -133,10 +168,20 @@ class ParameterCounts:
         }
 
 
-def count_parameters(shapes: ModelShapes, method: str, ranks: Mapping[str, Optional[int]]) -> ParameterCounts:
-    """Parameter counts of a rank map (paths missing from it are dense)."""
+def count_parameters(shapes: ModelShapes, method: str, ranks: Mapping[str, Optional[int]],
+                     channels: Optional[Mapping[str, Optional[int]]] = None) -> ParameterCounts:
+    """Parameter counts of a rank map (paths missing from it are dense) and of pruned MLPs (`channels`: MLP path
+    -> kept channels, None or missing = not pruned; a pruned MLP's gate, up and down count as its kept slices)."""
     compressed = 0
+    pruned: set[str] = set()
+    for mlp in shapes.mlps:
+        kept = (channels or {}).get(mlp.path)
+        if kept is not None:
+            compressed += mlp.params(kept)
+            pruned.update(mlp.paths)
     for unit in shapes.units(method):
+        if pruned.intersection(unit.paths):
+            continue
         compressed += unit.params(ranks.get(unit.paths[0]))
     dense = shapes.decoder_linear_params
     return ParameterCounts(dense, compressed, shapes.total_params, shapes.total_params - dense + compressed)

@@ -165,6 +165,11 @@ def export_compressed(
 def _check_plan_fits(session: CompressionSession, plan: RankPlan) -> None:
     """The plan must be for this model and method, and factorised from the same calibration."""
     plan.validate_for(session.shapes)  # PlanError naming both models when it is another model's plan
+    if plan.channels:
+        raise ExportError(
+            f"This plan prunes MLP channels ({plan.schema}); the export format does not hold pruned MLPs yet (each "
+            "layer would need its own intermediate size), so it is refused rather than written without them. "
+            "Plans that only factorise export as before; evaluate this one with rankscope evaluate --plan.")
     if plan.method != session.method:
         raise ExportError(f"The plan uses method '{plan.method}' but the session factorised with '{session.method}'; "
                           "open the session with the plan's method.")

@@ -282,7 +282,7 @@ def _pruning_schedule(shapes: ModelShapes, plan: RankPlan, settings: RecoverySet
         raise RecoveryError(f"A prune target (--prune-to) of {settings.prune_to:.1%} does not prune: the plan already "
                             f"removes {start:.1%} of the decoder-linear parameters. Give a larger reduction.")
     floor = {p: (1 if r is not None else None) for p, r in plan.ranks.items()}
-    reachable = count_parameters(shapes, plan.method, floor).decoder_reduction
+    reachable = count_parameters(shapes, plan.method, floor, _pruned(plan)).decoder_reduction
     if settings.prune_to > reachable:
         raise RecoveryError(f"A prune target (--prune-to) of {settings.prune_to:.1%} is out of reach by pruning this "
                             f"plan's compressed linears: rank 1 everywhere removes {reachable:.1%}. Give a reduction between {start:.1%} and "
@@ -298,13 +298,18 @@ def _scaled_ranks(shapes: ModelShapes, plan: RankPlan, reduction: float) -> dict
         return {p: max(1, int(math.floor(r * f))) for p, r in plan.ranks.items() if r is not None}
 
     def reached(f: float) -> bool:
-        return count_parameters(shapes, plan.method, {**plan.ranks, **ranks_at(f)}).decoder_reduction >= reduction
+        return count_parameters(shapes, plan.method, {**plan.ranks, **ranks_at(f)}, _pruned(plan)).decoder_reduction \
+            >= reduction
 
     low, high = 0.0, 1.0  # reached(low) holds (rank 1 everywhere, checked by the caller); reached(high) does not
     for _ in range(40):
         mid = (low + high) / 2
         low, high = (mid, high) if reached(mid) else (low, mid)
     return ranks_at(low)
+
+
+def _pruned(plan: RankPlan) -> dict[str, int]:
+    return {path: kept for path, kept in (plan.channels or {}).items() if kept is not None}
 
 
 # -- checkpoints, plans, memory -------------------------------------------------------------------------------------
@@ -327,7 +332,7 @@ def _recovered_plan(shapes: ModelShapes, plan: RankPlan, ranks: dict, base_ranks
                     run_id: str, tokens: int, metrics: dict) -> RankPlan:
     built = RankPlan.build(shapes, plan.method, ranks, grouping=plan.grouping, calibration=plan.calibration,
                            evaluation=plan.evaluation, seed=plan.provenance.get("seed"),
-                           study_id=plan.provenance.get("study_id"))
+                           study_id=plan.provenance.get("study_id"), channels=plan.channels, pruning=plan.pruning)
     recovery = {"run_id": run_id, "kind": settings.kind, "subset": settings.subset, "base_ranks": base_ranks,
                 "settings": settings.to_dict(), "steps": settings.steps, "tokens": tokens}
     data = {**built.to_dict(), "recovery": recovery}
