@@ -16,9 +16,10 @@ from typing import Optional
 import streamlit as st
 
 from app.resources import current_store
-from engine.compression.plan import PlanError, RankPlan
+from engine.compression.plan import RankPlan
 from engine.compression.plan_shelf import PlanShelf
 from engine.compression.units import ModelShapes
+from engine.errors import RankScopeError
 
 SAVED_PLANS = "alloc_saved_plans"  # name -> plan dict
 
@@ -52,7 +53,7 @@ def plans_for_model(shapes: ModelShapes) -> dict[str, RankPlan]:
             continue
         try:
             plans[name] = RankPlan.from_dict(data).for_model(shapes)
-        except PlanError as exc:
+        except RankScopeError as exc:  # a PlanError, or a PruningError for a v2 plan's pruning section
             st.warning(f"Saved plan '{name}' is left out: {exc}")
     return plans
 
@@ -63,8 +64,8 @@ def read_uploaded_plan(upload, shapes: ModelShapes) -> Optional[RankPlan]:
         return RankPlan.from_json(upload.getvalue().decode("utf-8")).for_model(shapes)
     except UnicodeDecodeError:
         st.error(f"Refused '{upload.name}': it is not a UTF-8 text file, so it cannot be a plan JSON.")
-    except PlanError as exc:
+    except RankScopeError as exc:  # a PlanError, or a PruningError for a v2 plan's pruning section
         st.error(f"Refused '{upload.name}': {exc}")
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
-        st.error(f"Refused '{upload.name}': it does not follow the rankscope.plan/v1 schema ({exc}).")
+        st.error(f"Refused '{upload.name}': it does not follow the rankscope.plan/v1 or v2 schema ({exc}).")
     return None

@@ -85,7 +85,10 @@ def start_calibration(workspace: Workspace, loaded: LoadedModel) -> Job:
 
 
 def start_spectra(workspace: Workspace, loaded: LoadedModel, covariance: str) -> Job:
-    """Calibration (if not cached) and the weight and feature spectra of every decoder linear."""
+    """Calibration (if not cached), the weight and feature spectra of every decoder linear, and the
+    activation-weighted spectra of LoRAP's Table 1 (so one click fills the whole page)."""
+    from engine.cache.spectra import ensure_activation_weighted_spectra
+
     store, guard = current_store(), get_model_guard(loaded.fingerprint)
 
     def work(job: Job) -> None:
@@ -93,6 +96,7 @@ def start_spectra(workspace: Workspace, loaded: LoadedModel, covariance: str) ->
             calibration = ensure_calibration(store, loaded, workspace.calibration_text,
                                              workspace.calibration_windowing, workspace.n_groups, job.report)
             ensure_spectra(store, loaded, calibration, covariance, job.report)
+            ensure_activation_weighted_spectra(store, loaded, calibration, job.report)
 
     return get_job_board().start(spectra_scope(workspace, loaded, covariance) + "run", "Spectra", work)
 
@@ -127,6 +131,70 @@ def start_layer_sweep(workspace: Workspace, loaded: LoadedModel, method: str, ty
                                  resumable=True)
 
 
+# -- LoRAP views: activation-weighted spectra (Spectra page), MLP pruning sweeps (Sensitivity page) -------------
+
+
+def weighted_spectra_scope(workspace: Workspace, loaded: LoadedModel) -> str:
+    return (f"{model_scope(loaded)}weighted-spectra/"
+            f"{digest(workspace.calibration_text, workspace.calibration_windowing, workspace.n_groups)}/")
+
+
+def start_weighted_spectra(workspace: Workspace, loaded: LoadedModel) -> Job:
+    """Calibration (if not cached) and the activation-weighted spectra `σ²` of `W·diag(‖X‖₂)` (LoRAP's Table 1)."""
+    from engine.cache.spectra import ensure_activation_weighted_spectra
+
+    store, guard = current_store(), get_model_guard(loaded.fingerprint)
+
+    def work(job: Job) -> None:
+        with guard.hold("computing activation-weighted spectra"):
+            calibration = ensure_calibration(store, loaded, workspace.calibration_text,
+                                             workspace.calibration_windowing, workspace.n_groups, job.report)
+            ensure_activation_weighted_spectra(store, loaded, calibration, job.report)
+
+    return get_job_board().start(weighted_spectra_scope(workspace, loaded) + "run", "Activation-weighted spectra", work)
+
+
+def _mlp_sweep_work(workspace: Workspace, loaded: LoadedModel, method: str, sweep: Callable) -> Callable[[Job], int]:
+    """A job running `sweep(session, progress)`; channels are scored first under the model guard (that may
+    calibrate, and it reads the dense weights), then every point evaluates under it as other sweeps do."""
+    from engine.compression.pruning import PruningSettings
+
+    open_session, guard = _session_opener(workspace, loaded, method), get_model_guard(loaded.fingerprint)
+
+    def work(job: Job) -> int:
+        session = open_session(job)
+        with guard.hold("scoring MLP channels for pruning"):
+            session.channel_order(PruningSettings().aggregation, job.report)
+        return len(sweep(session, job.report))
+
+    return work
+
+
+def start_mlp_type_sweep(workspace: Workspace, loaded: LoadedModel, method: str, ratios: Sequence[float],
+                         forms: Sequence[str]) -> Job:
+    """Every layer's MLP pruned by channels (LoRAP) and factorised at the same parameter count, at each ratio;
+    resumes from the stored points."""
+    from engine.compression.sweep import sweep_mlp_by_type
+
+    work = _mlp_sweep_work(workspace, loaded, method,
+                           lambda session, progress: sweep_mlp_by_type(session, list(ratios), list(forms),
+                                                                       progress=progress))
+    scope = session_scope("sweep", workspace, loaded, method)
+    return get_job_board().start(scope + f"mlp-type-{digest(sorted(ratios), list(forms))}",
+                                 f"MLP sweep, pruning against low rank ({method})", work, resumable=True)
+
+
+def start_mlp_layer_sweep(workspace: Workspace, loaded: LoadedModel, method: str, ratio: float) -> Job:
+    """Each layer's MLP alone pruned by channels at `ratio`; resumes from the stored points."""
+    from engine.compression.sweep import sweep_mlp_by_layer
+
+    work = _mlp_sweep_work(workspace, loaded, method,
+                           lambda session, progress: sweep_mlp_by_layer(session, ratio, progress=progress))
+    scope = session_scope("sweep", workspace, loaded, method)
+    return get_job_board().start(scope + f"mlp-layer-{digest(ratio)}", f"Per-layer MLP pruning sweep ({method})", work,
+                                 resumable=True)
+
+
 @dataclass(frozen=True)
 class AppliedPlan:
     """An evaluated plan and the original model's quality on the same evaluation set."""
@@ -136,19 +204,24 @@ class AppliedPlan:
 
 
 def start_apply(workspace: Workspace, loaded: LoadedModel, method: str, ranks: Mapping[str, Optional[int]],
-                grouping: Optional[dict]) -> Job:
-    """Evaluate a rank plan (perplexity and both KLs) against the original model."""
+                grouping: Optional[dict], channels: Optional[Mapping[str, Optional[int]]] = None,
+                pruning: Optional[dict] = None) -> Job:
+    """Evaluate a plan (perplexity and both KLs) against the original model: its ranks and, for a mixed plan
+    (`rankscope.plan/v2`), the kept channels of its pruned MLPs, chosen as `pruning` says."""
 
     open_session = _session_opener(workspace, loaded, method)
+    pruned = {path: kept for path, kept in (channels or {}).items() if kept is not None}
 
     def work(job: Job) -> AppliedPlan:
         session = open_session(job)
-        plan = session.plan(ranks, grouping=grouping)
+        plan = session.plan(ranks, grouping=grouping, channels=pruned or None, pruning=pruning if pruned else None)
         return AppliedPlan(session.evaluate(plan, job.report), session.original_quality())
 
     scope = session_scope("apply", workspace, loaded, method)
-    return get_job_board().start(scope + digest(sorted(ranks.items(), key=str), grouping),
-                                 f"Evaluating the plan ({method})", work)
+    request = digest(sorted(ranks.items(), key=str), grouping)
+    if pruned:  # a rank-only plan keeps the id it always had
+        request = digest(request, sorted(pruned.items()), pruning)
+    return get_job_board().start(scope + request, f"Evaluating the plan ({method})", work)
 
 
 # -- search studies ------------------------------------------------------------------------------------------

@@ -77,9 +77,15 @@ class SensitivityPoint:
     seconds: float
 
 
+# The `covariance` under which activation-weighted spectra are stored with the feature spectra: the energies
+# σ² of W·diag(‖X‖₂) (LoRAP's AWSVD matrix) are the eigenvalues of W·D²·Wᵀ, D² = diag(Σ x_j²) (engine/spectra.py).
+ACTIVATION_WEIGHTED = "activation-weighted"
+
+
 @dataclass(frozen=True)
 class SpectrumRow:
-    """Spectrum of one decoder linear: singular values of W, or eigenvalues of W·C·Wᵀ (descending)."""
+    """Spectrum of one decoder linear: singular values of W, or eigenvalues of W·C·Wᵀ (descending); for
+    activation-weighted rows C = diag(‖X_j‖₂²), so the values are σ² of W·diag(‖X‖₂)."""
 
     layer: int
     linear_type: str

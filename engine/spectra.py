@@ -5,6 +5,12 @@ For a linear `W` (`d_out × d_in`) fed by input covariance `C_X`, the output cov
 `σ²` (weights) or of `λ` (features, already variances); the rank for an energy fraction is the
 smallest `r` whose top-r share reaches it (see `engine.energy`). Both spectra keep
 `min(d_out, d_in)` values, since `W C_X Wᵀ` has no more non-zero eigenvalues than that.
+
+The activation-weighted spectrum (LoRAP §3.2, the matrix its AWSVD factorises, and the second row
+of its Table 1) is that of `W D` with `D = diag(‖X_j‖₂)`, the calibration L2 norm of each input
+channel. Its energies `σ_i(W D)²` are the eigenvalues of `(W D)(W D)ᵀ = W D² Wᵀ`: a feature
+spectrum whose input "covariance" is the diagonal `D²` (`Σ x_j²` per channel). So it is stored and
+read as one, under the covariance name `ACTIVATION_WEIGHTED` (`engine.records`), values `σ²`.
 """
 
 from __future__ import annotations
@@ -32,6 +38,13 @@ def feature_eigenvalues(weight: torch.Tensor, input_covariance: torch.Tensor) ->
     output_covariance = w @ input_covariance @ w.T  # [d_out, d_out]
     values = torch.linalg.eigvalsh(output_covariance).flip(0).clamp_min(0.0)
     return values[: min(w.shape)]
+
+
+def activation_weighted_energies(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """`σ_i(W·diag(‖X‖₂))²` in float64, descending: the eigenvalues of `W D² Wᵀ`, `min(d_out, d_in)` of them."""
+    w = weight.detach().to(torch.float64)  # [d_out, d_in]
+    weighted = w * input_norm.detach().to(torch.float64)[None, :]  # W D: column j scaled by ‖X_j‖₂
+    return torch.linalg.svdvals(weighted).square()
 
 
 def compute_weight_spectra(linears: Iterable[LinearRef], progress: Optional[ProgressCallback] = None) -> list[SpectrumRow]:
@@ -64,3 +77,20 @@ def compute_feature_spectra(
         tracker.advance()
     return rows
 
+
+def compute_activation_weighted_spectra(
+    linears: Iterable[LinearRef],
+    statistics: CalibrationStatistics,
+    progress: Optional[ProgressCallback] = None,
+) -> list[SpectrumRow]:
+    """Energies `σ²` of `W·diag(‖X‖₂)` for every linear, `‖X‖₂` from the calibration at the linear's input site."""
+    refs = list(linears)
+    tracker = ProgressTracker(progress, "activation-weighted spectra", total=len(refs), unit="matrices")
+    rows = []
+    for ref in refs:
+        norm = statistics.site(ref.layer, ref.site).l2_norm
+        d_out, d_in = ref.shape
+        rows.append(SpectrumRow(ref.layer, ref.linear_type, d_out, d_in,
+                                activation_weighted_energies(ref.module.weight, norm).tolist()))
+        tracker.advance()
+    return rows

@@ -1,4 +1,5 @@
-"""Allocate: set ranks by hand, watch the budget, evaluate, and keep the plans worth keeping."""
+"""Allocate: set ranks by hand (and kept channels of pruned MLPs), watch the budget, evaluate, and keep the plans
+worth keeping."""
 
 from __future__ import annotations
 
@@ -12,35 +13,69 @@ from app.resources import model_shapes
 from app.tasks import AppliedPlan, start_apply
 from app.workspace import choose_method, load_workspace_model, persistent, set_persistent, workspace_sidebar
 from engine.analysis import METRIC_LABELS
-from engine.analysis.allocation import budget_meter_rows, plan_summary, ranks_from_unit_ranks, unit_rank_rows
+from engine.analysis.allocation import (
+    budget_meter_rows, channels_from_kept, channels_from_ratio, kept_channel_rows, lorap_tables, plan_summary,
+    pruned_linear_paths, pruning_section, ranks_from_unit_ranks, retention_percent, unit_rank_rows,
+)
 from engine.compression.grouping import BudgetError, Grouping, budget_target, project_to_budget, ranks_from_ratios
+from engine.compression.lorap import parse_split
 from engine.compression.plan import PlanError, RankPlan
+from engine.compression.pruning import AGGREGATIONS, DEFAULT_RETENTION
 from engine.compression.units import count_parameters
 from engine.errors import RankScopeError
 from engine.hashing import sha256_json
 
-BASE = "alloc_base"  # None: ranks from the sliders; else the name of a saved plan being edited
+BASE = "alloc_base"  # None: ranks from the sliders (or LORAP); else the name of a saved plan being edited
+LORAP = "alloc_lorap"  # None, or LoRAP's allocation in the tables: {"ranks", "channels", "grouping", "fingerprint"}
 APPLY_JOB = "alloc_apply_job"
 APPLIED = "alloc_applied"
 DEFAULT_RATIO = 0.2
+MLP_MODE = "alloc_mlp_mode"
+LOW_RANK, PRUNED = "low-rank", "pruned by channels (LoRAP)"
+AGGREGATION, RETENTION = "alloc_aggregation", "alloc_retention"
+LORAP_BUDGET, LORAP_SPLIT = "alloc_lorap_budget", "alloc_lorap_split"
 
 st.title("Allocate")
-st.caption("Set a ratio per group (0 keeps it dense), fine-tune ranks per module in the table, watch the budget, "
-           "then Apply to measure perplexity and both KLs against the original model.")
+st.caption("Set a ratio per group (0 keeps it dense), fine-tune ranks per module in the table (or prune MLPs by "
+           "channels, as LoRAP does), watch the budget, then Apply to measure perplexity and both KLs against the "
+           "original model.")
 
 workspace = workspace_sidebar()
 loaded = load_workspace_model(workspace)
 saved = saved_plans()  # plan name -> plan dict, for this browser session
 st.session_state.setdefault(BASE, None)
+st.session_state.setdefault(LORAP, None)
 
 
 def use_sliders() -> None:
     st.session_state[BASE] = None
+    st.session_state[LORAP] = None
 
 
 def edit_saved_plan(name: str) -> None:
+    """Put a saved plan in the tables: its ranks, and for a v2 plan its kept channels and pruning settings."""
+    data = saved[name]
     st.session_state[BASE] = name
-    set_persistent("method", saved[name]["method"])
+    st.session_state[LORAP] = None
+    set_persistent("method", data["method"])
+    if shapes.mlps:
+        set_persistent(MLP_MODE, PRUNED if data.get("channels") else LOW_RANK)
+    if data.get("channels"):
+        set_persistent(AGGREGATION, (data.get("pruning") or {}).get("aggregation", "l2"))
+        set_persistent(RETENTION, retention_percent(data.get("pruning")))
+
+
+def fill_lorap() -> None:
+    """LoRAP's allocation for the budget and split in the expander (a bad split: nothing changes; the page says why)."""
+    try:
+        ranks, channels, lorap_grouping = lorap_tables(shapes, st.session_state[LORAP_BUDGET],
+                                                       st.session_state[LORAP_SPLIT])
+    except RankScopeError:
+        return
+    st.session_state[BASE] = None
+    st.session_state[LORAP] = {"ranks": ranks, "channels": channels, "grouping": lorap_grouping,
+                               "fingerprint": shapes.fingerprint}
+    set_persistent(MLP_MODE, PRUNED)
 
 
 method = choose_method()
@@ -56,6 +91,13 @@ blocks = persistent(layout[1].number_input, "G (layer blocks, for 5xG)", "alloc_
                     min_value=1, max_value=shapes.num_layers, step=1, disabled=kind != "5xG", on_change=use_sliders)
 search_v = persistent(layout[2].checkbox, "Compress v too", "alloc_search_v", False, on_change=use_sliders,
                       help="By default v stays dense (DESIGN.md §7).")
+pruned_mode = False
+if shapes.mlps:
+    pruned_mode = persistent(st.radio, "MLPs", MLP_MODE, LOW_RANK, options=[LOW_RANK, PRUNED], horizontal=True,
+                             help="low-rank: gate, up and down get ranks like every other linear. Pruned by "
+                                  "channels (LoRAP): each MLP keeps some of its intermediate channels (rows of gate "
+                                  "and up, columns of down) as three smaller dense matrices; set them in the kept-"
+                                  "channels table below.") == PRUNED
 try:
     grouping = Grouping(kind, int(blocks) if kind == "5xG" else 1, search_v)
     groups = grouping.groups(shapes, method)
@@ -80,12 +122,15 @@ for first_layer, names in blocks_of_groups.items():
 
 budget_columns = st.columns([1, 3])
 budget_on = persistent(budget_columns[0].toggle, "Project onto a budget", "alloc_budget_on", False,
-                       on_change=use_sliders)
+                       on_change=use_sliders, disabled=pruned_mode,
+                       help="Scales the ratios so the ranks meet the budget exactly. With pruned MLPs, use the LoRAP "
+                            "allocation below for a budget instead." if pruned_mode else None)
 budget = persistent(budget_columns[1].slider, "Remove this share of decoder-linear parameters", "alloc_budget", 0.2,
-                    min_value=0.0, max_value=0.9, step=0.01, disabled=not budget_on, on_change=use_sliders)
+                    min_value=0.0, max_value=0.9, step=0.01, disabled=not budget_on or pruned_mode,
+                    on_change=use_sliders)
 values, used_budget = dict(ratios), None
 slider_ranks = ranks_from_ratios(groups, ratios)
-if budget_on:
+if budget_on and not pruned_mode:
     try:
         slider_ranks, values = project_to_budget(shapes, method, grouping, ratios, budget_target(shapes, budget))
         used_budget = budget
@@ -93,20 +138,102 @@ if budget_on:
     except BudgetError as exc:
         st.error(f"{exc} The table below uses the sliders as they are.")
 
+if shapes.mlps:
+    with st.expander("LoRAP allocation: fill the ranks and kept channels for a budget", expanded=False):
+        lorap_columns = st.columns([3, 1, 1])
+        persistent(lorap_columns[0].slider, "Remove this share of decoder-linear parameters (LoRAP)", LORAP_BUDGET,
+                   0.2, min_value=0.05, max_value=0.9, step=0.01)
+        lorap_split = persistent(lorap_columns[1].text_input, "Attention split q+k : v+o", LORAP_SPLIT, "1:3",
+                                 help="LoRAP gives q+k and v+o one rank each, sharing the attention budget in this "
+                                      "proportion (the paper's 1:3).")
+        split_error = None
+        try:
+            parse_split(lorap_split)
+        except RankScopeError as exc:
+            split_error = str(exc)
+            st.error(split_error)
+        lorap_columns[2].button("LoRAP allocation", key="alloc_lorap_fill", on_click=fill_lorap,
+                                disabled=split_error is not None,
+                                help="Every layer at this reduction: attention factorised with the split (a matrix "
+                                     "whose factors would not be smaller stays dense, its share going to the other "
+                                     "pair), the MLP pruned to what the layer's budget has left.")
+        st.caption("Fills both tables with LoRAP's allocation (and switches the MLPs to pruned); edit them from there.")
+else:
+    split_error = None
+
 base_name = st.session_state[BASE]
+preset = st.session_state[LORAP]
+if preset is not None and preset["fingerprint"] != shapes.fingerprint:  # made for the model loaded before
+    preset = st.session_state[LORAP] = None
 if base_name is not None and (base_name not in saved or saved[base_name]["method"] != method):
     base_name = st.session_state[BASE] = None
-if base_name is None:
-    base_ranks = slider_ranks
-    base_grouping = {**grouping.to_dict(), "values": values, "budget": used_budget}
-else:
+if base_name is not None:
     base_ranks = saved[base_name]["ranks"]
+    base_channels = saved[base_name].get("channels") or {}
     base_grouping = saved[base_name].get("grouping")
-    st.info(f"The table holds the ranks of saved plan '{base_name}'. Moving a slider goes back to the sliders.")
+    st.info(f"The tables hold saved plan '{base_name}'. Moving a slider goes back to the sliders.")
+elif preset is not None:
+    base_ranks, base_channels, base_grouping = preset["ranks"], preset["channels"], preset["grouping"]
+    st.info(f"The tables hold LoRAP's allocation at {base_grouping['budget']:.0%} of decoder-linear parameters "
+            f"removed, split {':'.join(f'{v:g}' for v in base_grouping['split'])}. Moving a slider goes back to the "
+            "sliders.")
+else:
+    base_ranks, base_channels = slider_ranks, {}
+    base_grouping = {**grouping.to_dict(), "values": values, "budget": used_budget}
+
+problems: list[str] = []  # invalid input, each shown with st.error; the tables keep what was typed
+channels: dict = {}
+pruning = None
+typed_kept: dict = {}
+edited_mlps = 0
+if pruned_mode:
+    st.subheader("Kept channels per MLP")
+    prune_columns = st.columns(3)
+    channel_ratio = persistent(prune_columns[0].slider, "Remove this share of each MLP's channels",
+                               "alloc_channel_ratio", DEFAULT_RATIO, min_value=0.0, max_value=0.95, step=0.05,
+                               on_change=use_sliders,
+                               help="The table's starting point: each MLP keeps round((1 − share)·d_ff) channels.")
+    aggregation = persistent(prune_columns[1].selectbox, "Channel score per row", AGGREGATION, "l2",
+                             options=list(AGGREGATIONS),
+                             help="How a row's importances |W_ij|·‖X_j‖₂ are summed into its score: l2 "
+                                  "(LoRAP's), l1 or max.")
+    retention = persistent(prune_columns[2].number_input, "Retained least important channels (%)", RETENTION,
+                           100 * DEFAULT_RETENTION, step=0.5, format="%.2f",
+                           help="Of the kept channels, this share of each MLP's width is its least important "
+                                "channels (LoRAP keeps 1%); from 0 to 50%.")
+    if base_name is None and preset is None:
+        base_channels = channels_from_ratio(shapes, channel_ratio)
+        base_grouping = {**base_grouping, "channel_ratio": channel_ratio}
+    kept_rows = pd.DataFrame(kept_channel_rows(shapes, base_channels))
+    kept_rows["kept"] = kept_rows["kept"].astype("Int64")
+    kept_key = "alloc_channels_" + sha256_json(sorted(base_channels.items(), key=str))[:16]
+    kept_edited = st.data_editor(
+        kept_rows, key=kept_key, hide_index=True, width="stretch", num_rows="fixed",
+        disabled=[column for column in kept_rows.columns if column != "kept"],
+        column_config={"kept": st.column_config.NumberColumn("kept channels (empty = not pruned)", step=1),
+                       "parameters": st.column_config.NumberColumn("parameters (before edits)")},
+    )
+    st.caption("One row per MLP: it keeps this many of its d_ff intermediate channels (gate and up rows, down "
+               "columns), from 1 to d_ff, as three smaller dense matrices costing 3·d·kept; clear a cell to leave "
+               "that MLP unpruned (its gate, up and down then take ranks).")
+    typed = [None if pd.isna(value) else value for value in kept_edited["kept"]]
+    typed_kept = {mlp.path: value for mlp, value in zip(shapes.mlps, typed)}
+    edited_mlps = sum(1 for mlp, value in typed_kept.items() if value != base_channels.get(mlp))
+    try:
+        channels = channels_from_kept(shapes, typed)
+    except RankScopeError as exc:
+        problems.append(f"{exc} The table keeps what you typed; fix it to see the budget and Apply.")
+    try:
+        pruning = pruning_section(aggregation, retention)
+    except RankScopeError as exc:
+        problems.append(str(exc))
+pruned_paths = pruned_linear_paths(shapes, typed_kept)
 
 st.subheader("Ranks per module")
-rows = pd.DataFrame(unit_rank_rows(shapes, method, base_ranks))
+shown_ranks = {path: None if path in pruned_paths else rank for path, rank in base_ranks.items()}
+rows = pd.DataFrame(unit_rank_rows(shapes, method, shown_ranks, typed_kept if pruned_mode else None))
 rows["rank"] = rows["rank"].astype("Int64")
+rows["parameters"] = rows["parameters"].astype("Int64")
 editor_key = "alloc_editor_" + sha256_json([method, sorted(base_ranks.items(), key=str)])[:16]
 edited = st.data_editor(
     rows, key=editor_key, hide_index=True, width="stretch", num_rows="fixed", height=320,
@@ -115,41 +242,59 @@ edited = st.data_editor(
                    "parameters": st.column_config.NumberColumn("parameters (before edits)")},
 )
 st.caption("One row per rank unit (a joint method's pair shares a row). Edit a rank, or clear it to keep the "
-           "matrix dense; the budget meter and Apply use the edited table.")
+           "matrix dense; the budget meter and Apply use the edited table."
+           + (" The gate, up and down of a pruned MLP have no rank: they stay dense, sliced to the kept channels."
+              if pruned_mode else ""))
 unit_ranks = [None if pd.isna(value) else value for value in edited["rank"]]
 edited_units = sum(1 for before, after in zip(rows["rank"], unit_ranks)
                    if (None if pd.isna(before) else before) != after)
+plan: RankPlan | None = None
+ranks: dict = {}
 try:
     ranks = ranks_from_unit_ranks(shapes, method, unit_ranks)
-    if all(rank is None for rank in ranks.values()):
-        st.info("Every matrix is dense: this is the original model. Move a slider above 0, or give a matrix a rank "
-                "in the table, to compress.")
-        st.stop()
-    plan = RankPlan.build(shapes, method, ranks,
-                          grouping={**(base_grouping or {}), "edited_units": edited_units} if edited_units else base_grouping)
 except PlanError as exc:
-    st.error(f"The table is not a valid plan: {exc} Fix the rank, or clear it to keep the matrix dense.")
+    problems.append(f"The table is not a valid plan: {exc} Fix the rank, or clear it to keep the matrix dense.")
+if ranks and all(rank is None for rank in ranks.values()) and not pruned_paths:
+    st.info("Every matrix is dense: this is the original model. Move a slider above 0, or give a matrix a rank "
+            "in the table, to compress.")
     st.stop()
+if not problems:
+    plan_grouping = dict(base_grouping or {})
+    plan_grouping.update({k: v for k, v in (("edited_units", edited_units), ("edited_mlps", edited_mlps)) if v})
+    pruned_channels = {path: kept for path, kept in channels.items() if kept is not None}
+    try:
+        plan = RankPlan.build(shapes, method, ranks, grouping=plan_grouping if plan_grouping else base_grouping,
+                              channels=pruned_channels or None, pruning=pruning if pruned_channels else None)
+    except PlanError as exc:
+        problems.append(f"The table is not a valid plan: {exc} Fix the rank, or clear it to keep the matrix dense.")
+for problem in problems:
+    st.error(problem)
 
 st.subheader("Budget")
-counts = count_parameters(shapes, method, ranks)
-meter = st.columns(4)
-meter[0].metric("Decoder-linear parameters", f"{counts.decoder_compressed:,}",
-                help=f"of {counts.decoder_dense:,} dense decoder-linear parameters")
-meter[1].metric("Removed from decoder linears", f"{counts.decoder_reduction:.2%}")
-meter[2].metric("Model parameters", f"{counts.total_compressed:,}",
-                help=f"of {counts.total_dense:,} parameters in the whole model, embeddings included")
-meter[3].metric("Removed from the whole model", f"{counts.total_reduction:.2%}")
-bars = px.bar(pd.DataFrame(budget_meter_rows(counts)), x="parameters", y="scope", color="part", orientation="h",
-              color_discrete_map={"kept": "#4c78a8", "removed": "#e45756"})
-bars.update_layout(height=170, margin=dict(t=10, b=10), legend_title_text="")
-st.plotly_chart(bars, width="stretch", key="budget_meter")
-st.caption("Parameters kept and removed, over the decoder linears (what low-rank compression acts on) and over the "
-           "whole model (embeddings included, which dominate small models). A low-rank matrix costs r·(d_in + d_out).")
+if plan is None:
+    st.caption("The budget meter and Apply wait for the input above to be fixed.")
+else:
+    counts = count_parameters(shapes, method, plan.ranks, plan.channels)
+    meter = st.columns(4)
+    meter[0].metric("Decoder-linear parameters", f"{counts.decoder_compressed:,}",
+                    help=f"of {counts.decoder_dense:,} dense decoder-linear parameters")
+    meter[1].metric("Removed from decoder linears", f"{counts.decoder_reduction:.2%}")
+    meter[2].metric("Model parameters", f"{counts.total_compressed:,}",
+                    help=f"of {counts.total_dense:,} parameters in the whole model, embeddings included")
+    meter[3].metric("Removed from the whole model", f"{counts.total_reduction:.2%}")
+    bars = px.bar(pd.DataFrame(budget_meter_rows(counts)), x="parameters", y="scope", color="part", orientation="h",
+                  color_discrete_map={"kept": "#4c78a8", "removed": "#e45756"})
+    bars.update_layout(height=170, margin=dict(t=10, b=10), legend_title_text="")
+    st.plotly_chart(bars, width="stretch", key="budget_meter")
+    st.caption("Parameters kept and removed, over the decoder linears (what low-rank compression and pruning act "
+               "on) and over the whole model (embeddings included, which dominate small models). A low-rank matrix "
+               "costs r·(d_in + d_out); a pruned MLP keeping k channels costs 3·d·k.")
 
 st.subheader("Quality")
-if st.button("Apply", type="primary", key="apply_plan", help="Evaluate this plan on the evaluation text."):
-    st.session_state[APPLY_JOB] = start_apply(workspace, loaded, method, plan.ranks, plan.grouping).job_id
+if st.button("Apply", type="primary", key="apply_plan", disabled=plan is None,
+             help="Evaluate this plan on the evaluation text." if plan else "Fix the input above first."):
+    st.session_state[APPLY_JOB] = start_apply(workspace, loaded, method, plan.ranks, plan.grouping,
+                                              channels=plan.channels, pruning=plan.pruning).job_id
     st.rerun()
 if st.session_state.get(APPLY_JOB):
     job = watch_job(st.session_state[APPLY_JOB],
@@ -159,7 +304,8 @@ if st.session_state.get(APPLY_JOB):
 applied: AppliedPlan | None = st.session_state.get(APPLIED)
 current = plan
 if applied is not None:
-    matches = applied.plan.method == method and applied.plan.ranks == plan.ranks
+    matches = plan is not None and (applied.plan.method == method and applied.plan.ranks == plan.ranks
+                                    and applied.plan.channels == plan.channels and applied.plan.pruning == plan.pruning)
     if matches:
         current = applied.plan
     metrics = applied.plan.metrics
@@ -179,14 +325,14 @@ else:
 st.subheader("Plans")
 keep = st.columns([2, 1, 2])
 name = keep[0].text_input("Plan name", key="alloc_plan_name", placeholder=f"plan-{len(saved) + 1}").strip()
-if keep[1].button("Save plan", key="save_plan"):
+if keep[1].button("Save plan", key="save_plan", disabled=current is None):
     plan_name = name or f"plan-{len(saved) + 1}"
     save_plan(plan_name, current)
     st.success(f"Saved '{plan_name}'{' with its metrics' if current.metrics else ' (not evaluated)'}.")
-keep[2].download_button("Download this plan (JSON)", data=current.to_json(), mime="application/json",
-                        file_name=f"{name or 'rank-plan'}.json", key="download_current_plan")
+keep[2].download_button("Download this plan (JSON)", data=current.to_json() if current else "", mime="application/json",
+                        file_name=f"{name or 'rank-plan'}.json", key="download_current_plan", disabled=current is None)
 
-upload = st.file_uploader("Load a plan (rankscope.plan/v1 JSON)", type=["json"], key="alloc_upload")
+upload = st.file_uploader("Load a plan (rankscope.plan/v1 or v2 JSON)", type=["json"], key="alloc_upload")
 if upload is not None:
     uploaded_plan = read_uploaded_plan(upload, shapes)  # None after an error saying why it was refused
     if uploaded_plan is not None:

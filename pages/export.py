@@ -23,6 +23,7 @@ from engine.analysis.allocation import plan_summary
 from engine.analysis.export_summary import MIB, check_rows, export_overview, export_rows, quality_rows, size_speed_rows
 from engine.compression.plan import RankPlan
 from engine.errors import RankScopeError
+from engine.export import check_export_storage
 from engine.export.format import CARD_FILE, PLAN_FILE
 from engine.export.report import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT, SideBySide
 from engine.search.summary import best_trial
@@ -121,13 +122,20 @@ overwrite = st.checkbox("Replace an earlier export in this directory", key="expo
                              "holding any file that export did not write (or that is not an export) is never changed.")
 dense = st.checkbox("Dense export: NOT smaller. Stores W = B·A as plain linear weights, for tools that need "
                     "standard layers; same size and speed as the original.", key="export_dense")
+storage_refused = None
+try:
+    check_export_storage(plan, dense)  # a pruned plan cannot be written dense: said now, before any work
+except RankScopeError as exc:
+    storage_refused = str(exc)
+    st.error(storage_refused)
 options = st.columns([3, 1, 1])
 prompt = options[0].text_input("Prompt for the report's generation and tokens/s", DEFAULT_PROMPT, key="export_prompt")
 new_tokens = options[1].number_input("New tokens", min_value=1, max_value=512, value=DEFAULT_NEW_TOKENS, step=1,
                                      key="export_new_tokens")
 timing_runs = options[2].number_input("Timing runs", min_value=1, max_value=10, value=3, step=1, key="export_runs",
                                       help="tokens/s is the median of these runs, after one warm-up run.")
-if st.button("Export", type="primary", key="export_model", disabled=target is None) and target is not None:
+if st.button("Export", type="primary", key="export_model", disabled=target is None or storage_refused is not None) \
+        and target is not None and storage_refused is None:
     start_export(loaded, plan, texts, target, dense, prompt, int(new_tokens), int(timing_runs), overwrite=overwrite)
     st.rerun()
 for job in board.with_prefix(export_job_prefix(loaded)):

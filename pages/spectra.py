@@ -10,12 +10,13 @@ from plotly.subplots import make_subplots
 
 from app.progress import watch_job
 from app.resources import current_store, get_job_board
-from app.tasks import spectra_scope, start_spectra
+from app.tasks import spectra_scope, start_spectra, start_weighted_spectra, weighted_spectra_scope
 from app.workspace import load_workspace_model, persistent, workspace_sidebar
-from engine.analysis.spectra_summary import energy_curve_rows, find_spectrum, rank_share_grid
+from engine.analysis.spectra_summary import LORAP_LEVEL, energy_curve_rows, find_spectrum, lorap_table, rank_share_grid
 from engine.cache.lookups import find_calibration, stored_spectra
 from engine.energy import ENERGY_LEVELS, rank_table, summarise_by_type
 from engine.errors import RankScopeError
+from engine.records import ACTIVATION_WEIGHTED
 from engine.spectra import COVARIANCES
 
 st.title("Spectra")
@@ -86,6 +87,41 @@ bars.update_layout(height=300, margin=dict(t=10, b=10))
 st.plotly_chart(bars, width="stretch", key="rank_share_by_type")
 st.caption(f"Mean over layers of the rank share needed for {level:.0%} energy, per linear type. The gap between "
            "the two bars of a type is the room a feature-aware method has over weight SVD for that type.")
+
+def lorap_section() -> None:
+    """LoRAP's Table 1: the share of singular values holding 80% of the energy, of W and of W·diag(‖X‖₂)."""
+    st.subheader(f"Attention against MLP: singular values for {LORAP_LEVEL:.0%} of the energy (LoRAP)")
+    weighted = store.get_feature_spectra(spectra.calibration_id, ACTIVATION_WEIGHTED)
+    if not weighted:
+        jobs = get_job_board().with_prefix(weighted_spectra_scope(workspace, loaded))
+        st.info("The activation-weighted spectra (singular values of W·diag(‖X‖₂), with the calibration's input "
+                "norms) are not computed yet for this calibration. They take seconds.")
+        if not any(job.running for job in jobs) and st.button("Compute activation-weighted spectra",
+                                                              key="compute_weighted_spectra"):
+            start_weighted_spectra(workspace, loaded)
+            st.rerun()
+        for job in jobs:
+            watch_job(job.job_id, stoppable=True,
+                      what_to_do="Check the calibration text and windows in the sidebar, then compute again.")
+        return
+    layers = sorted({row.layer for row in spectra.weight})
+    shown = persistent(st.selectbox, "Layers", "lorap_layer", "mean", options=["mean", *layers],
+                       format_func=lambda value: "mean over layers" if value == "mean" else f"layer {value}")
+    rows = lorap_table(spectra.weight, weighted, LORAP_LEVEL, layer=None if shown == "mean" else shown)
+    table = pd.DataFrame([{"type": row["type"], "sub-layer": row["sublayer"], "weight W": 100 * row["weight_share"],
+                           "activation-weighted W·diag(‖X‖₂)": 100 * row["weighted_share"]} for row in rows])
+    percent = st.column_config.NumberColumn(format="%.1f%%")
+    st.dataframe(table, hide_index=True, key="lorap_table",
+                 column_config={"weight W": percent, "activation-weighted W·diag(‖X‖₂)": percent})
+    st.caption(f"Share of singular values (rank / full rank) needed for {LORAP_LEVEL:.0%} of the energy, "
+               f"{'averaged over layers' if shown == 'mean' else f'in layer {shown}'}, as in LoRAP's Table 1. LoRAP "
+               "reports that the attention matrices (q, k, v, o) need a smaller share than the MLP matrices (gate, up, "
+               "down), so attention suits low rank and the MLP does not (LoRAP prunes its channels instead), and that "
+               "weighting each input column by its activations' L2 norm (the matrix its AWSVD factorises) lowers the "
+               "shares further, attention's most. These are the same shares for this model and calibration text.")
+
+
+lorap_section()
 
 st.subheader("Energy curves of one matrix")
 picker = st.columns(2)

@@ -202,8 +202,7 @@ def test_a_mixed_plan_recovers_its_low_rank_part(store, tiny_model_dirs, long_te
 
 # -- the command ----------------------------------------------------------------------------------------------------
 
-def test_rankscope_compress_lorap_writes_a_v2_plan_that_evaluates_and_export_refuses_clearly(
-        tiny_model_dirs, long_text, tmp_path):
+def test_rankscope_compress_lorap_writes_a_v2_plan_that_evaluates_and_exports(tiny_model_dirs, long_text, tmp_path):
     runner = CliRunner()
     text = str(long_text)
     options = ["--model", str(tiny_model_dirs["llama"]), "--calibration-text", text, "--calibration-windows", "8",
@@ -217,9 +216,22 @@ def test_rankscope_compress_lorap_writes_a_v2_plan_that_evaluates_and_export_ref
     assert saved["schema"] == SCHEMA_V2 and saved["pruning"]["retention"] == 0.01
     evaluated = runner.invoke(app, ["evaluate", "--plan", str(plan_file), "--json"])
     assert json.loads(evaluated.stdout)["perplexity"] == pytest.approx(out["compressed"]["perplexity"], rel=1e-9)
-    refused = runner.invoke(app, ["export", "--plan", str(plan_file), "--out", str(tmp_path / "out")])
-    assert refused.exit_code == 2 and "does not hold pruned MLPs yet" in refused.stderr
-    assert not (tmp_path / "out").exists()
+    exported = runner.invoke(app, ["export", "--plan", str(plan_file), "--out", str(tmp_path / "out"), *options,
+                                   "--new-tokens", "4", "--timing-runs", "1", "--json"])
+    assert exported.exit_code == 0, exported.output
+    report = json.loads(exported.stdout)
+    assert report["passed"] and report["pruning"]["mlps"] == {
+        path: {"layer": i, "kept": kept, "channels": 48} for i, (path, kept) in enumerate(saved["channels"].items())}
+    assert report["parameters"]["reloaded"] == saved["parameters"]["total"]["compressed"]
+    from engine.export import load_compressed
+    from engine.export.format import count_module_parameters
+
+    model, _, reloaded = load_compressed(tmp_path / "out")
+    assert reloaded.channels == saved["channels"]
+    assert count_module_parameters(model) == saved["parameters"]["total"]["compressed"]
+    dense = runner.invoke(app, ["export", "--plan", str(plan_file), "--out", str(tmp_path / "dense"), "--dense", *options])
+    assert dense.exit_code == 2 and "without --dense" in dense.stderr and "intermediate_size" in dense.stderr
+    assert not (tmp_path / "dense").exists()
     for args, words in ((["--lorap", "0.3", "--retention", "0.9"], "between 0 and 50%"),
                         (["--lorap", "0.3", "--split", "3"], "two positive numbers"),
                         (["--lorap", "0.3", "--aggregation", "mean"], "Aggregations: l2, l1, max"),

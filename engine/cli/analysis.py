@@ -169,10 +169,14 @@ def spectra(
 ):
     """Singular-value energy of weights and features: the rank needed for each energy level.
 
-    Answers from the store when these spectra were computed before (no model load).
+    Also LoRAP's Table 1: the share of singular values holding 80% of the energy, of each weight and of the
+    activation-weighted weight W·diag(‖X‖₂). Answers from the store when these spectra were computed before
+    (no model load).
     """
+    from engine.analysis.spectra_summary import LORAP_LEVEL, lorap_table, lorap_table_rows
     from engine.cache.lookups import find_calibration, stored_spectra
     from engine.energy import rank_table, summarise_by_type
+    from engine.records import ACTIVATION_WEIGHTED
     from engine.models.loading import load_model, locate_model
     from engine.progress import TerminalProgress
     from engine.store import open_store
@@ -190,17 +194,20 @@ def spectra(
         location = locate_model(model, store, TerminalProgress())
         record = find_calibration(store, location.fingerprint, text, windowing, groups)
         result = stored_spectra(store, location.fingerprint, record.calibration_id, covariance) if record else None
-        from_cache = result is not None
-        if result is None:  # compute what is missing (imports torch only now)
+        weighted = store.get_feature_spectra(record.calibration_id, ACTIVATION_WEIGHTED) if record else []
+        from_cache = result is not None and bool(weighted)
+        if not from_cache:  # compute what is missing (imports torch only now)
             from engine.cache.calibration import ensure_calibration
-            from engine.cache.spectra import ensure_spectra
+            from engine.cache.spectra import ensure_activation_weighted_spectra, ensure_spectra
 
             loaded = load_model(model, store, TerminalProgress())
             calibration = ensure_calibration(store, loaded, text, windowing, groups, TerminalProgress())
             result = ensure_spectra(store, loaded, calibration, covariance, TerminalProgress())
+            weighted = ensure_activation_weighted_spectra(store, loaded, calibration, TerminalProgress())
     except RankScopeError as exc:
         fail(exc)
     table = rank_table(result.weight, result.feature, energy)
+    lorap = lorap_table(result.weight, weighted)
     if as_json:
         echo_json(
             {
@@ -215,6 +222,8 @@ def spectra(
                 "from_cache": from_cache,
                 "summary_by_type": {f"{lv:g}": summarise_by_type(table, lv) for lv in energy},
                 "matrices": table,
+                "lorap_table": {"energy": LORAP_LEVEL, "by_type": lorap,
+                                "matrices": lorap_table_rows(result.weight, weighted)},
             }
         )
         return
@@ -231,3 +240,6 @@ def spectra(
             for lv in energy
         ]
         typer.echo(f"{linear_type:>6} {summaries[energy[0]][linear_type]['full_rank']:>6}  " + "  ".join(cells))
+    typer.echo(f"LoRAP Table 1, share of singular values for {LORAP_LEVEL:.0%} energy (weights | activation-weighted "
+               "W·diag(‖X‖₂)): " + ", ".join(f"{row['type']} {row['weight_share']:.1%} | {row['weighted_share']:.1%}"
+                                             for row in lorap))

@@ -31,7 +31,7 @@ _HELP = "\n\n".join([
 @app.command(help=_HELP)
 @text_options
 def export(
-    plan: Path = typer.Option(..., "--plan", help="The rank plan JSON (rankscope.plan/v1) to apply, with its own settings."),
+    plan: Path = typer.Option(..., "--plan", help="The rank plan JSON (rankscope.plan/v1, or v2 with pruned MLPs) to apply, with its own settings."),
     out: Path = typer.Option(..., "--out", help="Directory to write: new, empty, or an earlier export with --overwrite."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier RankScope export at --out (once the new one passed its checks)."),
     dense: bool = typer.Option(False, "--dense", help="Write W_r = B_r A_r as plain Linear weights: loads without remote code, NOT smaller."),
@@ -42,12 +42,13 @@ def export(
     texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
 ):
-    from engine.export import check_export_target, export_compressed
+    from engine.export import check_export_storage, check_export_target, export_compressed
     from engine.progress import TerminalProgress
 
     try:
         check_export_target(out, overwrite)  # before any model loads
         given, settings, model = read_plan(plan, model, None, texts)
+        check_export_storage(given, dense)  # a pruned plan cannot be written dense: refused before the model loads
         session = open_session(model, settings.method, settings.texts, given)
         report = export_compressed(session, given, out, dense=dense, overwrite=overwrite, prompt=prompt,
                                    progress=TerminalProgress(), max_new_tokens=new_tokens, timing_runs=timing_runs)

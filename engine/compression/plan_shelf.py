@@ -12,7 +12,8 @@ import os
 import re
 from pathlib import Path
 
-from engine.compression.plan import PlanError, RankPlan
+from engine.compression.plan import RankPlan
+from engine.errors import RankScopeError
 
 PLANS_FOLDER = "plans"
 
@@ -43,6 +44,6 @@ class PlanShelf:
         for path in sorted(self.folder.glob("*.json"), key=lambda p: p.stat().st_mtime):
             try:
                 plans[path.stem] = RankPlan.load(path)
-            except (PlanError, OSError, ValueError):
+            except (RankScopeError, OSError, ValueError):  # a PlanError, or a PruningError in a v2 section
                 continue
         return plans

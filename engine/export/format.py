@@ -1,20 +1,25 @@
 """The RankScope export format: what an exported directory holds, and `load_compressed` to read it back.
 
 An export is a Hugging Face style directory (DESIGN.md §12). `config.json` is the model's own config
-plus a `rankscope_compression` section (`CompressionConfig`, schema `rankscope.compression/v1`) that
-says everything needed to rebuild the model: the transformers class, and for each compressed linear
-its rank, shape and whether it has a bias, plus which linears share one `A` factor (joint methods).
+plus a `rankscope_compression` section (`CompressionConfig`) that says everything needed to rebuild
+the model: the transformers class, and for each compressed linear its rank, shape and whether it has
+a bias, plus which linears share one `A` factor (joint methods). Schema `rankscope.compression/v1`
+says that much; `rankscope.compression/v2` adds `pruned`, the smaller dense linears of MLPs pruned by
+channels (LoRAP): for each, its in/out features and bias, which give each pruned layer its own
+intermediate width. A section is v2 exactly when it has pruned linears, so an export that prunes
+nothing stays v1 and still loads in a RankScope that reads only v1.
 `model.safetensors` holds every tensor once: `<module>.A` and `<module>.B` (and `<module>.bias`) for
-compressed linears, the dense weights of everything else; a tied input/output embedding and a shared
-`A` appear under their first name in `state_dict` order only (`unique_state_dict`).
+compressed linears, the dense weights of everything else (a pruned linear's smaller `weight`); a tied
+input/output embedding and a shared `A` appear under their first name in `state_dict` order only
+(`unique_state_dict`).
 
 `rankscope_manifest.json` records the size and sha256 of every other file the export wrote
 (`write_manifest`); both loaders check it before reading anything else (`verify_manifest` here, a
 copy of the check in the bundled modeling file), so a changed, truncated or missing file is refused
 by name. An export written before manifests existed has none and is still read.
 
-`load_compressed` rebuilds the model from config.json with the engine's own `LowRankLinear` and
-loads model.safetensors strictly: every expected tensor present, nothing extra, every shape as the
+`load_compressed` rebuilds the model from config.json with the engine's own `LowRankLinear` (and
+plain `nn.Linear`s of the recorded sizes for pruned linears) and loads model.safetensors strictly: every expected tensor present, nothing extra, every shape as the
 section says, every value finite. It needs no remote code; nothing in an export is a pickle.
 """
 
@@ -25,7 +30,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -36,7 +41,8 @@ from engine.compression.plan import RankPlan
 from engine.errors import RankScopeError
 
 COMPRESSION_SCHEMA = "rankscope.compression/v1"
-SUPPORTED_SCHEMAS = (COMPRESSION_SCHEMA,)
+COMPRESSION_SCHEMA_V2 = "rankscope.compression/v2"  # v1 plus `pruned` linears; written only when an MLP is pruned
+SUPPORTED_SCHEMAS = (COMPRESSION_SCHEMA, COMPRESSION_SCHEMA_V2)
 SECTION = "rankscope_compression"
 STORAGES = ("low-rank", "dense")  # factors A/B, or W_r = B_r A_r as plain nn.Linear weights
 CONFIG_FILE, WEIGHTS_FILE, PLAN_FILE, CARD_FILE = "config.json", "model.safetensors", "rank_plan.json", "README.md"
@@ -75,6 +81,31 @@ class CompressedModule:
 
 
 @dataclass(frozen=True)
+class PrunedLinear:
+    """One dense linear of a channel-pruned MLP as stored in an export: `weight: [out_features, in_features]`,
+    smaller than the model config's (gate and up keep the kept rows, down the kept columns)."""
+
+    in_features: int
+    out_features: int
+    bias: bool
+
+    def __post_init__(self):
+        for name in ("in_features", "out_features"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ExportError(f"Pruned linear field '{name}' must be a positive integer, got {value!r}.")
+        if not isinstance(self.bias, bool):
+            raise ExportError(f"Pruned linear field 'bias' must be true or false, got {self.bias!r}.")
+
+    def tensor_shapes(self, path: str) -> dict[str, tuple[int, ...]]:
+        """Tensor name -> shape of this linear in model.safetensors."""
+        shapes = {f"{path}.weight": (self.out_features, self.in_features)}
+        if self.bias:
+            shapes[f"{path}.bias"] = (self.out_features,)
+        return shapes
+
+
+@dataclass(frozen=True)
 class CompressionConfig:
     """The `rankscope_compression` section of an exported config.json."""
 
@@ -86,12 +117,25 @@ class CompressionConfig:
     source_model: dict = field(default_factory=dict)  # {"id", "fingerprint"} of the original model
     engine_version: str = __version__
     schema: str = COMPRESSION_SCHEMA
+    # v2: module path -> the smaller dense linear of a channel-pruned MLP (gate/up/down); the model config's size elsewhere
+    pruned: dict[str, PrunedLinear] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.schema not in SUPPORTED_SCHEMAS:
             raise ExportError(_unknown_schema(self.schema))
         if self.storage not in STORAGES:
             raise ExportError(f"Unknown storage '{self.storage}' in the compression section; known: {', '.join(STORAGES)}.")
+        if (self.schema == COMPRESSION_SCHEMA_V2) != bool(self.pruned):
+            raise ExportError(f"A '{COMPRESSION_SCHEMA_V2}' compression section lists pruned linears (a non-empty "
+                              f"'pruned' object) and a '{COMPRESSION_SCHEMA}' one does not; this one is '{self.schema}' "
+                              f"{'with' if self.pruned else 'without'} them.")
+        if self.pruned and self.storage != "low-rank":
+            raise ExportError("A dense export cannot hold pruned MLPs (a plain transformers config has one "
+                              "intermediate size for every layer); pruned linears need the low-rank storage.")
+        both = sorted(set(self.pruned) & set(self.modules))
+        if both:
+            raise ExportError(f"'{both[0]}' is listed both as a compressed (low-rank) module and as a pruned linear; "
+                              "a linear is one or the other.")
         for alias, owner in self.shared_A.items():
             if alias not in self.modules or owner not in self.modules:
                 raise ExportError(f"shared_A names '{alias}' -> '{owner}', but both must be listed under modules.")
@@ -103,8 +147,10 @@ class CompressionConfig:
                 raise ExportError(f"'{owner}' is listed as an owner of a shared A and as an alias; aliases point at owners.")
 
     @classmethod
-    def of_model(cls, model: nn.Module, method: str, storage: str, source_model: Mapping[str, str]) -> "CompressionConfig":
-        """The section describing the `LowRankLinear` modules of a compressed in-memory model."""
+    def of_model(cls, model: nn.Module, method: str, storage: str, source_model: Mapping[str, str],
+                 pruned: Iterable[str] = ()) -> "CompressionConfig":
+        """The section describing the `LowRankLinear` modules of a compressed in-memory model, and the linears at
+        `pruned` (the gate, up and down of the MLPs the plan prunes), which are recorded with their actual sizes."""
         modules, shared, owner_of_A = {}, {}, {}
         for path, module in model.named_modules():
             if isinstance(module, LowRankLinear):
@@ -112,14 +158,32 @@ class CompressionConfig:
                 owner = owner_of_A.setdefault(id(module.A), path)
                 if owner != path:
                     shared[path] = owner
-        return cls(method, storage, type(model).__name__, modules, shared, dict(source_model))
+        smaller = {}
+        for path in pruned:
+            module = model.get_submodule(path)
+            if type(module) is not nn.Linear:
+                raise ExportError(f"'{path}' should be a pruned MLP's dense linear, but the model holds a "
+                                  f"{type(module).__name__} there; apply the plan (which prunes it) before describing it.")
+            smaller[path] = PrunedLinear(module.in_features, module.out_features, module.bias is not None)
+        return cls(method, storage, type(model).__name__, modules, shared, dict(source_model),
+                   schema=COMPRESSION_SCHEMA_V2 if smaller else COMPRESSION_SCHEMA, pruned=smaller)
 
     @property
     def ranks(self) -> dict[str, int]:
         return {path: spec.rank for path, spec in self.modules.items()}
 
+    def pruned_mlps(self) -> dict[str, dict[str, PrunedLinear]]:
+        """MLP path (the pruned linears' parent) -> its pruned linears by path."""
+        mlps: dict[str, dict[str, PrunedLinear]] = {}
+        for path, spec in self.pruned.items():
+            mlps.setdefault(path.rpartition(".")[0], {})[path] = spec
+        return mlps
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if not self.pruned:  # a v1 section, readable by a RankScope that knows only v1
+            del data["pruned"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> "CompressionConfig":
@@ -127,7 +191,7 @@ class CompressionConfig:
             raise ExportError(f"The {SECTION} section of config.json must be an object, got {type(data).__name__}.")
         if data.get("schema") not in SUPPORTED_SCHEMAS:
             raise ExportError(_unknown_schema(data.get("schema")))
-        known = set(cls.__dataclass_fields__)
+        known = set(cls.__dataclass_fields__) - ({"pruned"} if data["schema"] == COMPRESSION_SCHEMA else set())
         extra, missing = set(data) - known, {"method", "storage", "base_class", "modules"} - set(data)
         if extra or missing:
             raise ExportError(f"The {SECTION} section has unknown field(s) {sorted(extra)} or lacks {sorted(missing)}.")
@@ -137,7 +201,14 @@ class CompressionConfig:
             modules = {path: CompressedModule(**spec) for path, spec in data["modules"].items()}
         except TypeError as exc:
             raise ExportError(f"A module entry in {SECTION}.modules is malformed: {exc}.") from exc
-        return cls(**{**data, "modules": modules, "shared_A": dict(data.get("shared_A") or {})})
+        pruned = data.get("pruned") or {}
+        if not isinstance(pruned, dict):
+            raise ExportError(f"{SECTION}.pruned must map module paths to their in/out features and bias.")
+        try:
+            pruned = {path: PrunedLinear(**spec) for path, spec in pruned.items()}
+        except TypeError as exc:
+            raise ExportError(f"An entry in {SECTION}.pruned is malformed: {exc}.") from exc
+        return cls(**{**data, "modules": modules, "shared_A": dict(data.get("shared_A") or {}), "pruned": pruned})
 
 
 def _unknown_schema(schema: Any) -> str:
@@ -290,7 +361,8 @@ def read_compression_config(directory: Path) -> CompressionConfig:
 
 
 def build_model(config, compression: CompressionConfig) -> nn.Module:
-    """An uninitialised model of `compression.base_class` with the section's low-rank modules swapped in."""
+    """An uninitialised model of `compression.base_class` with the section's low-rank modules and the smaller
+    dense linears of pruned MLPs swapped in."""
     import transformers
     from transformers.initialization import no_init_weights
 
@@ -300,15 +372,29 @@ def build_model(config, compression: CompressionConfig) -> nn.Module:
                           f"{transformers.__version__} does not have.")
     with no_init_weights():  # every tensor is loaded from the file right after, so skip the random init
         model = model_class(config)
+        for path, spec in compression.pruned.items():  # (only low-rank storage has them)
+            _swap_in(model, path, nn.Linear(spec.in_features, spec.out_features, bias=spec.bias), "pruned linear")
     model.tie_weights()  # skipping the init also skips tying: tie input/output embeddings as the config says
     if compression.storage == "low-rank":
         for path, spec in compression.modules.items():
-            model.set_submodule(path, LowRankLinear(torch.empty(spec.rank, spec.in_features),
-                                                    torch.empty(spec.out_features, spec.rank),
-                                                    torch.empty(spec.out_features) if spec.bias else None))
+            _swap_in(model, path, LowRankLinear(torch.empty(spec.rank, spec.in_features),
+                                                torch.empty(spec.out_features, spec.rank),
+                                                torch.empty(spec.out_features) if spec.bias else None), "compressed module")
         for alias, owner in compression.shared_A.items():
             model.get_submodule(alias).A = model.get_submodule(owner).A
     return model.float().eval()
+
+
+def _swap_in(model: nn.Module, path: str, module: nn.Module, kind: str) -> None:
+    """Replace the linear at `path`; `ExportError` naming it when the model has no linear there."""
+    try:
+        present = model.get_submodule(path)
+    except AttributeError:
+        present = None
+    if not isinstance(present, nn.Linear):
+        raise ExportError(f"config.json's {SECTION} names the {kind} '{path}', but a {type(model).__name__} built "
+                          "from config.json has no linear there. The config was changed or belongs to another model.")
+    model.set_submodule(path, module)
 
 
 def load_weights_strictly(model: nn.Module, weights: Path, compression: CompressionConfig) -> None:
@@ -325,8 +411,13 @@ def load_weights_strictly(model: nn.Module, weights: Path, compression: Compress
     for name, tensor in expected.items():
         if tuple(tensor.shape) != found[name]:
             module = name.rpartition(".")[0]
-            why = (f" (config.json's {SECTION} gives '{module}' rank {compression.modules[module].rank})"
-                   if compression.storage == "low-rank" and module in compression.modules else "")
+            why = ""
+            if compression.storage == "low-rank" and module in compression.modules:
+                why = f" (config.json's {SECTION} gives '{module}' rank {compression.modules[module].rank})"
+            elif module in compression.pruned:
+                spec = compression.pruned[module]
+                why = (f" (config.json's {SECTION} gives the pruned linear '{module}' in_features {spec.in_features}, "
+                       f"out_features {spec.out_features})")
             raise ExportError(f"Tensor '{name}' in {weights.name} has shape {list(found[name])}, but config.json "
                               f"says {list(tensor.shape)}{why}. The file was changed or belongs to another export.")
     state = read_safetensors(weights)
@@ -357,7 +448,23 @@ def read_plan(directory: Path, compression: CompressionConfig) -> RankPlan:
         differing = sorted(set(planned.items()) ^ set(compression.ranks.items()))[0][0]
         raise ExportError(f"{PLAN_FILE} and config.json disagree on module '{differing}': plan rank "
                           f"{plan.ranks.get(differing)}, config rank {compression.ranks.get(differing)}.")
+    _check_pruned_against_plan(plan, compression)
     return plan
+
+
+def _check_pruned_against_plan(plan: RankPlan, compression: CompressionConfig) -> None:
+    """The plan's pruned MLPs are the section's, and each pruned linear has the plan's kept channels on one side
+    (gate and up as outputs, down as inputs)."""
+    kept = {path: k for path, k in (plan.channels or {}).items() if k is not None}
+    mlps = compression.pruned_mlps()
+    for path in sorted(set(kept) | set(mlps)):
+        linears = mlps.get(path, {})
+        if path in kept and linears and all(kept[path] in (s.in_features, s.out_features) for s in linears.values()):
+            continue
+        held = ", ".join(f"'{p}' {s.in_features}->{s.out_features}" for p, s in linears.items()) or "no pruned linears"
+        said = f"keeps {kept[path]} channels" if path in kept else "does not prune it"
+        raise ExportError(f"{PLAN_FILE} and config.json disagree on MLP '{path}': the plan {said}, config.json's "
+                          f"{SECTION} has {held}. Put back the plan the export was written with.")
 
 
 def load_compressed(directory: Path | str) -> tuple[nn.Module, Any, RankPlan]:

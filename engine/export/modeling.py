@@ -4,7 +4,9 @@
 to the class generated here: a subclass of the model's own transformers class (LlamaForCausalLM,
 Qwen2ForCausalLM, Gemma3ForCausalLM, ...) that swaps in low-rank linears from config.json's
 `rankscope_compression` section in `__init__`, i.e. before transformers loads the weights, so the
-factors in model.safetensors land in the right modules. The file is self-contained (torch and
+factors in model.safetensors land in the right modules. The smaller dense linears of channel-pruned
+MLPs (the section's `pruned`, schema v2) are swapped in there too, as `nn.Linear`s of the recorded
+sizes, so their weights load without a size mismatch. The file is self-contained (torch and
 transformers only, no RankScope import) so the export loads on a machine without RankScope.
 
 A shared `A` (joint-svd: q‖k, gate‖up) is stored once, under its owner's name. The subclass registers
@@ -14,8 +16,11 @@ at random after loading. The export's self-check compares logits to catch any re
 
 The class's `from_pretrained` checks the export before transformers reads it, as `load_compressed`
 does: loaded from a local directory, every file listed in `rankscope_manifest.json` must be present
-with its recorded size and sha256 (an export without a manifest is read as before); and after
-loading, a parameter holding NaN or an infinity is refused by name. Both raise `ValueError`.
+with its recorded size and sha256 (an export without a manifest is read as before), and every tensor
+of a compressed or pruned linear in model.safetensors (its header, read without loading data) must
+have the shape the compression section gives that linear, so a config that disagrees with the weights
+is refused naming the linear (transformers' own size-mismatch error names nothing); after loading, a
+parameter holding NaN or an infinity is refused by name. All raise `ValueError`.
 """
 
 from __future__ import annotations
@@ -58,15 +63,19 @@ Load with `AutoModelForCausalLM.from_pretrained(this_directory, trust_remote_cod
 config.json's `rankscope_compression` section lists each compressed linear (rank, shape, bias) and
 the linears that share one `A` factor; they are swapped in before the weights load, so the factors
 in model.safetensors (`<module>.A` [r, d_in], `<module>.B` [d_out, r]) load into them. A shared `A`
-is stored once and tied to its aliases the way tied embeddings are.
+is stored once and tied to its aliases the way tied embeddings are. Its `pruned` entries (if any) are
+the gate/up/down linears of MLPs pruned by channels: plain linears smaller than the config's
+intermediate size, built at their recorded in/out features before the weights load.
 
 Before loading from a local directory, every file listed in rankscope_manifest.json is checked
-against its recorded size and sha256; after loading, a weight holding NaN or an infinity is refused.
+against its recorded size and sha256, and the shapes in model.safetensors against the compression
+section; after loading, a weight holding NaN or an infinity is refused.
 """
 
 import hashlib
 import json
 import os
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +125,57 @@ def verify_manifest(directory):
                              f"export ({directory}). Export it again.")
 
 
+def _stored_shapes(path):
+    """Tensor name -> shape from a safetensors header (8-byte length, then JSON); None if it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            size = struct.unpack("<Q", handle.read(8))[0]
+            header = json.loads(handle.read(size))
+        return {name: tuple(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+    except (OSError, ValueError, KeyError, TypeError, struct.error):
+        return None  # transformers reports an unreadable file itself
+
+
+def check_shapes(directory):
+    """Refuse a compressed or pruned linear whose tensors in model.safetensors have other shapes than
+    config.json's rankscope_compression section gives it (ValueError naming the linear)."""
+    try:
+        with open(os.path.join(directory, "config.json")) as handle:
+            section = json.load(handle).get("rankscope_compression")
+    except (OSError, ValueError, AttributeError):
+        return  # transformers reports a missing or unreadable config itself
+    stored = _stored_shapes(os.path.join(directory, "model.safetensors"))
+    if not isinstance(section, dict) or stored is None:
+        return
+    try:
+        expected = _expected_shapes(section)
+    except (AttributeError, KeyError, TypeError):
+        return  # a malformed section: the model's __init__ refuses it
+    for name, (shape, said) in expected.items():
+        if name in stored and stored[name] != shape:
+            raise ValueError(f"Tensor '{name}' in model.safetensors has shape {list(stored[name])}, but config.json's "
+                             f"rankscope_compression gives {said}, i.e. shape {list(shape)}. The file was changed or "
+                             f"belongs to another export ({directory}).")
+
+
+def _expected_shapes(section):
+    """Tensor name -> (shape, what the section says of its linear) for every compressed and pruned linear."""
+    expected = {}
+    for path, spec in (section.get("modules") or {}).items():
+        said = f"the compressed linear '{path}' rank {spec['rank']}, in_features {spec['in_features']}, " \
+               f"out_features {spec['out_features']}"
+        expected[f"{path}.A"] = ((spec["rank"], spec["in_features"]), said)
+        expected[f"{path}.B"] = ((spec["out_features"], spec["rank"]), said)
+        if spec["bias"]:
+            expected[f"{path}.bias"] = ((spec["out_features"],), said)
+    for path, spec in (section.get("pruned") or {}).items():
+        said = f"the pruned linear '{path}' in_features {spec['in_features']}, out_features {spec['out_features']}"
+        expected[f"{path}.weight"] = ((spec["out_features"], spec["in_features"]), said)
+        if spec["bias"]:
+            expected[f"{path}.bias"] = ((spec["out_features"],), said)
+    return expected
+
+
 def refuse_non_finite(model, where):
     """Refuse a model whose weights hold NaN or an infinity, naming the tensor (ValueError)."""
     for name, tensor in model.state_dict().items():
@@ -161,6 +221,8 @@ class $remote_class($base_class):
                              f"this modeling file reads {', '.join(SUPPORTED_SCHEMAS)}.")
         for path, spec in section["modules"].items():
             _set_submodule(self, path, LowRankLinear(spec["in_features"], spec["out_features"], spec["rank"], spec["bias"]))
+        for path, spec in (section.get("pruned") or {}).items():  # channel-pruned MLPs: smaller dense linears
+            _set_submodule(self, path, nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"]))
         for alias, owner in section["shared_A"].items():
             self.get_submodule(alias).A = self.get_submodule(owner).A
         # Tie each alias to its owner after loading (as for tied embeddings), instead of initialising it as missing,
@@ -174,6 +236,7 @@ class $remote_class($base_class):
         directory = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
         if os.path.isdir(directory):  # only a local directory: a hub id is resolved by transformers below
             verify_manifest(directory)
+            check_shapes(directory)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         refuse_non_finite(loaded[0] if isinstance(loaded, tuple) else loaded, pretrained_model_name_or_path)
         return loaded

@@ -112,6 +112,9 @@ class ExportReport:
     speed: dict[str, GenerationSpeed]  # "original", "compressed"
     generation: SideBySide
     checks: list[Check] = field(default_factory=list)
+    # a plan that prunes MLP channels: {"settings": {aggregation, retention}, "of_mlps": n,
+    # "mlps": {mlp path: {"layer", "kept", "channels"}}}; None when nothing is pruned
+    pruning: Optional[dict] = None
 
     @property
     def passed(self) -> bool:
@@ -125,13 +128,33 @@ def _fmt_bytes(n: Optional[int]) -> str:
     return "unknown" if n is None else f"{n / 2**20:,.2f} MiB ({n:,} bytes)"
 
 
+def _pruning_lines(pruning: Optional[dict]) -> list[str]:
+    """The model card's section on MLPs pruned by channels (LoRAP): the settings and each MLP's kept width."""
+    if not pruning:
+        return []
+    settings, mlps = pruning.get("settings") or {}, pruning["mlps"]
+    kept, total = sum(m["kept"] for m in mlps.values()), sum(m["channels"] for m in mlps.values())
+    lines = [
+        "## Pruned MLPs", "",
+        f"{len(mlps)} of {pruning['of_mlps']} MLPs are pruned by channels (LoRAP: gate and up keep the kept rows, down "
+        f"the kept columns; channels scored by the {settings.get('aggregation', 'l2')} aggregation of |W|·‖X‖, "
+        f"retaining the least important {settings.get('retention', 0) * 100:g}%). They keep {kept:,} of {total:,} "
+        "intermediate channels, and are stored as smaller dense linears (config.json's `rankscope_compression.pruned` "
+        "lists each with its size), so the model also computes less per token.", "",
+        "| layer | MLP | kept channels | of |", "|---:|---|---:|---:|",
+    ]
+    lines += [f"| {m['layer']} | `{path}` | {m['kept']:,} | {m['channels']:,} |" for path, m in mlps.items()]
+    return lines + [""]
+
+
 def render_model_card(report: ExportReport) -> str:
     """The README.md model card of an export (Markdown with a small YAML header)."""
     p, q = report.parameters, report.quality
     dec, tot = p["decoder_linear"], p["total"]
     dense = report.storage == "dense"
     lines = [
-        "---", "library_name: transformers", "tags: [rankscope, low-rank, compressed]", "---", "",
+        "---", "library_name: transformers",
+        f"tags: [rankscope, low-rank, compressed{', pruned' if report.pruning else ''}]", "---", "",
         f"# {report.model_id}, compressed with {report.method} (RankScope)", "",
     ]
     if dense:
@@ -149,8 +172,9 @@ def render_model_card(report: ExportReport) -> str:
         "```", "",
     ]
     if not dense:
-        lines += ["`trust_remote_code=True` runs the bundled `modeling_rankscope.py`, which swaps in the low-rank "
-                  "linears before the weights load. Without it transformers builds the dense architecture and "
+        pruned_too = " and the smaller linears of the pruned MLPs" if report.pruning else ""
+        lines += [f"`trust_remote_code=True` runs the bundled `modeling_rankscope.py`, which swaps in the low-rank "
+                  f"linears{pruned_too} before the weights load. Without it transformers builds the dense architecture and "
                   "reports the factor tensors as unexpected and the dense weights as missing.", ""]
     lines += [
         "## Parameters", "",
@@ -160,7 +184,9 @@ def render_model_card(report: ExportReport) -> str:
         "",
         f"Parameters after reloading this directory: {p['reloaded']:,} = the plan's {'dense' if dense else 'compressed'} "
         f"count {p['expected_from_plan']:,} + {p['added_bias']:,} bias parameters on linears that had no bias "
-        f"({'the method adds them' if not dense else 'added by the method, or zero where a config switch adds them'}).", "",
+        f"({'the method adds them' if not dense else 'added by the method, or zero where a config switch adds them'})"
+        + (f" - {p['removed_bias']:,} bias parameters of pruned channels" if p.get("removed_bias") else "") + ".", "",
+        *_pruning_lines(report.pruning),
         "## File size", "",
         f"- `model.safetensors`: {_fmt_bytes(report.weights_bytes)}",
         f"- the original's weights: {_fmt_bytes(report.original_weights_bytes)}", "",
@@ -191,6 +217,7 @@ def render_model_card(report: ExportReport) -> str:
         "| check | result | detail |", "|---|---|---|",
     ]
     lines += [f"| {c.name} | {'passed' if c.passed else 'FAILED'} | {c.detail} |" for c in report.checks]
+    pruned = " and every pruned linear with its size" if report.pruning else ""
     lines += ["", "The rank plan (with its metrics and their definitions) is in `rank_plan.json`; the compression "
-              "section of `config.json` lists every compressed linear with its rank.", ""]
+              f"section of `config.json` lists every compressed linear with its rank{pruned}.", ""]
     return "\n".join(lines)

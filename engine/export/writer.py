@@ -12,6 +12,12 @@ dense weights crept back). Any failed check raises `ExportError` and leaves `out
 on success the folder is renamed into place. `dense=True` writes `W_r = B_r A_r` as plain
 `nn.Linear` weights instead: a standard transformers model, not smaller than the original.
 
+A plan that prunes MLP channels (LoRAP, `rankscope.plan/v2`) exports its pruned MLPs as smaller dense
+linears, listed in the section's `pruned` (schema `rankscope.compression/v2`); which linears those are
+comes from the plan's kept channels and the session's MLP shapes, and their sizes from the pruned modules
+themselves, checked against the plan. A dense export cannot hold them (a plain config has one
+intermediate size for all layers), so `dense=True` with such a plan is refused before any work.
+
 Every export carries `rankscope_manifest.json` (size and sha256 of each file it wrote), and all its
 files get the same permissions (what the umask gives a new file). The target (DESIGN.md §14: nothing
 deletes a directory it did not create) may be new or empty; an earlier RankScope export there is
@@ -28,7 +34,7 @@ import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 from torch import nn
@@ -85,6 +91,7 @@ class _Written:
     check_logits: list[torch.Tensor]  # per check window: [L, V] logits of the in-memory compressed model
     quality: QualityResult
     added_bias: int  # bias parameters on linears that had no bias in the original
+    removed_bias: int  # bias parameters of pruned channels (the plan counts weights only)
     weights_elements: int
 
 
@@ -113,6 +120,7 @@ def export_compressed(
     out_dir = Path(out_dir).expanduser().resolve()
     if min(max_new_tokens, timing_runs, check_windows) < 1:
         raise ExportError("New tokens, timing runs and check windows must each be at least 1.")
+    check_export_storage(plan, dense)
     check_export_target(out_dir, overwrite)
     _check_plan_fits(session, plan)
     _check_transformers_class(session.loaded.model)
@@ -139,13 +147,14 @@ def export_compressed(
             weights_bytes=(staging / WEIGHTS_FILE).stat().st_size,
             original_weights_bytes=original_weights_bytes(session.loaded.path),
             parameters={**plan.parameters, "expected_from_plan": _planned_count(plan, storage),
-                        "added_bias": written.added_bias, "weights_file_elements": written.weights_elements,
+                        "added_bias": written.added_bias, "removed_bias": written.removed_bias,
+                        "weights_file_elements": written.weights_elements,
                         "reloaded": count_module_parameters(verified.model), "reloaded_transformers": verified.transformers_count},
             quality={"original": session.original_quality(), "compressed": written.quality.to_dict(),
                      "reloaded": verified.quality.to_dict()},
             evaluation=_evaluation_context(session),
             logits_max_abs_diff=verified.logits_max_abs_diff,
-            speed=speed, generation=generation, checks=verified.checks,
+            speed=speed, generation=generation, checks=verified.checks, pruning=_pruning_summary(session, plan),
         )
         (staging / CARD_FILE).write_text(render_model_card(report))
         write_manifest(staging)  # now with the model card
@@ -162,14 +171,24 @@ def export_compressed(
 
 # -- before writing ----------------------------------------------------------------------------------------------
 
+def check_export_storage(plan: RankPlan, dense: bool) -> None:
+    """Refuse a dense export of a plan that prunes MLP channels, saying why and what to do; nothing is loaded.
+
+    A dense export is a plain transformers model, whose config has one `intermediate_size` for every layer, so
+    MLPs pruned to their own widths cannot be written as one. The low-rank export holds them."""
+    pruned = {path: kept for path, kept in (plan.channels or {}).items() if kept is not None}
+    if dense and pruned:
+        shown = ", ".join(f"{path} keeps {kept}" for path, kept in list(pruned.items())[:3])
+        raise ExportError(
+            f"This plan prunes the channels of {len(pruned)} MLP(s) ({shown}{', ...' if len(pruned) > 3 else ''}), "
+            "which a dense export cannot hold: it is a plain transformers model, whose config has one "
+            "intermediate_size for every layer. Export the low-rank form instead (without --dense): it stores the "
+            "pruned MLPs as smaller dense linears and reloads with load_compressed or trust_remote_code=True.")
+
+
 def _check_plan_fits(session: CompressionSession, plan: RankPlan) -> None:
     """The plan must be for this model and method, and factorised from the same calibration."""
     plan.validate_for(session.shapes)  # PlanError naming both models when it is another model's plan
-    if plan.channels:
-        raise ExportError(
-            f"This plan prunes MLP channels ({plan.schema}); the export format does not hold pruned MLPs yet (each "
-            "layer would need its own intermediate size), so it is refused rather than written without them. "
-            "Plans that only factorise export as before; evaluate this one with rankscope evaluate --plan.")
     if plan.method != session.method:
         raise ExportError(f"The plan uses method '{plan.method}' but the session factorised with '{session.method}'; "
                           "open the session with the plan's method.")
@@ -260,11 +279,15 @@ def _write(session: CompressionSession, plan: RankPlan, staging: Path, storage: 
     model = session.loaded.model
     restore_(model)
     original_names = set(model.state_dict())
+    pruned = _pruned_widths(session, plan)
+    original_bias = {path: model.get_submodule(path).bias.numel() for path in pruned
+                     if model.get_submodule(path).bias is not None}
     session.apply_(plan)
     try:
         check_logits = [_logits(model, ids) for ids in check_ids]
         quality = evaluate_quality(model, session.windows, session.reference, progress)
-        compression = CompressionConfig.of_model(model, plan.method, storage, describe_source(session.loaded))
+        compression = CompressionConfig.of_model(model, plan.method, storage, describe_source(session.loaded), pruned)
+        _check_pruned_widths(compression, pruned)
         if storage == "low-rank":
             config = copy.deepcopy(model.config)
             config.architectures = [remote_class_name(compression.base_class)]
@@ -278,12 +301,41 @@ def _write(session: CompressionSession, plan: RankPlan, staging: Path, storage: 
     finally:
         restore_(model)
     added_bias = sum(t.numel() for name, t in tensors.items() if name.endswith(".bias") and name not in original_names)
+    removed_bias = sum(n - tensors[f"{path}.bias"].numel() for path, n in original_bias.items())
     config.save_pretrained(staging)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(staging)
     session.loaded.tokenizer.save_pretrained(staging)
     _measured_plan(session, plan, quality).save(staging / PLAN_FILE)
-    return _Written(compression, check_logits, quality, added_bias, sum(t.numel() for t in tensors.values()))
+    return _Written(compression, check_logits, quality, added_bias, removed_bias, sum(t.numel() for t in tensors.values()))
+
+
+def _pruned_widths(session: CompressionSession, plan: RankPlan) -> dict[str, tuple[int, int]]:
+    """Linear path -> (in_features, out_features) it has once pruned, for the gate, up and down of every MLP the
+    plan prunes: gate and up keep `kept` rows of [d_ff, d_model], down `kept` columns of [d_model, d_ff]."""
+    widths = {}
+    for mlp in session.shapes.mlps:
+        kept = (plan.channels or {}).get(mlp.path)
+        if kept is not None:
+            widths.update({mlp.gate: (mlp.d_model, kept), mlp.up: (mlp.d_model, kept), mlp.down: (kept, mlp.d_model)})
+    return widths
+
+
+def _check_pruned_widths(compression: CompressionConfig, expected: Mapping[str, tuple[int, int]]) -> None:
+    for path, spec in compression.pruned.items():
+        if (spec.in_features, spec.out_features) != expected[path]:
+            raise ExportError(f"Internal error: the pruned linear '{path}' is {spec.in_features}->{spec.out_features}, "
+                              f"but the plan's kept channels give {expected[path][0]}->{expected[path][1]}.")
+
+
+def _pruning_summary(session: CompressionSession, plan: RankPlan) -> Optional[dict]:
+    """For the report and model card: how channels were chosen, and each pruned MLP's kept and full width."""
+    kept = {path: k for path, k in (plan.channels or {}).items() if k is not None}
+    if not kept:
+        return None
+    mlps = {m.path: {"layer": m.layer, "kept": kept[m.path], "channels": m.d_ff}
+            for m in session.shapes.mlps if m.path in kept}
+    return {"settings": dict(plan.pruning or {}), "mlps": mlps, "of_mlps": len(session.shapes.mlps)}
 
 
 def _measured_plan(session: CompressionSession, plan: RankPlan, quality: QualityResult) -> RankPlan:
@@ -362,7 +414,7 @@ def _verify(session, plan, staging, written: _Written, check_ids, storage, progr
     """Reload through both paths, compare with the in-memory model, and raise unless every check passes."""
     from transformers import AutoModelForCausalLM
 
-    expected_count = _planned_count(plan, storage) + written.added_bias
+    expected_count = _planned_count(plan, storage) + written.added_bias - written.removed_bias
     reloaded, _, _ = load_compressed(staging)
     remote = {} if storage == "dense" else {"trust_remote_code": True}  # dense: prove it loads as plain transformers
     through_transformers, info = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32,
@@ -378,9 +430,10 @@ def _verify(session, plan, staging, written: _Written, check_ids, storage, progr
         checks.append(Check(f"logits via {label}", diffs[label] < LOGITS_TOLERANCE,
                             f"max abs diff {diffs[label]:.2e} on {len(check_ids)} window(s) (limit {LOGITS_TOLERANCE:g})"))
         count = count_module_parameters(model)
+        removed = f" - {written.removed_bias:,} bias of pruned channels" if written.removed_bias else ""
         checks.append(Check(f"parameters via {label}", count == expected_count,
                             f"{count:,} reloaded, {expected_count:,} expected (plan's {storage} count + "
-                            f"{written.added_bias:,} added bias)"))
+                            f"{written.added_bias:,} added bias{removed})"))
     transformers_count = count_module_parameters(through_transformers)
     del through_transformers
     quality = evaluate_quality(reloaded, session.windows, session.reference, progress)
