@@ -57,3 +57,18 @@ def rendered_from_stored(name: str, render, doc: Path) -> None:
     """Write `doc` again from the stored `bench/results/<name>.json`, without measuring anything."""
     doc.write_text(render(json.loads((RESULTS / f"{name}.json").read_text())))
     print(f"wrote {doc} from {RESULTS / f'{name}.json'}")
+
+
+def results_main(name: str, description: str, measure, render, doc: Path) -> None:
+    """The command line of a results script: measure, store `bench/results/<name>.json` and write `doc` from
+    it; with `--render-only`, rewrite `doc` from the stored JSON without measuring."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--render-only", action="store_true", help="rewrite the doc from the stored JSON")
+    if parser.parse_args().render_only:
+        rendered_from_stored(name, render, doc)
+        return
+    path = write_json(name, measure())
+    doc.write_text(render(json.loads(path.read_text())))
+    print(f"wrote {path} and {doc}")

@@ -16,14 +16,13 @@ from bench/results/recovery_results.json. Finished runs are read back from the c
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, rendered_from_stored, write_json  # noqa: E402
+from bench.common import RESULTS, results_main  # noqa: E402
 from engine.compression.grouping import Grouping  # noqa: E402
 from engine.compression.session import CompressionSession  # noqa: E402
 from engine.models.loading import load_model  # noqa: E402
@@ -156,15 +155,7 @@ def _reading(data: dict) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--render-only", action="store_true", help="rewrite the doc from the stored JSON")
-    args = parser.parse_args()
-    if args.render_only:
-        rendered_from_stored("recovery_results", render, DOC)
-        return
-    path = write_json("recovery_results", measure())
-    DOC.write_text(render(json.loads(path.read_text())))
-    print(f"wrote {path} and {DOC}")
+    results_main("recovery_results", __doc__.splitlines()[0], measure, render, DOC)
 
 
 if __name__ == "__main__":
