@@ -141,16 +141,59 @@ def render(data: dict) -> str:
 
 
 def _reading(data: dict) -> list[str]:
-    """Plain statements computed from the numbers (which way each run moved), not written by hand."""
+    """Plain statements computed from the numbers, not written by hand: how much of the gap to the original each
+    run closed, which recovery closed more, and whether the target-application run favours its target."""
+    original = data["original_perplexity"]
     out = []
+
+    def closed(r: dict) -> float:  # share of the perplexity gap to the original model that the run closed
+        b, a = r["before"]["perplexity"], r["after"]["perplexity"]
+        return (b - a) / (b - original)
+
     for r in data["runs"]:
-        b, a, v = r["before"], r["after"], r["validation"]
-        gain = (b["perplexity"] - a["perplexity"]) / b["perplexity"]
-        held = (v["before"] - v["after"]) / v["before"]
-        verdict = "improves" if gain > 0.005 else ("worsens" if gain < -0.005 else "barely changes")
-        out.append(f"- {r['setting']}, {r['plan']}, {r['kind']}{' (pruned)' if r['prune_to'] else ''}: the evaluation "
-                   f"perplexity {verdict} ({gain:+.1%} of it recovered), the held-out training-text perplexity moves "
-                   f"{-held:+.1%}, reverse KL {b['kl_reverse']:.3f} → {a['kl_reverse']:.3f}.")
+        b, a = r["before"], r["after"]
+        out.append(f"- {r['setting']}, {r['plan']}, {r['kind']}{' (pruned)' if r['prune_to'] else ''}: perplexity "
+                   f"{b['perplexity']:.2f} → {a['perplexity']:.2f}, closing {closed(r):.0%} of the gap to the original "
+                   f"({original:.2f}); reverse KL {b['kl_reverse']:.3f} → {a['kl_reverse']:.3f}.")
+    general = [r for r in data["runs"] if r["setting"] == "general" and not r["prune_to"]]
+    narrowed = all(r["after"][m] < r["before"][m] for r in general for m in ("perplexity", "kl_forward", "kl_reverse"))
+    out += ["", "Against the papers:", "",
+            f"- Bolaco's post-training narrows the gap to the original model: "
+            f"{'every' if narrowed else 'not every'} general run here lowers perplexity and both KLs"
+            f"{'' if narrowed else ' (see the rows above)'}, after only {general[0]['steps']} steps of "
+            f"{general[0]['tokens']:,} tokens (Bolaco trains two epochs of Alpaca on a 7B model)."]
+    by_plan: dict[str, dict[str, dict]] = {}
+    for r in general:
+        by_plan.setdefault(r["plan"], {})[r["kind"]] = r
+    basis_wins = [p for p, k in by_plan.items() if {"basis", "subspace"} <= set(k)
+                  and k["basis"]["after"]["perplexity"] < k["subspace"]["after"]["perplexity"]]
+    subset = next(r["settings"]["subset"] for r in general if r["kind"] == "subspace")
+    out.append(f"- Relearned scales on every direction (basis) against Bolaco's vectors on the leading {subset} directions "
+               f"(subspace), same steps and learning rate: basis ends lower on {len(basis_wins)} of {len(by_plan)} "
+               "plans. Neither paper compares the two; basis trains more values per linear (one per direction) than "
+               "subspace's λ_d, though subspace's λ_b has one per output.")
+    searched = by_plan.get("searched 20% (5x1 best)", {})
+    uniform = by_plan.get("uniform 20%", {})
+    if searched and uniform:
+        out.append(f"- A better plan leaves less to recover: at 20%, the searched plan closes "
+                   f"{closed(searched['basis']):.0%} (basis) of its smaller gap, the uniform plan "
+                   f"{closed(uniform['basis']):.0%} of its larger one, and the searched plan stays better after "
+                   f"recovery ({searched['basis']['after']['perplexity']:.2f} against "
+                   f"{uniform['basis']['after']['perplexity']:.2f}).")
+    for r in data["runs"]:
+        if not r["setting"].startswith("target"):
+            continue
+        twin = next((g for g in general if g["plan"] == r["plan"] and g["kind"] == r["kind"]), None)
+        target_gain = 1 - r["validation"]["after"] / r["validation"]["before"]
+        general_gain = 1 - r["after"]["perplexity"] / r["before"]["perplexity"]
+        text = (f"- Target application ({r['kind']}, trained on {r['validation']['text']}): held-out {r['validation']['text']} "
+                f"perplexity falls {target_gain:.0%}, Sherlock Holmes {general_gain:.0%}")
+        if twin is not None:
+            text += (f"; the same recovery trained on War and Peace lowers Sherlock Holmes by "
+                     f"{1 - twin['after']['perplexity'] / twin['before']['perplexity']:.0%}")
+        text += (". Basis Selection's direction (gains concentrate on the target) "
+                 + ("holds" if target_gain > general_gain else "does not hold") + " here.")
+        out.append(text)
     return out
 
 
