@@ -20,9 +20,9 @@ from engine.compression.grouping import Grouping
 from engine.compression.plan import RankPlan
 from engine.errors import RankScopeError
 from engine.search.records import StudyState
-from engine.search.runner import new_study_id
-from engine.search.settings import OBJECTIVE_KL, SUBSETS, StudySettings
-from engine.search.summary import best_trial, ratios_from_ranks, study_summary, warm_start_from_plan
+from engine.search.runner import new_study_id, study_groups
+from engine.search.settings import MLP_FORMS, OBJECTIVE_KL, SUBSETS, StudySettings
+from engine.search.summary import best_trial, study_summary, trial_values, warm_start_from_plan
 from engine.search.duckdb_storage import DuckDBStudyStorage
 
 DEFAULTS = StudySettings()  # the engine's defaults, as `rankscope search start` has them
@@ -53,6 +53,11 @@ with st.expander("New study", expanded=not studies):
                         min_value=1, max_value=shapes.num_layers, step=1, disabled=kind != "5xG")
     search_v = persistent(row[2].checkbox, "Search v too", "search_v", DEFAULTS.search_v,
                           help="By default v stays dense (docs/search.md).")
+    mlp = persistent(st.radio, "MLPs", "search_mlp", DEFAULTS.mlp, options=list(MLP_FORMS), horizontal=True,
+                     format_func={"low-rank": "low rank (gate, up, down groups)",
+                                  "prune": "pruned channels (one mlp-prune group per block; LoRAP baseline)"}.get,
+                     help="prune: each layer block's share of MLP channels removed is searched next to the attention "
+                          "ranks (LoRAP's l2 channel scores, 1% retained); LoRAP's allocation joins the baselines.")
     row = st.columns(3)
     budget = persistent(row[0].number_input, "Budget: share of decoder-linear parameters removed", "search_budget",
                         DEFAULTS.budget, min_value=0.01, max_value=0.95, step=0.05, format="%.2f")
@@ -107,14 +112,15 @@ with st.expander("New study", expanded=not studies):
         try:
             warm = None
             if warm_plan is not None:
-                warm = warm_start_from_plan(warm_plan, shapes, method, grouping)
+                warm = warm_start_from_plan(warm_plan, shapes, method, grouping, mlp)
             elif warm_study is not None:
-                warm = ratios_from_ranks(shapes, method, grouping, best_trial(storage, warm_study).ranks)
+                source = best_trial(storage, warm_study)
+                warm = trial_values(shapes, method, grouping, source.ranks, source.channels, mlp)
             settings = StudySettings(
                 model=workspace.model_reference, method=method, grouping=grouping_label, search_v=search_v,
                 budget=float(budget), beta=float(beta), kl=kl, n_trials=int(n_trials), n_initial_points=int(n_initial),
                 seed=int(seed), subset=subset, subset_size=int(subset_size), subset_candidates=int(candidates),
-                subset_probe_plans=int(probes), warm_start=warm, texts=workspace.text_settings())
+                subset_probe_plans=int(probes), warm_start=warm, texts=workspace.text_settings(), mlp=mlp)
             if name and storage.get_study(name) is not None:
                 raise RankScopeError(f"A study named '{name}' already exists; choose another name or leave it empty.")
         except RankScopeError as exc:
@@ -170,7 +176,7 @@ if record is None:  # started in this app, not registered yet: preparing, or it 
 settings = StudySettings.from_dict(record.settings)
 state = study_state(record, running)
 st.markdown(f"**{study_id}** · {state} · {settings.method}, grouping {settings.grouping}"
-            f"{' (v searched)' if settings.search_v else ''}, budget {settings.budget:.0%} of decoder linears, "
+            f"{' (v searched)' if settings.search_v else ''}{', MLPs pruned' if settings.prunes else ''}, budget {settings.budget:.0%} of decoder linears, "
             f"objective log PPL + {settings.beta:g}·{METRIC_LABELS['kl_' + settings.kl]}, {settings.n_trials} trials "
             f"({settings.n_initial_points} random first), seed {settings.seed}"
             f"{', warm-started' if settings.warm_start else ''}.")
@@ -203,8 +209,9 @@ def draw_study() -> None:
         v = summary["validation"]
         st.caption(f"Scored on {len(v['windows'])} {v['kind']} validation windows ({v['reason']}).")
 
-    group_names = list(settings.parsed_grouping().groups(shapes, settings.method))
-    rows = pd.DataFrame(trial_rows(trials, achieved_ratios(trials, shapes, settings.method, settings.parsed_grouping())))
+    group_names = study_groups(settings, shapes, settings.method)
+    rows = pd.DataFrame(trial_rows(trials, achieved_ratios(trials, shapes, settings.method, settings.parsed_grouping(),
+                                                              settings.mlp)))
     marks = baseline_marks(trials)
     left, right = st.columns(2)
     with left:

@@ -14,7 +14,7 @@ from typing import Mapping, Optional, Sequence
 from engine.compression.grouping import Grouping
 from engine.compression.units import ModelShapes
 from engine.search.records import StudyRecord, StudyState, TrialKind, TrialRecord
-from engine.search.summary import ratios_from_ranks
+from engine.search.summary import ratios_from_ranks, trial_values
 
 KIND_LABELS = {TrialKind.SEARCH.value: "search", TrialKind.WARM_START.value: "warm start",
                TrialKind.BASELINE.value: "baseline"}
@@ -30,12 +30,15 @@ def _told(trials: Sequence[TrialRecord]) -> list[TrialRecord]:
 
 
 def achieved_ratios(trials: Sequence[TrialRecord], shapes: ModelShapes, method: str,
-                    grouping: Grouping) -> dict[int, dict[str, float]]:
+                    grouping: Grouping, mlp: str = "low-rank") -> dict[int, dict[str, float]]:
     """Trial number -> each group's achieved share of parameters removed under the study's grouping.
 
     Baselines have their own grouping (uniform compresses v too); measured on the study's groups,
-    every trial sits on the same axes.
+    every trial sits on the same axes. A study that prunes MLPs (`mlp="prune"`) has attention groups and
+    `mlp-prune` groups (the share of channels removed).
     """
+    if mlp == "prune":
+        return {t.number: trial_values(shapes, method, grouping, t.ranks, t.channels, mlp) for t in trials}
     return {t.number: ratios_from_ranks(shapes, method, grouping, t.ranks) for t in trials}
 
 

@@ -66,7 +66,8 @@ def _print_summary(summary: dict, as_json: bool) -> None:
         echo_json(summary)
         return
     s = summary["settings"]
-    typer.echo(f"Study {summary['study_id']} [{summary['state']}]: {s['method']}, grouping {s['grouping']}, "
+    typer.echo(f"Study {summary['study_id']} [{summary['state']}]: {s['method']}, grouping {s['grouping']}"
+               f"{', MLPs pruned' if s.get('mlp') == 'prune' else ''}, "
                f"budget {s['budget']:.0%} of decoder linears, objective log PPL + {s['beta']} x KL ({s['kl']}); "
                f"{summary['trials_done']}/{summary['trials_planned']} trials")
     if summary["validation"]:
@@ -83,6 +84,8 @@ def _print_summary(summary: dict, as_json: bool) -> None:
                 r = full[label]
                 typer.echo(f"    {label:>8}: perplexity {r['perplexity']:8.3f}  KL(P_orig||P_comp) {r['kl_forward']:.4f}  "
                            f"KL(P_comp||P_orig) {r['kl_reverse']:.4f}")
+    for label, why in summary.get("skipped_baselines", {}).items():
+        typer.echo(f"  baseline {label} skipped: {why}")
     if summary["state"] in _RESUMABLE and summary["resume"]:
         typer.echo(f"  {summary['state']}: resume with: {summary['resume']}")
     if summary["mean_trial_seconds"]:
@@ -96,6 +99,9 @@ def start(
     method: Optional[str] = PlanMethodOption,
     grouping: str = typer.Option("5x1", "--grouping", help="5x1, 5xG (e.g. 5x4) or per-layer."),
     search_v: bool = typer.Option(False, "--search-v", help="Search v too (default: keep v dense)."),
+    mlp: str = typer.Option("low-rank", "--mlp", help="MLPs: low-rank (groups gate, up, down) or prune (one mlp-prune "
+                            "group per layer block: the share of channels removed, LoRAP's l2 scores, 1% retained; "
+                            "LoRAP's allocation joins the baselines)."),
     budget: float = typer.Option(0.2, "--budget", help="Decoder-linear parameter reduction to meet (0.2 = 20%)."),
     beta: float = typer.Option(1.0, "--beta", help="Objective: log PPL + beta x KL."),
     kl: str = typer.Option("reverse", "--kl", help="KL in the objective: reverse = KL(P_comp||P_orig), forward = KL(P_orig||P_comp)."),
@@ -116,7 +122,7 @@ def start(
     """Start a study; prints the best plan re-measured on the full evaluation text, next to the baselines."""
     from engine.search.runner import create_study
     from engine.search.settings import StudySettings
-    from engine.search.summary import best_trial, ratios_from_ranks, study_summary, warm_start_from_plan
+    from engine.search.summary import best_trial, study_summary, trial_values, warm_start_from_plan
 
     try:
         if warm_start is not None and warm_start_study is not None:
@@ -130,11 +136,11 @@ def start(
         settings = StudySettings(model=model, method=method, grouping=grouping, search_v=search_v, budget=budget,
                                  beta=beta, kl=kl, n_trials=trials, n_initial_points=initial_points, seed=seed,
                                  subset=subset, subset_size=subset_size, subset_candidates=subset_candidates,
-                                 subset_probe_plans=probe_plans, texts=study_texts)
+                                 subset_probe_plans=probe_plans, texts=study_texts, mlp=mlp)
         storage = _storage()
         session = open_session(settings.model, settings.method, settings.texts, plan)
         if plan is not None:
-            ratios = warm_start_from_plan(plan, session.shapes, method, settings.parsed_grouping())
+            ratios = warm_start_from_plan(plan, session.shapes, method, settings.parsed_grouping(), settings.mlp)
             settings = StudySettings.from_dict({**settings.to_dict(), "warm_start": ratios})
         elif warm_start_study is not None:
             best = best_trial(storage, warm_start_study)
@@ -143,7 +149,8 @@ def start(
                 raise RankScopeError(f"Study '{warm_start_study}' has no finished trials to start from.")
             if source.model_fingerprint != session.loaded.fingerprint:
                 raise RankScopeError(f"Study '{warm_start_study}' was made for another model.")
-            ratios = ratios_from_ranks(session.shapes, method, settings.parsed_grouping(), best.ranks)
+            ratios = trial_values(session.shapes, method, settings.parsed_grouping(), best.ranks, best.channels,
+                                  settings.mlp)
             settings = StudySettings.from_dict({**settings.to_dict(), "warm_start": ratios})
         record = create_study(storage, session, settings, name)
         typer.echo(f"Study {record.study_id} created.", err=True)
@@ -224,7 +231,7 @@ def best(study: str = StudyOption, as_json: bool = JsonOption):
 def export_plan(study: str = StudyOption, out: Path = typer.Option(..., "--out", help="Where to write the plan JSON."),
                 trial: Optional[int] = typer.Option(None, "--trial", help="A trial number (default: the best)."),
                 as_json: bool = JsonOption):
-    """Write a study's best (or chosen) trial as a rank plan (rankscope.plan/v1)."""
+    """Write a study's best (or chosen) trial as a rank plan (rankscope.plan/v1; v2 when it prunes MLPs)."""
     from engine.search.summary import trial_plan
 
     try:

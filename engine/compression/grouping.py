@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
-from engine.compression.units import RANK_STEP, ModelShapes, RankUnit
+from engine.compression.units import RANK_STEP, ModelShapes, RankUnit, count_parameters
 from engine.errors import RankScopeError
 
 GROUPINGS = ("5x1", "5xG", "per-layer", "custom")
@@ -221,3 +221,154 @@ def _top_up(shapes, method, groups, ranks: dict, target: int) -> dict:
                 total += delta
                 changed = True
     return ranks
+
+
+# -- attention ranks and MLP channel pruning in one allocation (a search with mlp="prune") -----------------------
+PRUNE_GROUP = "mlp-prune"
+
+
+def pruning_groups(shapes: ModelShapes, method: str, grouping: Grouping
+                   ) -> tuple[dict[str, list[RankUnit]], dict[str, list]]:
+    """(rank groups, pruning groups) for a study that prunes MLPs instead of factorising them.
+
+    Rank groups are the grouping's groups without gate, up and down (attention stays as it is); pruning groups
+    are one `mlp-prune` group per layer block, named like the others (`mlp-prune`, `mlp-prune@0-7`,
+    `mlp-prune@3` for per-layer), each holding its layers' `MlpShape`s. A pruning group's value is the share
+    of its MLPs' channels removed.
+    """
+    if grouping.kind == "custom":
+        raise RankScopeError("MLP pruning groups follow a 5x1, 5xG or per-layer grouping, not a custom one.")
+    if not shapes.mlps:
+        raise RankScopeError(f"Pruning MLP channels needs gated MLPs (gate, up and down); '{shapes.model_id}' has none.")
+    mlp_paths = {p for m in shapes.mlps for p in m.paths}
+    rank_groups = {}
+    for name, units in grouping.groups(shapes, method).items():
+        kept = [u for u in units if not mlp_paths.intersection(u.paths)]
+        if kept:
+            rank_groups[name] = kept
+    if grouping.kind == "per-layer":
+        blocks = [(layer, layer) for layer in range(shapes.num_layers)]
+    else:
+        blocks = _layer_blocks(shapes.num_layers, grouping.layer_blocks if grouping.kind == "5xG" else 1)
+    prune: dict[str, list] = {}
+    for first, last in blocks:
+        members = [m for m in shapes.mlps if first <= m.layer <= last]
+        if not members:
+            continue
+        suffix = "" if grouping.kind == "5x1" else (f"@{first}" if grouping.kind == "per-layer" else f"@{first}-{last}")
+        prune[f"{PRUNE_GROUP}{suffix}"] = members
+    return rank_groups, prune
+
+
+def kept_for_value(d_ff: int, value: float) -> Optional[int]:
+    """Kept channels for a removed share `value`: max(1, round((1 − value)·d_ff)); None (not pruned) for 0 or all."""
+    if value == 0.0:
+        return None
+    kept = max(1, int(round((1.0 - value) * d_ff)))
+    return None if kept >= d_ff else kept
+
+
+def channels_from_values(prune_groups: Mapping[str, list], values: Mapping[str, float]) -> dict[str, Optional[int]]:
+    """MLP path -> kept channels (None: not pruned) for pruning-group values."""
+    channels: dict[str, Optional[int]] = {}
+    for name, mlps in prune_groups.items():
+        value = float(values.get(name, 0.0))
+        if not 0.0 <= value <= MAX_RATIO:
+            raise RankScopeError(f"Value for group '{name}' must be between 0 (not pruned) and {MAX_RATIO}, got {value}.")
+        for mlp in mlps:
+            channels[mlp.path] = kept_for_value(mlp.d_ff, value)
+    return channels
+
+
+def project_mixed_to_budget(
+    shapes: ModelShapes, method: str, grouping: Grouping, values: Mapping[str, float], target: int
+) -> tuple[dict[str, Optional[int]], dict[str, Optional[int]], dict[str, float]]:
+    """`project_to_budget` for rank groups and MLP pruning groups together (see `pruning_groups`).
+
+    Every group's value scales by one common factor (then, if that is not enough, all rise together) until the
+    plan, counted with `count_parameters(..., channels)`, meets `target`; then ranks are topped up one rank step
+    and pruned MLPs one channel at a time, so the result is at or under the target and within one step of it.
+    Returns (ranks with every pruned MLP's gate/up/down dense, kept channels per MLP, the values used).
+    """
+    rank_groups, prune_groups = pruning_groups(shapes, method, grouping)
+    names = [*rank_groups, *prune_groups]
+    unknown = set(values) - set(names)
+    if unknown:
+        raise BudgetError(f"Unknown group(s) {', '.join(sorted(unknown))}; this study's groups are: {', '.join(names)}.")
+    all_paths = [p for u in shapes.units(method) for p in u.paths]
+
+    def plan(ratio_of: Mapping[str, float]):
+        ranks = {p: None for p in all_paths}
+        ranks.update(ranks_from_ratios(rank_groups, {k: ratio_of[k] for k in rank_groups}))
+        return ranks, channels_from_values(prune_groups, {k: ratio_of[k] for k in prune_groups})
+
+    def evaluate(ratio_of: Mapping[str, float]) -> int:
+        return count_parameters(shapes, method, *plan(ratio_of)).decoder_compressed
+
+    dense = shapes.decoder_linear_params
+    if target >= dense:
+        return {p: None for p in all_paths}, {m.path: None for m in shapes.mlps}, {k: 0.0 for k in names}
+    cheapest = evaluate({k: MAX_RATIO for k in names})
+    if target < cheapest:
+        raise BudgetError(
+            f"A target of {target:,} decoder-linear parameters ({1 - target / dense:.1%} reduction) is infeasible with "
+            f"grouping {grouping.label}, MLPs pruned{'' if grouping.search_v else ' and v dense'}: the most it can "
+            f"remove is {1 - cheapest / dense:.1%}. Ask for at most that.")
+    start = {k: float(values.get(k, 0.0)) for k in names}
+
+    def bisect(path) -> dict[str, float]:
+        low, high = 0.0, 1.0
+        for _ in range(60):
+            mid = (low + high) / 2
+            if evaluate(path(mid)) <= target:
+                high = mid
+            else:
+                low = mid
+        return path(high)
+
+    positive = {k: v for k, v in start.items() if v > 0}
+    reach = MAX_RATIO / min(positive.values()) if positive else 0.0
+
+    def scaled(t: float) -> dict[str, float]:
+        return {k: min(MAX_RATIO, v * t * reach) for k, v in start.items()}
+
+    if positive and evaluate(scaled(1.0)) <= target:
+        chosen = bisect(scaled)
+    else:
+        base = scaled(1.0)
+        chosen = bisect(lambda t: {k: min(MAX_RATIO, b + t * MAX_RATIO) for k, b in base.items()})
+    ranks, channels = plan(chosen)
+    _top_up_mixed(shapes, method, rank_groups, prune_groups, ranks, channels, target)
+    return ranks, channels, chosen
+
+
+def _top_up_mixed(shapes, method, rank_groups, prune_groups, ranks: dict, channels: dict, target: int) -> None:
+    """Spend what is left under the target: one rank step per factorised unit, one channel per pruned MLP, in turn."""
+    units = [u for members in rank_groups.values() for u in members if ranks.get(u.paths[0]) is not None]
+    mlps = [m for members in prune_groups.values() for m in members if channels.get(m.path) is not None]
+    total = count_parameters(shapes, method, ranks, channels).decoder_compressed
+    changed = True
+    while changed:
+        changed = False
+        for unit in units:
+            rank = ranks[unit.paths[0]]
+            if rank is None:
+                continue
+            new_rank = rank + RANK_STEP
+            new = None if unit.keeps_dense(new_rank) or new_rank > unit.max_rank else new_rank
+            delta = unit.params(new) - unit.params(rank)
+            if total + delta <= target:
+                for path in unit.paths:
+                    ranks[path] = new
+                total += delta
+                changed = True
+        for mlp in mlps:
+            kept = channels[mlp.path]
+            if kept is None:
+                continue
+            new = None if kept + 1 >= mlp.d_ff else kept + 1
+            delta = mlp.params(new) - mlp.params(kept)
+            if total + delta <= target:
+                channels[mlp.path] = new
+                total += delta
+                changed = True

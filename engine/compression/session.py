@@ -92,17 +92,25 @@ class CompressionSession:
     # -- evaluation -------------------------------------------------------------------------------------
     def evaluate_ranks(self, ranks: Mapping[str, Optional[int]], progress: Optional[ProgressCallback] = None,
                        window_indices: Optional[list[int]] = None, windows: Optional[torch.Tensor] = None,
-                       reference: Optional[ReferenceDistribution] = None) -> QualityResult:
+                       reference: Optional[ReferenceDistribution] = None,
+                       channels: Optional[Mapping[str, Optional[int]]] = None,
+                       pruning: Optional[Mapping] = None) -> QualityResult:
         """Apply ranks in place, measure perplexity and both KLs, and restore the original modules.
 
         By default on the evaluation windows; `windows` with their `reference` evaluate elsewhere
-        (a search's validation windows), and `window_indices` picks some of them.
+        (a search's validation windows), and `window_indices` picks some of them. `channels` (MLP path -> kept
+        channels, None: not pruned) also prunes those MLPs as `pruning` says (LoRAP's l2 and 1% by default);
+        their gate, up and down must be dense in `ranks`.
         """
         if (windows is None) != (reference is None):
             raise ValueError("windows and reference go together")
         model = self.loaded.model
+        # chosen before compressing: channel scores come from the dense weights
+        kept = self.kept_channels(channels, pruning) if channels and any(k is not None for k in channels.values()) \
+            else {}
         try:
             compress_(model, ranks, self.factorization)
+            self._prune_(kept)
             return evaluate_quality(model, self.windows if windows is None else windows,
                                     self.reference if reference is None else reference, progress, window_indices)
         finally:

@@ -5,6 +5,10 @@
 - greedy: from per-type sensitivity curves, repeatedly raise the ratio of the type whose next
   step costs the least log-perplexity per parameter saved, until the budget is met.
 Each returns group ratios for the study's grouping (before projection onto the budget).
+
+A study that prunes MLPs (`mlp="prune"`) compares with uniform on its own groups and with LoRAP's allocation
+at its budget (`engine.compression.lorap.lorap_allocation`, q+k:v+o = 1:3, MLPs pruned); LoRD and greedy
+allocate ranks of gate, up and down, which such a study does not have, so they are skipped there.
 """
 
 from __future__ import annotations
@@ -12,13 +16,40 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from engine.compression.grouping import Grouping
+from engine.compression.grouping import Grouping, pruning_groups
 from engine.compression.units import ModelShapes
 from engine.records import SensitivityPoint
 
 
 def _base(group: str) -> str:
     return group.split("@")[0]
+
+
+SKIPPED_WHEN_PRUNING = {
+    "lord": "LoRD allocates ranks to gate, up and down, which a study that prunes MLPs does not factorise",
+    "greedy": "greedy follows per-type low-rank sensitivity curves of gate, up and down, which a study that prunes "
+              "MLPs does not factorise",
+}
+
+
+def skipped_baselines(settings: dict) -> dict[str, str]:
+    """Baselines a study does not evaluate, and why (a study's settings dict)."""
+    return dict(SKIPPED_WHEN_PRUNING) if settings.get("mlp") == "prune" else {}
+
+
+def achieved_values(shapes: ModelShapes, method: str, grouping: Grouping, ranks: dict, channels: dict) -> dict[str, float]:
+    """Each group's value under an allocation that prunes MLPs: attention groups' achieved parameter reduction,
+    `mlp-prune` groups' share of channels removed."""
+    rank_groups, prune_groups = pruning_groups(shapes, method, grouping)
+    values = {}
+    for name, units in rank_groups.items():
+        dense = sum(u.dense_params for u in units)
+        values[name] = max(0.0, 1.0 - sum(u.params(ranks.get(u.paths[0])) for u in units) / dense)
+    for name, mlps in prune_groups.items():
+        total = sum(m.d_ff for m in mlps)
+        kept = sum(m.d_ff if channels.get(m.path) is None else channels[m.path] for m in mlps)
+        values[name] = 1.0 - kept / total
+    return values
 
 
 def uniform_ratios(groups: list[str], budget: float) -> dict[str, float]:

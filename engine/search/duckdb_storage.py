@@ -75,10 +75,10 @@ class DuckDBStudyStorage:
         try:
             self.store.execute(
                 "INSERT INTO trials (study_id, number, kind, label, trial_json, objective, perplexity, kl_forward, "
-                "kl_reverse, decoder_params, seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "kl_reverse, decoder_params, seconds, channels_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [trial.study_id, trial.number, trial.kind.value, trial.label, json.dumps(trial.to_json_dict()),
                  trial.objective, trial.perplexity, trial.kl_forward, trial.kl_reverse, trial.decoder_params,
-                 trial.seconds],
+                 trial.seconds, _dump(trial.channels)],
             )
         except duckdb.ConstraintException as exc:
             raise TrialExistsError(f"Trial {trial.number} of study '{trial.study_id}' is already stored.") from exc
@@ -87,13 +87,13 @@ class DuckDBStudyStorage:
     def trials(self, study_id: str) -> list[TrialRecord]:
         rows = self.store.fetch_all(
             "SELECT study_id, number, kind, label, trial_json, objective, perplexity, kl_forward, kl_reverse, "
-            "decoder_params, seconds FROM trials WHERE study_id = ? ORDER BY number", [study_id])
+            "decoder_params, seconds, channels_json FROM trials WHERE study_id = ? ORDER BY number", [study_id])
         trials = []
-        for sid, number, kind, label, payload, objective, ppl, kl_f, kl_r, params, seconds in rows:
+        for sid, number, kind, label, payload, objective, ppl, kl_f, kl_r, params, seconds, channels in rows:
             data = json.loads(payload)
             trials.append(TrialRecord(sid, number, TrialKind(kind), label, data["values"], data["projected"],
                                       data["ranks"], objective, ppl, kl_f, kl_r, params, data["total_params"],
-                                      seconds, data.get("extra", {})))
+                                      seconds, data.get("extra", {}), None if channels is None else json.loads(channels)))
         return trials
 
     def put_result(self, study_id: str, label: str, result: dict) -> None:

@@ -62,6 +62,7 @@ class TrialRecord:
     total_params: int
     seconds: float
     extra: dict = field(default_factory=dict)
+    channels: Optional[dict] = None  # MLP path -> kept channels (None: not pruned); None for a trial that prunes nothing
 
     def to_json_dict(self) -> dict:
         return {"values": self.values, "projected": self.projected, "ranks": self.ranks,

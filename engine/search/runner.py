@@ -5,7 +5,8 @@ evaluated on the validation subset; the objective `log PPL + β·KL` is told bac
 written to the store the moment it finishes. A study resumes from its stored trials by replaying
 them through a fresh optimiser with the same seed (ask, then tell the stored result), which puts
 the optimiser in the state an uninterrupted run would have, so it reaches the same result.
-Baselines (uniform, LoRD, greedy) are evaluated in the same study but not told to the optimiser.
+Baselines (uniform, LoRD, greedy; uniform and LoRAP when the study prunes MLPs, `mlp="prune"`) are
+evaluated in the same study but not told to the optimiser.
 At the end the best plan and the baselines are re-measured on the full evaluation windows.
 """
 
@@ -21,14 +22,17 @@ import numpy as np
 
 from engine.cache.reference import ensure_reference
 from engine.cache.windows import ensure_windows
-from engine.compression.grouping import Grouping, budget_target, project_to_budget
+from engine.compression.grouping import (
+    Grouping, budget_target, project_mixed_to_budget, project_to_budget, pruning_groups,
+)
+from engine.compression.lorap import lorap_allocation
 from engine.compression.session import CompressionSession
 from engine.compression.sweep import sweep_id
 from engine.compression.units import count_parameters
 from engine.errors import RankScopeError
 from engine.hashing import sha256_json
 from engine.progress import ProgressCallback, ProgressTracker
-from engine.search.baselines import greedy_ratios, lord_ratios, uniform_ratios
+from engine.search.baselines import achieved_values, greedy_ratios, lord_ratios, uniform_ratios
 from engine.search.records import StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord, this_process
 from engine.search.settings import EXACT_KL_SINCE, StudySettings
 from engine.search.subset import choose_subset, objective
@@ -55,29 +59,50 @@ def create_study(storage: StudyStorage, session: CompressionSession, settings: S
     """Register a new study (state RUNNING, no trials yet)."""
     if settings.method != session.method:
         raise RankScopeError(f"The session is for method {session.method}, the settings ask for {settings.method}.")
-    groups = settings.parsed_grouping().groups(session.shapes, session.method)
+    groups = study_groups(settings, session.shapes, session.method)
     if settings.warm_start is not None:
         unknown = set(settings.warm_start) - set(groups)
         if unknown:
             raise RankScopeError(f"The warm start names groups this grouping does not have: {', '.join(sorted(unknown))}; "
                                  f"groups are {', '.join(groups)}.")
     # fail early on an impossible budget
-    project_to_budget(session.shapes, session.method, settings.parsed_grouping(), uniform_ratios(list(groups), settings.budget),
-                      budget_target(session.shapes, settings.budget))
+    project_study(settings, session.shapes, session.method, uniform_ratios(list(groups), settings.budget),
+                  budget_target(session.shapes, settings.budget))
     study_id = new_study_id(settings, name)
     record = StudyRecord(study_id, name or study_id, session.loaded.fingerprint, settings.to_dict(), StudyState.RUNNING)
     storage.create_study(record)
     return record
 
 
-# settings that determine which validation windows are chosen
+def study_groups(settings: StudySettings, shapes, method: str) -> list[str]:
+    """The groups a study searches: the grouping's, or, when it prunes MLPs, its attention groups and one
+    `mlp-prune` group per layer block (`engine.compression.grouping.pruning_groups`)."""
+    grouping = settings.parsed_grouping()
+    if not settings.prunes:
+        return list(grouping.groups(shapes, method))
+    rank_groups, prune_groups = pruning_groups(shapes, method, grouping)
+    return [*rank_groups, *prune_groups]
+
+
+def project_study(settings: StudySettings, shapes, method: str, values: dict, target: int,
+                  grouping: Optional[Grouping] = None) -> tuple[dict, Optional[dict], dict]:
+    """(ranks, kept channels or None, projected values): a study's point projected onto its budget."""
+    grouping = grouping or settings.parsed_grouping()
+    if settings.prunes:
+        ranks, channels, projected = project_mixed_to_budget(shapes, method, grouping, values, target)
+        return ranks, (channels if any(k is not None for k in channels.values()) else None), projected
+    ranks, projected = project_to_budget(shapes, method, grouping, values, target)
+    return ranks, None, projected
+
+
+# settings that determine which validation windows are chosen (mlp and pruning only when the MLP is pruned)
 _SUBSET_KEYS = ("model", "method", "grouping", "search_v", "budget", "seed", "max_ratio", "subset", "subset_size",
-                "subset_candidates", "subset_probe_plans", "texts")
+                "subset_candidates", "subset_probe_plans", "texts", "mlp", "pruning")
 
 
 def _subset_defining(settings: StudySettings) -> dict:
     data = settings.to_dict()
-    return {k: data[k] for k in _SUBSET_KEYS}
+    return {k: data[k] for k in _SUBSET_KEYS if k in data}
 
 
 def validation_windowing(texts: TextSettings, settings: StudySettings) -> Windowing:
@@ -111,7 +136,8 @@ class StudyRunner:
         self.storage, self.session, self.record = storage, session, record
         self.settings = StudySettings.from_dict(record.settings)
         self.grouping = self.settings.parsed_grouping()
-        self.groups = list(self.grouping.groups(session.shapes, session.method))
+        self.groups = study_groups(self.settings, session.shapes, session.method)
+        self.pruning = self.settings.pruning  # None unless the study prunes MLPs
         self.target = budget_target(session.shapes, self.settings.budget)
         self.progress, self.on_trial = progress, on_trial
         self.stop_event = stop_event or threading.Event()
@@ -139,11 +165,12 @@ class StudyRunner:
             self.storage.set_validation(self.record.study_id, validation)
         if validation is None:
             rng = np.random.default_rng(s.seed + 1)
-            probes = [self._project({g: float(rng.uniform(0.05, s.max_ratio)) for g in self.groups})[0]
+            probes = [self._project({g: float(rng.uniform(0.05, s.max_ratio)) for g in self.groups})[:2]
                       for _ in range(s.subset_probe_plans)] if s.subset == "sensitive" else []
 
-            def per_window(ranks):
-                return self.session.evaluate_ranks(ranks, windows=windows, reference=reference).window_nll
+            def per_window(probe):
+                ranks, channels = probe
+                return self._measure(ranks, channels, windows=windows, reference=reference).window_nll
 
             validation = choose_subset(s.subset, s.subset_size, s.subset_candidates, probes, per_window, s.seed,
                                        self.progress)
@@ -167,26 +194,39 @@ class StudyRunner:
                 return {**other.validation, "reused_from": other.study_id}
         return None
 
-    def _project(self, values: dict, grouping: Optional[Grouping] = None) -> tuple[dict, dict]:
-        return project_to_budget(self.session.shapes, self.session.method, grouping or self.grouping, values, self.target)
+    def _project(self, values: dict, grouping: Optional[Grouping] = None) -> tuple[dict, Optional[dict], dict]:
+        """(ranks, kept channels or None, projected values)."""
+        return project_study(self.settings, self.session.shapes, self.session.method, values, self.target, grouping)
+
+    def _measure(self, ranks: dict, channels: Optional[dict], **options):
+        """`session.evaluate_ranks`, pruning `channels` as the study says (called as before when nothing is pruned)."""
+        if channels:
+            return self.session.evaluate_ranks(ranks, channels=channels, pruning=self.pruning, **options)
+        return self.session.evaluate_ranks(ranks, **options)
 
     def _evaluate(self, number: int, kind: TrialKind, label: str, values: dict, windows, reference, subset,
-                  grouping: Optional[Grouping] = None) -> TrialRecord:
-        """Project `values` (group ratios of `grouping`, default the study's) onto the budget, score and store."""
+                  grouping: Optional[Grouping] = None, allocation: Optional[tuple] = None) -> TrialRecord:
+        """Project `values` (group ratios of `grouping`, default the study's) onto the budget, score and store.
+
+        `allocation` = (ranks, channels) evaluates that allocation as it is (LoRAP's baseline); `values` then are
+        the group values it achieves."""
         start = time.perf_counter()
-        ranks, projected = self._project(values, grouping)
+        if allocation is None:
+            ranks, channels, projected = self._project(values, grouping)
+        else:
+            (ranks, channels), projected = allocation, dict(values)
         groups = self.groups if grouping is None else list(grouping.groups(self.session.shapes, self.session.method))
         projected_at = time.perf_counter()
-        result = self.session.evaluate_ranks(ranks, windows=windows, reference=reference, window_indices=subset)
+        result = self._measure(ranks, channels, windows=windows, reference=reference, window_indices=subset)
         evaluated_at = time.perf_counter()
         kl = result.kl_reverse if self.settings.kl == "reverse" else result.kl_forward
-        counts = count_parameters(self.session.shapes, self.session.method, ranks)
+        counts = count_parameters(self.session.shapes, self.session.method, ranks, channels)
         trial = TrialRecord(
             self.record.study_id, number, kind, label, {g: float(values.get(g, 0.0)) for g in groups},
             projected, ranks, objective(result.perplexity, kl, self.settings.beta), result.perplexity,
             result.kl_forward, result.kl_reverse, counts.decoder_compressed, counts.total_compressed,
             time.perf_counter() - start,
-            extra={"project_s": projected_at - start, "evaluate_s": evaluated_at - projected_at},
+            extra={"project_s": projected_at - start, "evaluate_s": evaluated_at - projected_at}, channels=channels,
         )
         self.storage.add_trial(trial)  # persisted before anything shows it
         if self.on_trial is not None:
@@ -222,22 +262,11 @@ class StudyRunner:
             windows, reference, subset = self._validation()
             stored = {t.number: t for t in self.storage.trials(sid)}
             number = len(stored)
-            # baselines first, in the same study and on the same windows; the uniform plan compresses
-            # every decoder linear, v included, whatever the study's grouping (as `compress --uniform`)
-            uniform = Grouping("5x1", search_v=True)
-            baselines = {"uniform": uniform_ratios(list(uniform.groups(self.session.shapes, self.session.method)),
-                                                   self.settings.budget),
-                         "lord": lord_ratios(self.groups, self.settings.budget)}
-            greedy = greedy_ratios(self.session.shapes, self.session.method, self.grouping, self.settings.budget,
-                                   self.session.store.sensitivity_points(sweep_id(self.session)),
-                                   self.session.reference.perplexity)
-            if greedy is not None:
-                baselines["greedy"] = greedy
             done_labels = {t.label for t in stored.values() if t.kind == TrialKind.BASELINE}
-            for label, values in baselines.items():
+            for label, (values, grouping, allocation) in self._baselines().items():
                 if label not in done_labels:
                     trial = self._evaluate(number, TrialKind.BASELINE, label, values, windows, reference, subset,
-                                           uniform if label == "uniform" else None)
+                                           grouping, allocation)
                     stored[number], number = trial, number + 1
             optimizer = self._optimizer()
             told = [t for t in sorted(stored.values(), key=lambda t: t.number) if t.kind != TrialKind.BASELINE]
@@ -275,6 +304,30 @@ class StudyRunner:
             raise
         return self.storage.get_study(sid)
 
+    def _baselines(self) -> dict[str, tuple[dict, Optional[Grouping], Optional[tuple]]]:
+        """label -> (values, grouping or None for the study's, allocation or None to project the values).
+
+        Baselines run first, in the same study and on the same windows. Without pruning: uniform (every decoder
+        linear, v included, whatever the study's grouping, as `compress --uniform`), LoRD and, once a sweep is
+        stored, greedy. A study that prunes MLPs has uniform on its own groups (projected) and LoRAP's allocation
+        at its budget (q+k:v+o = 1:3, MLPs pruned); LoRD and greedy allocate ranks only and are skipped
+        (`engine.search.baselines.skipped_baselines`)."""
+        shapes, method, budget = self.session.shapes, self.session.method, self.settings.budget
+        if self.settings.prunes:
+            ranks, channels = lorap_allocation(shapes, budget)
+            lorap_values = achieved_values(shapes, method, self.grouping, ranks, channels)
+            return {"uniform": (uniform_ratios(self.groups, budget), None, None),
+                    "lorap": (lorap_values, None, (ranks, channels))}
+        uniform = Grouping("5x1", search_v=True)
+        baselines = {"uniform": (uniform_ratios(list(uniform.groups(shapes, method)), budget), uniform, None),
+                     "lord": (lord_ratios(self.groups, budget), None, None)}
+        greedy = greedy_ratios(shapes, method, self.grouping, budget,
+                               self.session.store.sensitivity_points(sweep_id(self.session)),
+                               self.session.reference.perplexity)
+        if greedy is not None:
+            baselines["greedy"] = (greedy, None, None)
+        return baselines
+
     def _remeasure(self) -> None:
         """Best plan and baselines on the full evaluation windows, which the search never saw."""
         trials = self.storage.trials(self.record.study_id)
@@ -285,7 +338,7 @@ class StudyRunner:
         for label, trial in chosen:
             if label in done and done[label].get("trial") == trial.number:
                 continue
-            result = self.session.evaluate_ranks(trial.ranks)
+            result = self._measure(trial.ranks, trial.channels)
             self.storage.put_result(self.record.study_id, label, {
                 "trial": trial.number, "perplexity": result.perplexity, "kl_forward": result.kl_forward,
                 "kl_reverse": result.kl_reverse, "tokens": result.n_tokens, "decoder_params": trial.decoder_params,

@@ -6,17 +6,21 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from engine.compression.grouping import MAX_RATIO, Grouping
+from engine.compression.pruning import PruningSettings
 from engine.errors import RankScopeError
 from engine.methods.base import METHODS
 from engine.texts.settings import TextSettings
 
 # 2: `texts` is a versioned TextSettings (1 wrote RankScope 0.1.0's flat dict, still read), and trials are
 # scored with exact KL (version 1 studies used a top-k estimate: they are read, but not resumed)
+# `mlp` and `pruning` (a study that prunes MLP channels) are written only when the MLP is pruned, so studies that
+# factorise it keep exactly the settings dict they had; an older RankScope refuses a pruning study by name
 SETTINGS_VERSION = 2
 EXACT_KL_SINCE = 2
 OBJECTIVE_KL = ("reverse", "forward")
 SUBSETS = ("sensitive", "random", "all")
 ATTENTION_GROUPS = ("qk", "q", "k", "v", "o", "q+k")
+MLP_FORMS = ("low-rank", "prune")  # gate/up/down factorised (groups gate, up, down) or pruned (groups mlp-prune)
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class StudySettings:
     subset_probe_plans: int = 6
     warm_start: Optional[dict] = None  # group -> ratio
     texts: TextSettings = field(default_factory=TextSettings)
+    mlp: str = "low-rank"
+    pruning: Optional[dict] = None  # with mlp="prune": {"aggregation", "retention"}, LoRAP's l2 and 1% by default
     version: int = SETTINGS_VERSION
 
     def __post_init__(self):
@@ -64,14 +70,31 @@ class StudySettings:
                 f"The validation subset size must be between 1 and the number of candidate windows "
                 f"({self.subset_candidates}), got {self.subset_size}."
             )
+        if self.mlp not in MLP_FORMS:
+            raise RankScopeError(f"The MLP is searched as one of {', '.join(MLP_FORMS)}, got '{self.mlp}'.")
+        if self.mlp == "prune":
+            if self.parsed_grouping().kind == "custom":
+                raise RankScopeError("A study that prunes MLPs needs a 5x1, 5xG or per-layer grouping.")
+            object.__setattr__(self, "pruning", PruningSettings.from_dict(self.pruning).to_dict())
+        elif self.pruning is not None:
+            raise RankScopeError("Pruning settings apply only to a study that prunes MLPs (mlp='prune').")
         if not 0.0 < self.max_ratio <= MAX_RATIO:
             raise RankScopeError(f"max_ratio must be in (0, {MAX_RATIO}], got {self.max_ratio}.")
+
+    @property
+    def prunes(self) -> bool:
+        return self.mlp == "prune"
+
+    def pruning_settings(self) -> Optional[PruningSettings]:
+        return PruningSettings.from_dict(self.pruning) if self.prunes else None
 
     def parsed_grouping(self) -> Grouping:
         return Grouping.parse(self.grouping, self.search_v)
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.mlp == "low-rank":  # the settings dict of a study that does not prune is the one it always was
+            del data["mlp"], data["pruning"]
         return {**data, "texts": self.texts.to_dict(), "version": SETTINGS_VERSION}
 
     @classmethod

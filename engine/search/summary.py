@@ -10,6 +10,7 @@ from engine.compression.units import ModelShapes
 from engine.errors import RankScopeError
 from engine.progress import ProgressCallback
 from engine.search.records import StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord, is_interrupted
+from engine.search.baselines import skipped_baselines
 from engine.search.settings import StudySettings
 
 if TYPE_CHECKING:
@@ -26,10 +27,25 @@ def ratios_from_ranks(shapes: ModelShapes, method: str, grouping: Grouping, rank
     return ratios
 
 
-def warm_start_from_plan(plan: RankPlan, shapes: ModelShapes, method: str, grouping: Grouping) -> dict[str, float]:
-    """Group ratios from a saved plan; a plan for another model is refused (PlanError)."""
+def warm_start_from_plan(plan: RankPlan, shapes: ModelShapes, method: str, grouping: Grouping,
+                         mlp: str = "low-rank") -> dict[str, float]:
+    """Group ratios from a saved plan; a plan for another model is refused (PlanError). With `mlp="prune"`, the
+    attention groups' ratios and each `mlp-prune` group's share of channels the plan removes (0 where the plan
+    does not prune: its low-rank MLPs have no counterpart in such a study)."""
     plan.validate_for(shapes)
+    if mlp == "prune":
+        return trial_values(shapes, method, grouping, plan.ranks, plan.channels, mlp)
     return ratios_from_ranks(shapes, method, grouping, plan.ranks)
+
+
+def trial_values(shapes: ModelShapes, method: str, grouping: Grouping, ranks: dict, channels: Optional[dict],
+                 mlp: str = "low-rank") -> dict[str, float]:
+    """A trial's (or plan's) achieved group values under a study's grouping and MLP form."""
+    if mlp == "prune":
+        from engine.search.baselines import achieved_values
+
+        return achieved_values(shapes, method, grouping, ranks, channels or {})
+    return ratios_from_ranks(shapes, method, grouping, ranks)
 
 
 def best_trial(storage: StudyStorage, study_id: str) -> Optional[TrialRecord]:
@@ -78,6 +94,7 @@ def study_summary(storage: StudyStorage, study_id: str) -> dict:
         "trials_planned": record.settings["n_trials"],
         "best": None if best is None else brief(best),
         "baselines": [brief(t) for t in trials if t.kind == TrialKind.BASELINE],
+        **({"skipped_baselines": skipped} if (skipped := skipped_baselines(record.settings)) else {}),
         "full_text": storage.results(study_id),
         "mean_trial_seconds": sum(t.seconds for t in searched) / len(searched) if searched else None,
     }
@@ -86,7 +103,8 @@ def study_summary(storage: StudyStorage, study_id: str) -> dict:
 def trial_plan_grouping(settings: Mapping, trial: TrialRecord) -> dict:
     """The `grouping` section of a plan made from a trial: the study's grouping, the trial's values, the budget."""
     grouping = Grouping.parse(settings["grouping"], settings.get("search_v", False))
-    return {**grouping.to_dict(), "values": dict(trial.projected), "budget": settings["budget"]}
+    section = {**grouping.to_dict(), "values": dict(trial.projected), "budget": settings["budget"]}
+    return {**section, "mlp": "prune"} if settings.get("mlp") == "prune" else section
 
 
 def trial_plan(storage: StudyStorage, study_id: str, open_session: Callable[[StudySettings], "CompressionSession"],
@@ -109,8 +127,10 @@ def trial_plan(storage: StudyStorage, study_id: str, open_session: Callable[[Stu
         raise RankScopeError(f"Study '{study_id}' has no trial {'yet' if number is None else number}.")
     session = open_session(settings)
     full = storage.results(study_id).get("best")
+    pruning = settings.pruning if chosen.channels else None
     metrics = full if full and full.get("trial") == chosen.number else \
-        session.evaluate_ranks(chosen.ranks, progress).to_dict()
+        (session.evaluate_ranks(chosen.ranks, progress, channels=chosen.channels, pruning=pruning) if chosen.channels
+         else session.evaluate_ranks(chosen.ranks, progress)).to_dict()
     plan = session.plan(chosen.ranks, grouping=trial_plan_grouping(record.settings, chosen), seed=settings.seed,
-                        study_id=study_id)
+                        study_id=study_id, channels=chosen.channels, pruning=pruning)
     return chosen, plan.with_metrics({k: metrics[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")})

@@ -244,6 +244,14 @@ MIGRATIONS: tuple[Migration, ...] = (
             )""",
         ),
     ),
+    Migration(
+        7,
+        "kept MLP channels of search trials that prune (LoRAP-style allocation)",
+        (
+            # {MLP path: kept channels or null}; null for a trial that prunes nothing (every trial before this)
+            "ALTER TABLE trials ADD COLUMN channels_json VARCHAR",
+        ),
+    ),
 )
 
 SCHEMA_VERSION: int = MIGRATIONS[-1].version
