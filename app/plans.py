@@ -69,3 +69,14 @@ def read_uploaded_plan(upload, shapes: ModelShapes) -> Optional[RankPlan]:
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
         st.error(f"Refused '{upload.name}': it does not follow the rankscope.plan/v1 or v2 schema ({exc}).")
     return None
+
+
+def check_plan_texts(plan: RankPlan) -> None:
+    """Let the path policy see the texts a plan records before they are read to locate them (a shared app keeps
+    paths inside its roots); raises `AccessRefused` when one is outside them."""
+    from app.access import path_policy
+
+    policy = path_policy()
+    for section in (plan.calibration, plan.evaluation):
+        if section and section.get("text"):
+            policy.text_source(section["text"])

@@ -10,7 +10,7 @@ import plotly.express as px
 import streamlit as st
 
 from app.access import AccessRefused, path_policy
-from app.plans import plans_for_model, read_uploaded_plan, save_plan
+from app.plans import check_plan_texts, plans_for_model, read_uploaded_plan, save_plan
 from app.progress import watch_job
 from app.resources import current_store, get_job_board, model_shapes
 from app.tasks import (
@@ -89,9 +89,7 @@ st.dataframe(summary.rename(columns=METRIC_LABELS), hide_index=True, width="stre
 st.download_button("Download the rank plan (JSON)", data=plan.to_json(), mime="application/json",
                    file_name=f"{plan_name}.json", key="download_plan")
 try:  # the plan's recorded texts are read to locate them: only where the path policy allows (a shared app)
-    for section in (plan.calibration, plan.evaluation):
-        if section and section.get("text"):
-            path_policy().text_source(section["text"])
+    check_plan_texts(plan)
     run_with = export_plan_settings(workspace, plan)
 except AccessRefused as exc:
     st.error(f"This plan's recorded texts cannot be read here. {exc}")

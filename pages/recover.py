@@ -8,7 +8,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from app.access import AccessRefused, path_policy
-from app.plans import plans_for_model, read_uploaded_plan, save_plan, saved_plans
+from app.plans import check_plan_texts, plans_for_model, read_uploaded_plan, save_plan, saved_plans
 from app.jobs import JobState
 from app.progress import POLL_SECONDS, watch_job
 from app.resources import current_store, get_job_board, model_shapes
@@ -82,9 +82,7 @@ st.dataframe(summary.rename(columns=METRIC_LABELS), hide_index=True, width="stre
                             "Perplexity": st.column_config.NumberColumn(format="%.3f")})
 policy = path_policy()
 try:  # the run reads the plan's recorded texts: only where the path policy allows (a shared app), and unchanged
-    for section in (plan.calibration, plan.evaluation):
-        if section and section.get("text"):
-            policy.text_source(section["text"])
+    check_plan_texts(plan)
     plan_settings(plan)
 except AccessRefused as exc:
     st.error(f"This plan's recorded texts cannot be read here. {exc}")

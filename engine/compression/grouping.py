@@ -164,9 +164,18 @@ def project_to_budget(
         raise BudgetError(f"Unknown group(s) {', '.join(sorted(unknown))}; this grouping's groups are: {', '.join(groups)}.")
     values = {k: float(ratios.get(k, 0.0)) for k in groups}
 
-    def evaluate(ratio_of: dict[str, float]) -> int:
-        return _params(shapes, method, ranks_from_ratios(groups, ratio_of))
+    chosen = _scaled_onto_target(values, lambda ratio_of: _params(shapes, method, ranks_from_ratios(groups, ratio_of)),
+                                 target)
+    ranks = ranks_from_ratios(groups, chosen)
+    return _top_up(shapes, method, groups, ranks, target), chosen
 
+
+def _scaled_onto_target(values: Mapping[str, float], evaluate, target: int) -> dict[str, float]:
+    """Group values moved onto `target` parameters (`evaluate(values)` counts them), as the module docstring says:
+    1. scale the positive values by one factor, up to where the largest-scaled one reaches MAX_RATIO (dense
+       groups stay dense, proportions are kept);
+    2. if that is not enough (or all groups are dense), from there raise every group together, which reaches
+       MAX_RATIO everywhere (feasible, checked by the caller) at the end of the path."""
     def bisect(path) -> dict[str, float]:
         """The first point along a monotone path t in [0, 1] (fewer parameters as t grows) that meets the target."""
         low, high = 0.0, 1.0
@@ -178,8 +187,6 @@ def project_to_budget(
                 low = mid
         return path(high)
 
-    # 1. scale the positive ratios by one factor, up to where the largest-scaled one reaches MAX_RATIO
-    #    (dense groups stay dense, proportions are kept)
     positive = {k: v for k, v in values.items() if v > 0}
     reach = MAX_RATIO / min(positive.values()) if positive else 0.0
 
@@ -187,14 +194,9 @@ def project_to_budget(
         return {k: min(MAX_RATIO, v * t * reach) for k, v in values.items()}
 
     if positive and evaluate(scaled(1.0)) <= target:
-        chosen = bisect(scaled)
-    else:
-        # 2. not enough on their own (or all groups dense): from there, raise every group together,
-        #    which reaches rank 8 everywhere (feasible, checked above) at the end of the path
-        base = scaled(1.0)
-        chosen = bisect(lambda t: {k: min(MAX_RATIO, b + t * MAX_RATIO) for k, b in base.items()})
-    ranks = ranks_from_ratios(groups, chosen)
-    return _top_up(shapes, method, groups, ranks, target), chosen
+        return bisect(scaled)
+    base = scaled(1.0)
+    return bisect(lambda t: {k: min(MAX_RATIO, b + t * MAX_RATIO) for k, b in base.items()})
 
 
 def _params(shapes: ModelShapes, method: str, ranks: Mapping[str, Optional[int]]) -> int:
@@ -314,29 +316,7 @@ def project_mixed_to_budget(
             f"A target of {target:,} decoder-linear parameters ({1 - target / dense:.1%} reduction) is infeasible with "
             f"grouping {grouping.label}, MLPs pruned{'' if grouping.search_v else ' and v dense'}: the most it can "
             f"remove is {1 - cheapest / dense:.1%}. Ask for at most that.")
-    start = {k: float(values.get(k, 0.0)) for k in names}
-
-    def bisect(path) -> dict[str, float]:
-        low, high = 0.0, 1.0
-        for _ in range(60):
-            mid = (low + high) / 2
-            if evaluate(path(mid)) <= target:
-                high = mid
-            else:
-                low = mid
-        return path(high)
-
-    positive = {k: v for k, v in start.items() if v > 0}
-    reach = MAX_RATIO / min(positive.values()) if positive else 0.0
-
-    def scaled(t: float) -> dict[str, float]:
-        return {k: min(MAX_RATIO, v * t * reach) for k, v in start.items()}
-
-    if positive and evaluate(scaled(1.0)) <= target:
-        chosen = bisect(scaled)
-    else:
-        base = scaled(1.0)
-        chosen = bisect(lambda t: {k: min(MAX_RATIO, b + t * MAX_RATIO) for k, b in base.items()})
+    chosen = _scaled_onto_target({k: float(values.get(k, 0.0)) for k in names}, evaluate, target)
     ranks, channels = plan(chosen)
     _top_up_mixed(shapes, method, rank_groups, prune_groups, ranks, channels, target)
     return ranks, channels, chosen

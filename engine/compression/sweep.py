@@ -115,14 +115,18 @@ def _measure_points(session: CompressionSession, sid: str, points: Sequence[tupl
     return [p for p in store.sensitivity_points(sid) if (p.linear_type, p.layer, round(p.ratio, 6)) in wanted]
 
 
+def _check_ratios(ratios: Iterable[float]) -> None:
+    bad = [r for r in ratios if not 0.0 < r < 1.0]
+    if bad:
+        raise RankScopeError(f"Sweep ratios must be between 0 and 1 (exclusive), got {bad}.")
+
+
 def _check(session: CompressionSession, labels: Iterable[str], ratios: Iterable[float]) -> None:
     known = unit_labels(session)
     unknown = [label for label in labels if label not in known]
     if unknown:
         raise RankScopeError(f"Unknown type(s) {', '.join(unknown)} for method {session.method}; types: {', '.join(known)}.")
-    bad = [r for r in ratios if not 0.0 < r < 1.0]
-    if bad:
-        raise RankScopeError(f"Sweep ratios must be between 0 and 1 (exclusive), got {bad}.")
+    _check_ratios(ratios)
 
 
 def sweep_by_type(session: CompressionSession, ratios: Sequence[float] = DEFAULT_RATIOS,
@@ -215,9 +219,7 @@ def _check_mlp(session: CompressionSession, forms: Iterable[str], ratios: Iterab
     unknown = [form for form in forms if form not in MLP_FORMS]
     if unknown:
         raise RankScopeError(f"Unknown MLP compression(s) {', '.join(unknown)}; forms: {', '.join(MLP_FORMS)}.")
-    bad = [r for r in ratios if not 0.0 < r < 1.0]
-    if bad:
-        raise RankScopeError(f"Sweep ratios must be between 0 and 1 (exclusive), got {bad}.")
+    _check_ratios(ratios)
 
 
 def _run_mlp_points(session: CompressionSession, points: Sequence[tuple[str, int, float]], pruning: PruningSettings,
