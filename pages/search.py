@@ -21,13 +21,13 @@ from engine.compression.plan import RankPlan
 from engine.errors import RankScopeError
 from engine.search.records import StudyState
 from engine.search.runner import new_study_id, study_groups
-from engine.search.settings import MLP_FORMS, OBJECTIVE_KL, SUBSETS, StudySettings
+from engine.search.settings import MLP_FORMS, OBJECTIVE_KL, STRATEGIES, SUBSETS, StudySettings
 from engine.search.summary import best_trial, study_summary, trial_values, warm_start_from_plan
 from engine.search.duckdb_storage import DuckDBStudyStorage
 
 DEFAULTS = StudySettings()  # the engine's defaults, as `rankscope search start` has them
 WARM_STARTS = {"none": "none", "saved": "a saved plan", "upload": "an uploaded plan JSON", "study": "another study's best"}
-KIND_COLOURS = {"search": "#4c78a8", "warm start": "#f58518", "baseline": "#e45756"}
+KIND_COLOURS = {"search": "#4c78a8", "warm start": "#f58518", "prior": "#54a24b", "baseline": "#e45756"}
 
 st.title("Search")
 st.caption("Bayesian optimisation (Gaussian process, Expected Improvement) of one ratio per group, every plan "
@@ -46,11 +46,14 @@ studies = [r for r in records if r.model_fingerprint == loaded.fingerprint]
 with st.expander("New study", expanded=not studies):
     method = choose_method()
     row = st.columns(3)
-    kind = persistent(row[0].radio, "Grouping", "search_grouping", "5x1", options=["5x1", "5xG", "per-layer"],
-                      horizontal=True, help="5x1: one ratio per type group for all layers; 5xG: per block of "
-                                            "layers; per-layer: per matrix type and layer.")
-    blocks = persistent(row[1].number_input, "G (layer blocks, for 5xG)", "search_blocks", min(2, shapes.num_layers),
-                        min_value=1, max_value=shapes.num_layers, step=1, disabled=kind != "5xG")
+    kind = persistent(row[0].radio, "Grouping", "search_grouping", "5x1",
+                      options=["5x1", "5xG", "per-layer", "curve"], horizontal=True,
+                      help="5x1: one ratio per type group for all layers; 5xG: per block of layers; per-layer: per "
+                           "matrix type and layer; curve: per-layer ranks searched through K knots per type over "
+                           "depth (a smooth curve keeps a per-layer search low-dimensional).")
+    blocks = persistent(row[1].number_input, "G (layer blocks, for 5xG) or K (knots, for curve)", "search_blocks",
+                        min(2, shapes.num_layers), min_value=1, max_value=shapes.num_layers, step=1,
+                        disabled=kind not in ("5xG", "curve"))
     search_v = persistent(row[2].checkbox, "Search v too", "search_v", DEFAULTS.search_v,
                           help="By default v stays dense (docs/search.md).")
     mlp = persistent(st.radio, "MLPs", "search_mlp", DEFAULTS.mlp, options=list(MLP_FORMS), horizontal=True,
@@ -83,8 +86,20 @@ with st.expander("New study", expanded=not studies):
                              min_value=1, max_value=512, step=1)
     probes = persistent(row[3].number_input, "Probe plans", "search_probe_plans", DEFAULTS.subset_probe_plans,
                         min_value=1, max_value=100, step=1, disabled=subset != "sensitive")
-    grouping_label = {"5xG": f"5x{int(blocks)}"}.get(kind, kind)
-    grouping = Grouping.parse(grouping_label, search_v)
+    strategy = persistent(st.radio, "Strategy", "search_strategy", DEFAULTS.strategy, options=list(STRATEGIES),
+                          horizontal=True, format_func={"trust": "trust (priors told, then local and global EI)",
+                                                        "bo": "plain Bayesian optimisation"}.get,
+                          help="trust: LoRD, greedy, the global allocation and the warm start are told to the "
+                               "Gaussian process first; after the random points, expected improvement looks around "
+                               "the best plan two trials in three and anywhere every third (docs/search.md). bo: "
+                               "scikit-optimize's ask/tell loop, told only the warm start.")
+    grouping_label = {"5xG": f"5x{int(blocks)}", "curve": f"curve{int(blocks)}"}.get(kind, kind)
+    try:
+        grouping = Grouping.parse(grouping_label, search_v)
+        grouping.groups(shapes, method)  # a curve needs as many layers as knots
+    except RankScopeError as exc:
+        st.error(f"{exc}")
+        st.stop()
 
     warm_kind = persistent(st.radio, "Warm start from", "search_warm_kind", "none", options=list(WARM_STARTS),
                            format_func=WARM_STARTS.get, horizontal=True,
@@ -120,7 +135,8 @@ with st.expander("New study", expanded=not studies):
                 model=workspace.model_reference, method=method, grouping=grouping_label, search_v=search_v,
                 budget=float(budget), beta=float(beta), kl=kl, n_trials=int(n_trials), n_initial_points=int(n_initial),
                 seed=int(seed), subset=subset, subset_size=int(subset_size), subset_candidates=int(candidates),
-                subset_probe_plans=int(probes), warm_start=warm, texts=workspace.text_settings(), mlp=mlp)
+                subset_probe_plans=int(probes), warm_start=warm, texts=workspace.text_settings(), mlp=mlp,
+                strategy=strategy)
             if name and storage.get_study(name) is not None:
                 raise RankScopeError(f"A study named '{name}' already exists; choose another name or leave it empty.")
         except RankScopeError as exc:
@@ -178,13 +194,13 @@ state = study_state(record, running)
 st.markdown(f"**{study_id}** · {state} · {settings.method}, grouping {settings.grouping}"
             f"{' (v searched)' if settings.search_v else ''}{', MLPs pruned' if settings.prunes else ''}, budget {settings.budget:.0%} of decoder linears, "
             f"objective log PPL + {settings.beta:g}·{METRIC_LABELS['kl_' + settings.kl]}, {settings.n_trials} trials "
-            f"({settings.n_initial_points} random first), seed {settings.seed}"
+            f"({settings.n_initial_points} random first), {settings.strategy} strategy, seed {settings.seed}"
             f"{', warm-started' if settings.warm_start else ''}.")
 if state in (StudyState.STOPPED.value, StudyState.FAILED.value, INTERRUPTED):
     if state == StudyState.FAILED.value and job is None:
         st.warning(f"This study failed: {record.message}. Its finished trials are stored; Resume retries from them.")
     if st.button("Resume", type="primary", key="resume_study",
-                 help="Continue from the stored trials (the optimiser replays them, then asks for the next)."):
+                 help="Continue from the stored trials: the search goes on exactly as if it had not stopped."):
         start_study(loaded, settings, study_id, create=False)
         st.rerun()
 

@@ -197,8 +197,8 @@ def test_settings_round_trip():
     assert settings.length_scale("qk@0-0") == 1.0 and settings.length_scale("down@1-1") == 0.8
     with pytest.raises(RankScopeError, match="Unknown study setting"):
         StudySettings.from_dict({**settings.to_dict(), "trials": 3})
-    with pytest.raises(RankScopeError, match="version 3"):
-        StudySettings.from_dict({**settings.to_dict(), "version": 3})
+    with pytest.raises(RankScopeError, match="version 4"):
+        StudySettings.from_dict({**settings.to_dict(), "version": 4})
     with pytest.raises(RankScopeError, match="must be TextSettings, got dict"):
         StudySettings(texts={"window_len": 32})
 
@@ -209,7 +209,9 @@ def test_settings_written_by_release_0_1_0_still_load():
             "evaluation_windows": 4, "window_len": 64, "groups": 8}
     settings = StudySettings.from_dict({**StudySettings().to_dict(), "version": 1, "texts": flat})
     assert settings.texts == TextSettings("war-and-peace", Windowing(64, 16), 8, "notes.txt", Windowing(64, 4))
-    assert settings.version == 2 and settings.to_dict()["texts"]["calibration"]["n_groups"] == 8
+    assert settings.version == 3 and settings.to_dict()["texts"]["calibration"]["n_groups"] == 8
+    older = {k: v for k, v in StudySettings().to_dict().items() if k != "strategy"}
+    assert StudySettings.from_dict({**older, "version": 2}).strategy == "bo"  # resumed with the loop it ran
     assert StudySettings.from_dict({**StudySettings().to_dict(), "version": 1, "texts": {}}).texts == TextSettings()
 
 
@@ -334,7 +336,8 @@ def test_every_evaluated_plan_meets_the_budget(session):
 def test_baselines_uniform_and_lord_then_greedy_once_a_sweep_exists(session):
     storage = InMemoryStudyStorage()
     budget = 0.25  # on the tiny model, a budget at which the uniform plan compresses v
-    _run(storage, session, _settings(session, budget=budget, n_trials=1, subset="all"), "plain")
+    # the plain loop (`bo`): baselines are not told and there is no global allocation
+    _run(storage, session, _settings(session, budget=budget, n_trials=1, subset="all", strategy="bo"), "plain")
     baselines = {t.label: t for t in storage.trials("plain") if t.kind is TrialKind.BASELINE}
     assert list(baselines) == ["uniform", "lord"]
     uniform, lord = baselines["uniform"], baselines["lord"]
@@ -352,7 +355,7 @@ def test_baselines_uniform_and_lord_then_greedy_once_a_sweep_exists(session):
     assert set(storage.results("plain")) == {"best", "uniform", "lord"}
 
     sweep_by_type(session, (0.2, 0.4, 0.6))
-    _run(storage, session, _settings(session, budget=budget, n_trials=1, subset="all"), "with-sweep")
+    _run(storage, session, _settings(session, budget=budget, n_trials=1, subset="all", strategy="bo"), "with-sweep")
     baselines = {t.label: t for t in storage.trials("with-sweep") if t.kind is TrialKind.BASELINE}
     assert list(baselines) == ["uniform", "lord", "greedy"]
     greedy = baselines["greedy"]
@@ -489,7 +492,7 @@ def test_warm_start_with_unknown_groups_is_refused(session, warm, words):
     assert storage.get_study("warm") is None
 
 
-def test_warm_start_is_the_first_trial_told_to_the_optimiser(session, monkeypatch):
+def test_warm_start_is_the_first_trial_told_to_the_plain_optimiser(session, monkeypatch):
     import skopt
 
     told = []
@@ -502,7 +505,7 @@ def test_warm_start_is_the_first_trial_told_to_the_optimiser(session, monkeypatc
     monkeypatch.setattr(skopt.Optimizer, "tell", recording_tell)
     storage = InMemoryStudyStorage()
     warm = {"gate": 0.5, "up": 0.5, "down": 0.5}
-    _run(storage, session, _settings(session, n_trials=3, warm_start=warm), "warm")
+    _run(storage, session, _settings(session, n_trials=3, warm_start=warm, strategy="bo"), "warm")
     trials = storage.trials("warm")
     assert [(t.kind, t.label) for t in trials] == [
         (TrialKind.BASELINE, "uniform"), (TrialKind.BASELINE, "lord"), (TrialKind.WARM_START, "warm start"),

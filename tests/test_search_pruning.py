@@ -129,7 +129,10 @@ def test_pruning_study_stores_channels_meets_the_budget_and_has_lorap(session, s
     record = _run(storage, session, _prune_settings(session, n_trials=3), "prune")
     assert record.state is StudyState.FINISHED
     trials = storage.trials("prune")
-    assert [t.label for t in trials] == ["uniform", "lorap", "trial 0", "trial 1", "trial 2"]
+    # LoRAP's allocation is also told to the search as a prior trial at its nearest point of the study's groups
+    assert [t.label for t in trials] == ["uniform", "lorap", "lorap (prior)", "trial 1", "trial 2"]
+    assert trials[2].kind is TrialKind.PRIOR
+    assert trials[2].values == pytest.approx({g: trials[1].values[g] for g in trials[2].values})
     for trial in trials[:1] + trials[2:]:
         _assert_trial_meets_budget(session, trial, 0.3)
         assert set(trial.values) == set(trial.projected) == {"qk", "o", "mlp-prune"}
@@ -168,19 +171,19 @@ def test_killed_pruning_study_resumes_to_the_same_trials(session, store, tiny_mo
     whole = InMemoryStudyStorage()
     _run(whole, session, settings, "whole")
     expected = whole.trials("whole")
-    assert [t.label for t in expected] == ["uniform", "lorap", "trial 0", "trial 1", "trial 2", "trial 3"]
+    assert [t.label for t in expected] == ["uniform", "lorap", "lorap (prior)", "trial 1", "trial 2", "trial 3"]
 
     searched = []
 
-    def die_after_three(trial):
+    def die_after_two(trial):
         if trial.kind is TrialKind.SEARCH:
             searched.append(trial)
-            if len(searched) == 3:
+            if len(searched) == 2:
                 raise Killed("process killed")
 
     killed = DuckDBStudyStorage(store)
     with pytest.raises(Killed):
-        _run(killed, session, settings, "killed", on_trial=die_after_three)
+        _run(killed, session, settings, "killed", on_trial=die_after_two)
     assert len(killed.trials("killed")) == 5
     store.close()
     store = open_store()

@@ -16,7 +16,7 @@ from engine.compression.units import ModelShapes
 from engine.search.records import StudyRecord, StudyState, TrialKind, TrialRecord
 from engine.search.summary import ratios_from_ranks, trial_values
 
-KIND_LABELS = {TrialKind.SEARCH.value: "search", TrialKind.WARM_START.value: "warm start",
+KIND_LABELS = {TrialKind.SEARCH.value: "search", TrialKind.WARM_START.value: "warm start", TrialKind.PRIOR.value: "prior",
                TrialKind.BASELINE.value: "baseline"}
 INTERRUPTED = "interrupted"  # stored as running, but nothing in this process runs it (the app was restarted)
 
@@ -35,11 +35,9 @@ def achieved_ratios(trials: Sequence[TrialRecord], shapes: ModelShapes, method: 
 
     Baselines have their own grouping (uniform compresses v too); measured on the study's groups,
     every trial sits on the same axes. A study that prunes MLPs (`mlp="prune"`) has attention groups and
-    `mlp-prune` groups (the share of channels removed).
+    `mlp-prune` groups (the share of channels removed); a curve study has its knots (fitted to the layers).
     """
-    if mlp == "prune":
-        return {t.number: trial_values(shapes, method, grouping, t.ranks, t.channels, mlp) for t in trials}
-    return {t.number: ratios_from_ranks(shapes, method, grouping, t.ranks) for t in trials}
+    return {t.number: trial_values(shapes, method, grouping, t.ranks, t.channels, mlp) for t in trials}
 
 
 def best_so_far_rows(trials: Sequence[TrialRecord]) -> list[dict]:

@@ -97,7 +97,11 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 def start(
     model: Optional[str] = PlanModelOption,
     method: Optional[str] = PlanMethodOption,
-    grouping: str = typer.Option("5x1", "--grouping", help="5x1, 5xG (e.g. 5x4) or per-layer."),
+    grouping: str = typer.Option("5x1", "--grouping", help="5x1, 5xG (e.g. 5x4), per-layer, or curveK (e.g. curve3: "
+                                 "per-layer ranks searched through K knots per type over depth)."),
+    strategy: str = typer.Option("trust", "--strategy", help="trust: LoRD, greedy, the global allocation and the "
+                                 "warm start told to the GP first, a random phase, then expected improvement local "
+                                 "around the incumbent and global in turn; bo: the plain scikit-optimize loop."),
     search_v: bool = typer.Option(False, "--search-v", help="Search v too (default: keep v dense)."),
     mlp: str = typer.Option("low-rank", "--mlp", help="MLPs: low-rank (groups gate, up, down) or prune (one mlp-prune "
                             "group per layer block: the share of channels removed, LoRAP's l2 scores, 1% retained; "
@@ -106,7 +110,8 @@ def start(
     beta: float = typer.Option(1.0, "--beta", help="Objective: log PPL + beta x KL."),
     kl: str = typer.Option("reverse", "--kl", help="KL in the objective: reverse = KL(P_comp||P_orig), forward = KL(P_orig||P_comp)."),
     trials: int = typer.Option(50, "--trials", help="Optimiser trials (warm start included; baselines extra)."),
-    initial_points: int = typer.Option(10, "--initial-points", help="Random points before the GP takes over."),
+    initial_points: int = typer.Option(10, "--initial-points", help="Random points before the GP takes over "
+                                       "(with --strategy trust, after the priors)."),
     seed: int = typer.Option(0, "--seed"),
     subset: str = typer.Option("sensitive", "--subset", help="Validation windows: sensitive, random or all."),
     subset_size: int = typer.Option(8, "--subset-size"),
@@ -136,7 +141,7 @@ def start(
         settings = StudySettings(model=model, method=method, grouping=grouping, search_v=search_v, budget=budget,
                                  beta=beta, kl=kl, n_trials=trials, n_initial_points=initial_points, seed=seed,
                                  subset=subset, subset_size=subset_size, subset_candidates=subset_candidates,
-                                 subset_probe_plans=probe_plans, texts=study_texts, mlp=mlp)
+                                 subset_probe_plans=probe_plans, texts=study_texts, mlp=mlp, strategy=strategy)
         storage = _storage()
         session = open_session(settings.model, settings.method, settings.texts, plan)
         if plan is not None:

@@ -4,6 +4,9 @@ Groupings (DESIGN.md §7):
 - `5x1`: groups `qk`, `o`, `gate`, `up`, `down` (plus `v` when searched), one ratio for all layers;
 - `5xG`: the same per block of consecutive layers (`G` blocks), named like `qk@0-7`;
 - `per-layer`: one ratio per type and layer, named like `q@3`;
+- `curveK` (kind `curve`): the per-layer groups, but searched through K knots per type spread evenly over
+  depth (`q~0` .. `q~K-1`), each layer's ratio linearly interpolated between its two nearest knots; a
+  smooth curve over depth keeps a per-layer search low-dimensional (5 types x K instead of 5 x layers);
 - `custom`: a map from group name to module paths.
 `v` is kept dense unless `search_v` is set. A ratio of 0 keeps a group dense.
 
@@ -23,7 +26,7 @@ from typing import Mapping, Optional
 from engine.compression.units import RANK_STEP, ModelShapes, RankUnit, count_parameters
 from engine.errors import RankScopeError
 
-GROUPINGS = ("5x1", "5xG", "per-layer", "custom")
+GROUPINGS = ("5x1", "5xG", "per-layer", "curve", "custom")
 TYPE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("qk", ("q", "k")), ("v", ("v",)), ("o", ("o",)), ("gate", ("gate",)), ("up", ("up",)), ("down", ("down",)),
 )
@@ -37,7 +40,7 @@ class BudgetError(RankScopeError):
 @dataclass(frozen=True)
 class Grouping:
     kind: str = "5x1"
-    layer_blocks: int = 1  # G, for 5xG
+    layer_blocks: int = 1  # G, for 5xG; the number of knots K, for curve
     search_v: bool = False
     custom: Optional[Mapping[str, tuple[str, ...]]] = field(default=None, hash=False)
 
@@ -46,25 +49,30 @@ class Grouping:
             raise RankScopeError(f"Unknown grouping '{self.kind}'. Groupings: {', '.join(GROUPINGS)} (5xG as e.g. 5x4).")
         if self.layer_blocks < 1:
             raise RankScopeError(f"A 5xG grouping needs G >= 1, got {self.layer_blocks}.")
+        if self.kind == "curve" and self.layer_blocks < 2:
+            raise RankScopeError(f"A curve grouping needs at least 2 knots (curve2 is a straight line), got {self.layer_blocks}.")
         if self.kind == "custom" and not self.custom:
             raise RankScopeError("A custom grouping needs a map from group name to module paths.")
 
     @classmethod
     def parse(cls, text: str, search_v: bool = False) -> "Grouping":
-        """`5x1`, `5x4` (5xG with G=4), `5xG` (G=1), or `per-layer`."""
+        """`5x1`, `5x4` (5xG with G=4), `5xG` (G=1), `per-layer`, or `curve3` (3 knots per type over depth)."""
         if text == "per-layer":
             return cls("per-layer", search_v=search_v)
+        if text.startswith("curve") and text[5:].isdigit():
+            return cls("curve", int(text[5:]), search_v)
         if text.startswith("5x"):
             tail = text[2:]
             if tail == "1":
                 return cls("5x1", search_v=search_v)
             if tail.isdigit() and int(tail) >= 1:
                 return cls("5xG", int(tail), search_v)
-        raise RankScopeError(f"Unknown grouping '{text}'. Use 5x1, 5xG with a number for G (e.g. 5x4), or per-layer.")
+        raise RankScopeError(f"Unknown grouping '{text}'. Use 5x1, 5xG with a number for G (e.g. 5x4), per-layer, "
+                             "or curveK with a number of knots K >= 2 (e.g. curve3).")
 
     @property
     def label(self) -> str:
-        return {"5xG": f"5x{self.layer_blocks}"}.get(self.kind, self.kind)
+        return {"5xG": f"5x{self.layer_blocks}", "curve": f"curve{self.layer_blocks}"}.get(self.kind, self.kind)
 
     def to_dict(self) -> dict:
         out = {"kind": self.kind, "layer_blocks": self.layer_blocks, "search_v": self.search_v}
@@ -89,7 +97,10 @@ class Grouping:
             return {name: list(dict.fromkeys(by_path[p] for p in paths)) for name, paths in self.custom.items()}
         type_groups = [(n, ts) for n, ts in TYPE_GROUPS if n != "v" or self.search_v]
         groups: dict[str, list[RankUnit]] = {}
-        if self.kind == "per-layer":
+        if self.kind in ("per-layer", "curve"):
+            if self.kind == "curve" and self.layer_blocks > shapes.num_layers:
+                raise RankScopeError(f"curve{self.layer_blocks} needs at least {self.layer_blocks} layers; "
+                                     f"the model has {shapes.num_layers}.")
             for unit in units:
                 if unit.types[0] == "v" and not self.search_v:
                     continue
@@ -103,6 +114,66 @@ class Grouping:
                 if members:
                     groups[f"{name}{suffix}"] = members
         return groups
+
+
+    # -- the optimiser's coordinates: the groups themselves, or a curve's knots ------------------------------
+    def search_dims(self, shapes: ModelShapes, method: str) -> list[str]:
+        """The coordinates a search asks values for: the groups, or for a curve `type~k` for each knot k."""
+        groups = self.groups(shapes, method)
+        if self.kind != "curve":
+            return list(groups)
+        types = list(dict.fromkeys(name.split("@")[0] for name in groups))
+        return [f"{t}~{k}" for t in types for k in range(self.layer_blocks)]
+
+    def knot_weights(self, layer: int, num_layers: int) -> list[float]:
+        """How much each knot counts in `layer`'s value: linear interpolation between the two nearest knots."""
+        position = layer / max(1, num_layers - 1) * (self.layer_blocks - 1)
+        left = min(int(position), self.layer_blocks - 2)
+        weights = [0.0] * self.layer_blocks
+        weights[left], weights[left + 1] = left + 1 - position, position - left
+        return weights
+
+    def expand(self, shapes: ModelShapes, method: str, values: Mapping[str, float]) -> dict[str, float]:
+        """Group values for search coordinates (the same values, except for a curve: interpolated knots)."""
+        groups = self.groups(shapes, method)
+        if self.kind != "curve":
+            return {g: float(values.get(g, 0.0)) for g in groups}
+        out = {}
+        for name in groups:
+            base, layer = name.split("@")
+            weights = self.knot_weights(int(layer), shapes.num_layers)
+            out[name] = min(MAX_RATIO, max(0.0, sum(w * float(values.get(f"{base}~{k}", 0.0)) for k, w in enumerate(weights))))
+        return out
+
+    def fit(self, shapes: ModelShapes, method: str, group_values: Mapping[str, float]) -> dict[str, float]:
+        """Search coordinates closest to `group_values` (for a curve: least squares over layers, clipped)."""
+        groups = self.groups(shapes, method)
+        if self.kind != "curve":
+            return {g: float(group_values.get(g, 0.0)) for g in groups}
+        import numpy as np
+
+        out = {}
+        for base in dict.fromkeys(name.split("@")[0] for name in groups):
+            names = [n for n in groups if n.split("@")[0] == base]
+            basis = np.array([self.knot_weights(int(n.split("@")[1]), shapes.num_layers) for n in names])
+            target = np.array([float(group_values.get(n, 0.0)) for n in names])
+            knots = np.linalg.lstsq(basis, target, rcond=None)[0]
+            out.update({f"{base}~{k}": float(min(MAX_RATIO, max(0.0, v))) for k, v in enumerate(knots)})
+        return out
+
+    def dim_params(self, shapes: ModelShapes, method: str) -> dict[str, float]:
+        """Dense parameters each search coordinate scales (removing ratio x of a group removes about x times its
+        dense parameters): the linear budget model a search uses to stay near its budget between projections."""
+        groups = self.groups(shapes, method)
+        dense = {name: float(sum(u.dense_params for u in units)) for name, units in groups.items()}
+        if self.kind != "curve":
+            return dense
+        out = {d: 0.0 for d in self.search_dims(shapes, method)}
+        for name, params in dense.items():
+            base, layer = name.split("@")
+            for k, w in enumerate(self.knot_weights(int(layer), shapes.num_layers)):
+                out[f"{base}~{k}"] += w * params
+        return out
 
 
 def _layer_blocks(num_layers: int, blocks: int) -> list[tuple[int, int]]:
@@ -203,6 +274,11 @@ def _params(shapes: ModelShapes, method: str, ranks: Mapping[str, Optional[int]]
     return sum(u.params(ranks.get(u.paths[0])) for u in shapes.units(method))
 
 
+def top_up_to_target(shapes: ModelShapes, method: str, ranks: dict, target: int) -> dict:
+    """`ranks` with what is left under `target` spent one rank step at a time on its compressed units."""
+    return _top_up(shapes, method, {"all": list(shapes.units(method))}, dict(ranks), target)
+
+
 def _top_up(shapes, method, groups, ranks: dict, target: int) -> dict:
     """Spend what is left under the target one rank step at a time, unit by unit in layer order."""
     units = [u for members in groups.values() for u in members if ranks.get(u.paths[0]) is not None]
@@ -238,8 +314,8 @@ def pruning_groups(shapes: ModelShapes, method: str, grouping: Grouping
     `mlp-prune@3` for per-layer), each holding its layers' `MlpShape`s. A pruning group's value is the share
     of its MLPs' channels removed.
     """
-    if grouping.kind == "custom":
-        raise RankScopeError("MLP pruning groups follow a 5x1, 5xG or per-layer grouping, not a custom one.")
+    if grouping.kind in ("custom", "curve"):
+        raise RankScopeError(f"MLP pruning groups follow a 5x1, 5xG or per-layer grouping, not a {grouping.kind} one.")
     if not shapes.mlps:
         raise RankScopeError(f"Pruning MLP channels needs gated MLPs (gate, up and down); '{shapes.model_id}' has none.")
     mlp_paths = {p for m in shapes.mlps for p in m.paths}

@@ -3,8 +3,13 @@
 - uniform: every decoder linear (v included) at the budget's ratio;
 - lord: the LoRD heuristic, v dense and q/k at 1.5x the others' ratio;
 - greedy: from per-type sensitivity curves, repeatedly raise the ratio of the type whose next
-  step costs the least log-perplexity per parameter saved, until the budget is met.
-Each returns group ratios for the study's grouping (before projection onto the budget).
+  step costs the least log-perplexity per parameter saved, until the budget is met;
+- global: the budget spent matrix by matrix (the idea behind allocators such as LEMS and ZS-SVD): each
+  matrix's loss at a ratio is its type's measured sensitivity at that ratio, shared among the type's
+  layers in proportion to the energy each layer's discarded components carry; repeatedly compress
+  further the matrix whose next step costs the least loss per parameter saved.
+uniform, lord and greedy return group ratios for the study's grouping (before projection onto the
+budget); global returns ranks per matrix (it is finer than any grouping).
 
 A study that prunes MLPs (`mlp="prune"`) compares with uniform on its own groups and with LoRAP's allocation
 at its budget (`engine.compression.lorap.lorap_allocation`, q+k:v+o = 1:3, MLPs pruned); LoRD and greedy
@@ -16,13 +21,16 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from engine.compression.grouping import Grouping, pruning_groups
+import numpy as np
+
+from engine.compression.grouping import Grouping, budget_target, pruning_groups, top_up_to_target
 from engine.compression.units import ModelShapes
 from engine.records import SensitivityPoint
 
 
 def _base(group: str) -> str:
-    return group.split("@")[0]
+    """The type group of a group (`qk@0-7`) or of a curve's knot (`qk~1`)."""
+    return group.split("@")[0].split("~")[0]
 
 
 SKIPPED_WHEN_PRUNING = {
@@ -100,3 +108,80 @@ def greedy_ratios(
             break
         ratios[best[0]] = best[1]
     return ratios
+
+
+GLOBAL_STEP = 0.05  # ratio grid of the global allocation, up to the largest swept ratio
+
+
+def type_curves(points: list[SensitivityPoint], original_perplexity: float) -> dict[str, dict[float, float]]:
+    """Per-type sensitivity curves: type label -> {ratio: log PPL - log PPL of the original} (layer -1 points)."""
+    curves: dict[str, dict[float, float]] = {}
+    for p in points:
+        if p.layer == -1:
+            curves.setdefault(p.linear_type, {})[round(p.ratio, 6)] = math.log(p.perplexity) - math.log(original_perplexity)
+    return curves
+
+
+def global_allocation(shapes: ModelShapes, method: str, budget: float, points: list[SensitivityPoint],
+                      original_perplexity: float, energies: dict[str, np.ndarray]) -> Optional[dict]:
+    """Ranks per matrix spending the budget on the measured marginal loss (module docstring), or None when a type
+    has no sensitivity curve or a unit has no energies (joint units, whose layers share one basis, included).
+
+    `energies`: module path -> per-component energies of its factors (any order of magnitude; only shares count).
+    A matrix's cost at ratio ρ is Δ_t(ρ) / n_t · f_m(ρ) / f̄_t(ρ): Δ_t the type's measured loss (linear between
+    swept ratios, 0 at 0), n_t its number of layers, f_m the share of the matrix's energy its discarded
+    components carry at that ratio's rank, f̄_t the mean of that share over the type's layers. Ratios stop at the
+    largest swept one, since nothing beyond it was measured."""
+    curves = type_curves(points, original_perplexity)
+    units = shapes.units(method)
+    labels = {u.paths: "+".join(u.types) for u in units}
+    if not curves or any(len(u.paths) != 1 or u.paths[0] not in energies for u in units if labels[u.paths] in curves):
+        return None
+    chosen = [u for u in units if labels[u.paths] in curves]
+    if not chosen:
+        return None
+    top = max(r for c in curves.values() for r in c)
+    grid = [0.0] + [r for r in np.arange(GLOBAL_STEP, top + 1e-9, GLOBAL_STEP).round(6).tolist()]
+
+    def discarded(unit, ratio: float) -> float:
+        rank = unit.rank_for_ratio(ratio) if ratio > 0 else None
+        e = energies[unit.paths[0]]
+        return 0.0 if rank is None else float(e[rank:].sum() / max(e.sum(), 1e-30))
+
+    shares = {u.paths: [discarded(u, r) for r in grid] for u in chosen}
+    cost, params = {}, {}
+    for label in {labels[u.paths] for u in chosen}:
+        members = [u for u in chosen if labels[u.paths] == label]
+        ratios = sorted(curves[label])
+        loss = np.interp(grid, [0.0, *ratios], [0.0, *(max(0.0, curves[label][r]) for r in ratios)])
+        for i, _ in enumerate(grid):
+            mean = sum(shares[u.paths][i] for u in members) / len(members)
+            for u in members:
+                share = shares[u.paths][i] / mean if mean > 0 else 1.0
+                cost.setdefault(u.paths, []).append(float(loss[i]) / len(members) * share)
+    for u in chosen:
+        params[u.paths] = [u.params(u.rank_for_ratio(r) if r > 0 else None) for r in grid]
+    target = budget_target(shapes, budget)
+    step = {u.paths: 0 for u in chosen}
+    total = shapes.decoder_linear_params
+    while total > target:
+        best, best_rate = None, math.inf
+        for u in chosen:
+            i = step[u.paths]
+            # the next grid ratio that saves parameters (small ratios of a small matrix keep it dense)
+            j = next((j for j in range(i + 1, len(grid)) if params[u.paths][j] < params[u.paths][i]), None)
+            if j is None:
+                continue
+            rate = (cost[u.paths][j] - cost[u.paths][i]) / (params[u.paths][i] - params[u.paths][j])
+            if rate < best_rate:
+                best, best_rate = (u, j), rate
+        if best is None:
+            return None  # the swept ratios cannot reach the budget
+        unit, j = best
+        total -= params[unit.paths][step[unit.paths]] - params[unit.paths][j]
+        step[unit.paths] = j
+    ranks = {p: None for u in units for p in u.paths}
+    for u in chosen:
+        ratio = grid[step[u.paths]]
+        ranks[u.paths[0]] = u.rank_for_ratio(ratio) if ratio > 0 else None
+    return top_up_to_target(shapes, method, ranks, target)

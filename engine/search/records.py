@@ -30,6 +30,7 @@ class StudyState(str, Enum):
 class TrialKind(str, Enum):
     SEARCH = "search"  # asked by the optimiser
     WARM_START = "warm-start"  # a given plan, told to the optimiser first
+    PRIOR = "prior"  # a known plan (the global allocation, LoRAP) at the study's nearest point, told before searching
     BASELINE = "baseline"  # uniform, LoRD, greedy: evaluated for comparison, not told
 
 

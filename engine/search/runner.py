@@ -5,9 +5,19 @@ evaluated on the validation subset; the objective `log PPL + β·KL` is told bac
 written to the store the moment it finishes. A study resumes from its stored trials by replaying
 them through a fresh optimiser with the same seed (ask, then tell the stored result), which puts
 the optimiser in the state an uninterrupted run would have, so it reaches the same result.
-Baselines (uniform, LoRD, greedy; uniform and LoRAP when the study prunes MLPs, `mlp="prune"`) are
-evaluated in the same study but not told to the optimiser.
-At the end the best plan and the baselines are re-measured on the full evaluation windows.
+Baselines (uniform, LoRD, greedy, the global allocation; uniform and LoRAP when the study prunes MLPs,
+`mlp="prune"`) are evaluated in the same study first.
+
+Two strategies (`StudySettings.strategy`):
+- `trust` (new studies): the baselines the study's coordinates can express (LoRD, greedy; uniform when it
+  prunes) are told to the GP as they are; the others (the global allocation, LoRAP) and the warm start are
+  evaluated as `prior` trials at their nearest point of the study's coordinates and told; then a random phase
+  and GP expected improvement, local around the incumbent and global in turn (`engine.search.proposals`).
+  Each proposal depends only on the stored trials, so a resumed study goes on exactly as it would have.
+- `bo` (studies made before strategies existed): scikit-optimize's ask/tell loop told only the warm start; a
+  study resumes by replaying its stored trials through a fresh optimiser with the same seed.
+At the end the best plan and the baselines are re-measured on the full evaluation windows; a plan another
+study of the same model, method and texts already measured there is not measured again.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import numpy as np
 from engine.cache.reference import ensure_reference
 from engine.cache.windows import ensure_windows
 from engine.compression.grouping import (
-    Grouping, budget_target, project_mixed_to_budget, project_to_budget, pruning_groups,
+    MAX_RATIO, Grouping, budget_target, project_mixed_to_budget, project_to_budget, pruning_groups,
 )
 from engine.compression.lorap import lorap_allocation
 from engine.compression.session import CompressionSession
@@ -32,11 +42,12 @@ from engine.compression.units import count_parameters
 from engine.errors import RankScopeError
 from engine.hashing import sha256_json
 from engine.progress import ProgressCallback, ProgressTracker
-from engine.search.baselines import achieved_values, greedy_ratios, lord_ratios, uniform_ratios
+from engine.search import proposals
+from engine.search.baselines import achieved_values, global_allocation, greedy_ratios, lord_ratios, uniform_ratios
 from engine.search.records import StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord, this_process
 from engine.search.settings import EXACT_KL_SINCE, StudySettings
 from engine.search.subset import choose_subset, objective
-from engine.search.summary import is_complete
+from engine.search.summary import is_complete, trial_values
 from engine.texts.settings import TextSettings
 from engine.texts.windows import Windowing
 
@@ -47,6 +58,13 @@ NON_FINITE_OBJECTIVE = 100.0
 
 def _told(value: float) -> float:
     return value if math.isfinite(value) else NON_FINITE_OBJECTIVE
+
+
+def factor_energies(factorization) -> dict[str, np.ndarray]:
+    """Module path -> energy of each factor component, ‖B_i‖²·‖A_i‖² (σ_i² for an SVD): what dropping it removes
+    from the weight, the share the global allocation spreads a type's measured loss by."""
+    return {path: ((f.B.double() ** 2).sum(0) * (f.A.double() ** 2).sum(1)).numpy()
+            for path, f in factorization.factors.items()}
 
 
 def new_study_id(settings: StudySettings, name: Optional[str] = None) -> str:
@@ -75,11 +93,11 @@ def create_study(storage: StudyStorage, session: CompressionSession, settings: S
 
 
 def study_groups(settings: StudySettings, shapes, method: str) -> list[str]:
-    """The groups a study searches: the grouping's, or, when it prunes MLPs, its attention groups and one
-    `mlp-prune` group per layer block (`engine.compression.grouping.pruning_groups`)."""
+    """The coordinates a study searches: the grouping's groups (a curve's knots), or, when it prunes MLPs, its
+    attention groups and one `mlp-prune` group per layer block (`engine.compression.grouping.pruning_groups`)."""
     grouping = settings.parsed_grouping()
     if not settings.prunes:
-        return list(grouping.groups(shapes, method))
+        return grouping.search_dims(shapes, method)
     rank_groups, prune_groups = pruning_groups(shapes, method, grouping)
     return [*rank_groups, *prune_groups]
 
@@ -88,6 +106,8 @@ def project_study(settings: StudySettings, shapes, method: str, values: dict, ta
                   grouping: Optional[Grouping] = None) -> tuple[dict, Optional[dict], dict]:
     """(ranks, kept channels or None, projected values): a study's point projected onto its budget."""
     grouping = grouping or settings.parsed_grouping()
+    if grouping.kind == "curve":  # knots -> per-layer values
+        values = grouping.expand(shapes, method, values)
     if settings.prunes:
         ranks, channels, projected = project_mixed_to_budget(shapes, method, grouping, values, target)
         return ranks, (channels if any(k is not None for k in channels.values()) else None), projected
@@ -205,7 +225,8 @@ class StudyRunner:
         return self.session.evaluate_ranks(ranks, **options)
 
     def _evaluate(self, number: int, kind: TrialKind, label: str, values: dict, windows, reference, subset,
-                  grouping: Optional[Grouping] = None, allocation: Optional[tuple] = None) -> TrialRecord:
+                  grouping: Optional[Grouping] = None, allocation: Optional[tuple] = None,
+                  extra: Optional[dict] = None) -> TrialRecord:
         """Project `values` (group ratios of `grouping`, default the study's) onto the budget, score and store.
 
         `allocation` = (ranks, channels) evaluates that allocation as it is (LoRAP's baseline); `values` then are
@@ -215,7 +236,7 @@ class StudyRunner:
             ranks, channels, projected = self._project(values, grouping)
         else:
             (ranks, channels), projected = allocation, dict(values)
-        groups = self.groups if grouping is None else list(grouping.groups(self.session.shapes, self.session.method))
+        groups = self.groups if grouping is None else grouping.search_dims(self.session.shapes, self.session.method)
         projected_at = time.perf_counter()
         result = self._measure(ranks, channels, windows=windows, reference=reference, window_indices=subset)
         evaluated_at = time.perf_counter()
@@ -226,7 +247,8 @@ class StudyRunner:
             projected, ranks, objective(result.perplexity, kl, self.settings.beta), result.perplexity,
             result.kl_forward, result.kl_reverse, counts.decoder_compressed, counts.total_compressed,
             time.perf_counter() - start,
-            extra={"project_s": projected_at - start, "evaluate_s": evaluated_at - projected_at}, channels=channels,
+            extra={"project_s": projected_at - start, "evaluate_s": evaluated_at - projected_at, **(extra or {})},
+            channels=channels,
         )
         self.storage.add_trial(trial)  # persisted before anything shows it
         if self.on_trial is not None:
@@ -263,37 +285,16 @@ class StudyRunner:
             stored = {t.number: t for t in self.storage.trials(sid)}
             number = len(stored)
             done_labels = {t.label for t in stored.values() if t.kind == TrialKind.BASELINE}
-            for label, (values, grouping, allocation) in self._baselines().items():
+            baselines = self._baselines()
+            for label, (values, grouping, allocation) in baselines.items():
                 if label not in done_labels:
                     trial = self._evaluate(number, TrialKind.BASELINE, label, values, windows, reference, subset,
                                            grouping, allocation)
                     stored[number], number = trial, number + 1
-            optimizer = self._optimizer()
-            told = [t for t in sorted(stored.values(), key=lambda t: t.number) if t.kind != TrialKind.BASELINE]
             tracker = ProgressTracker(self.progress, f"study {sid}", total=self.settings.n_trials, unit="trials")
-            for trial in told:  # replay: the optimiser ends where an uninterrupted run would be
-                if trial.kind == TrialKind.SEARCH:
-                    optimizer.ask()
-                optimizer.tell([trial.values[g] for g in self.groups], _told(trial.objective))
-                tracker.advance()
-            if self.settings.warm_start is not None and not any(t.kind == TrialKind.WARM_START for t in told):
-                values = {g: float(self.settings.warm_start.get(g, 0.0)) for g in self.groups}
-                trial = self._evaluate(number, TrialKind.WARM_START, "warm start", values, windows, reference, subset)
-                optimizer.tell([values[g] for g in self.groups], _told(trial.objective))
-                told.append(trial)
-                number += 1
-                tracker.advance()
-            while len(told) < self.settings.n_trials:
-                if self.stop_event.is_set():
-                    self.storage.set_state(sid, StudyState.STOPPED, f"stopped after {len(told)} trials")
-                    return self.storage.get_study(sid)
-                point = optimizer.ask()
-                values = dict(zip(self.groups, (float(v) for v in point)))
-                trial = self._evaluate(number, TrialKind.SEARCH, f"trial {len(told)}", values, windows, reference, subset)
-                optimizer.tell(point, _told(trial.objective))
-                told.append(trial)
-                number += 1
-                tracker.advance()
+            search = self._search_trust if self.settings.strategy == "trust" else self._search_bo
+            if not search(stored, baselines, (windows, reference, subset), tracker):
+                return self.storage.get_study(sid)
             self._remeasure()
             self.storage.set_state(sid, StudyState.FINISHED)
         except KeyboardInterrupt:
@@ -304,12 +305,132 @@ class StudyRunner:
             raise
         return self.storage.get_study(sid)
 
+    def _stopped(self, told: int) -> bool:
+        if self.stop_event.is_set():
+            self.storage.set_state(self.record.study_id, StudyState.STOPPED, f"stopped after {told} trials")
+            return True
+        return False
+
+    def _search_bo(self, stored: dict, baselines: dict, scoring: tuple, tracker: ProgressTracker) -> bool:
+        """The plain scikit-optimize loop (studies made before strategies existed); False when stopped."""
+        optimizer = self._optimizer()
+        told = [t for t in sorted(stored.values(), key=lambda t: t.number) if t.kind != TrialKind.BASELINE]
+        number = len(stored)
+        for trial in told:  # replay: the optimiser ends where an uninterrupted run would be
+            if trial.kind == TrialKind.SEARCH:
+                optimizer.ask()
+            optimizer.tell([trial.values[g] for g in self.groups], _told(trial.objective))
+            tracker.advance()
+        if self.settings.warm_start is not None and not any(t.kind == TrialKind.WARM_START for t in told):
+            values = {g: float(self.settings.warm_start.get(g, 0.0)) for g in self.groups}
+            trial = self._evaluate(number, TrialKind.WARM_START, "warm start", values, *scoring)
+            optimizer.tell([values[g] for g in self.groups], _told(trial.objective))
+            told.append(trial)
+            number += 1
+            tracker.advance()
+        while len(told) < self.settings.n_trials:
+            if self._stopped(len(told)):
+                return False
+            point = optimizer.ask()
+            values = dict(zip(self.groups, (float(v) for v in point)))
+            trial = self._evaluate(number, TrialKind.SEARCH, f"trial {len(told)}", values, *scoring)
+            optimizer.tell(point, _told(trial.objective))
+            told.append(trial)
+            number += 1
+            tracker.advance()
+        return True
+
+    # -- the trust strategy ------------------------------------------------------------------------------
+    def _coordinates(self, trial: TrialRecord) -> tuple[float, ...]:
+        """Where a trial lies in the study's scaled coordinates: its projected (evaluated) values, fitted to the
+        study's coordinates (a curve's knots), over max_ratio."""
+        if self.settings.prunes:
+            values = {g: trial.projected.get(g, 0.0) for g in self.groups}
+        else:
+            values = self.grouping.fit(self.session.shapes, self.session.method, trial.projected)
+        return tuple(float(values[g]) / self.settings.max_ratio for g in self.groups)
+
+    def _dim_weights(self) -> list[float]:
+        """Parameters per scaled coordinate in the linear budget model (attention and pruned MLP groups alike)."""
+        shapes, method = self.session.shapes, self.session.method
+        if self.settings.prunes:
+            rank_groups, prune_groups = pruning_groups(shapes, method, self.grouping)
+            dense = {name: float(sum(u.dense_params for u in units)) for name, units in rank_groups.items()}
+            dense.update({name: float(sum(m.params(None) for m in mlps)) for name, mlps in prune_groups.items()})
+        else:
+            dense = self.grouping.dim_params(shapes, method)
+        return [dense[g] * self.settings.max_ratio for g in self.groups]
+
+    def _told_baselines(self, baselines: dict) -> set[str]:
+        """Baselines evaluated as the projection of the study's own coordinates: told as they are."""
+        return {label for label, (_, grouping, allocation) in baselines.items()
+                if grouping is None and allocation is None}
+
+    def _priors(self, baselines: dict) -> list[tuple[str, dict]]:
+        """(label, coordinates' values) of the prior trials: the warm start, then each baseline the coordinates
+        cannot express as it is, at its nearest point of them."""
+        priors = []
+        if self.settings.warm_start is not None:
+            priors.append(("warm start", {g: float(self.settings.warm_start.get(g, 0.0)) for g in self.groups}))
+        told = self._told_baselines(baselines)
+        for label, (values, grouping, allocation) in baselines.items():
+            if label in told or label == "uniform":
+                continue
+            if allocation is not None:
+                ranks, channels = allocation
+                mlp = "prune" if self.settings.prunes else "low-rank"
+                values = trial_values(self.session.shapes, self.session.method, self.grouping, ranks, channels, mlp)
+            priors.append((f"{label} (prior)", {g: float(values.get(g, 0.0)) for g in self.groups}))
+        return priors
+
+    def _search_trust(self, stored: dict, baselines: dict, scoring: tuple, tracker: ProgressTracker) -> bool:
+        """Priors, a random phase, then GP expected improvement local and global in turn; False when stopped."""
+        s = self.settings
+        told_baselines = self._told_baselines(baselines)
+        trials = sorted(stored.values(), key=lambda t: t.number)
+        history = [proposals.Told(self._coordinates(t), _told(t.objective), "prior") for t in trials
+                   if t.kind == TrialKind.BASELINE and t.label in told_baselines]
+        history += [proposals.Told(self._coordinates(t), _told(t.objective), t.extra.get("proposal", "prior"))
+                    for t in trials if t.kind != TrialKind.BASELINE]
+        done = sum(t.kind != TrialKind.BASELINE for t in trials)
+        tracker.advance(done)
+        number = len(stored)
+        done_priors = {t.label for t in trials if t.kind in (TrialKind.PRIOR, TrialKind.WARM_START)}
+        weights, scales = self._dim_weights(), [s.length_scale(g) for g in self.groups]
+        upper = MAX_RATIO / s.max_ratio
+        for label, values in self._priors(baselines):
+            if label in done_priors or done >= s.n_trials:
+                continue
+            if self._stopped(done):
+                return False
+            kind = TrialKind.WARM_START if label == "warm start" else TrialKind.PRIOR
+            trial = self._evaluate(number, kind, label, values, *scoring, extra={"proposal": "prior"})
+            history.append(proposals.Told(self._coordinates(trial), _told(trial.objective), "prior"))
+            number, done = number + 1, done + 1
+            tracker.advance()
+        while done < s.n_trials:
+            if self._stopped(done):
+                return False
+            kind = proposals.phase_of(history, s.n_initial_points)
+            if kind != proposals.RANDOM and not history:
+                kind = proposals.RANDOM
+            point = proposals.propose(history, kind, weights, scales, s.seed, done,
+                                      upper=1.0 if kind == proposals.RANDOM else upper)
+            values = {g: float(min(MAX_RATIO, v * s.max_ratio)) for g, v in zip(self.groups, point)}
+            trial = self._evaluate(number, TrialKind.SEARCH, f"trial {done}", values, *scoring,
+                                   extra={"proposal": kind})
+            history.append(proposals.Told(self._coordinates(trial), _told(trial.objective), kind))
+            number, done = number + 1, done + 1
+            tracker.advance()
+        return True
+
     def _baselines(self) -> dict[str, tuple[dict, Optional[Grouping], Optional[tuple]]]:
         """label -> (values, grouping or None for the study's, allocation or None to project the values).
 
         Baselines run first, in the same study and on the same windows. Without pruning: uniform (every decoder
         linear, v included, whatever the study's grouping, as `compress --uniform`), LoRD and, once a sweep is
-        stored, greedy. A study that prunes MLPs has uniform on its own groups (projected) and LoRAP's allocation
+        stored, greedy and (the `trust` strategy) the global allocation (`baselines.global_allocation`, from the
+        sweep and the energies of the factors). A study that prunes MLPs has uniform on its own groups (projected) and LoRAP's allocation
         at its budget (q+k:v+o = 1:3, MLPs pruned); LoRD and greedy allocate ranks only and are skipped
         (`engine.search.baselines.skipped_baselines`)."""
         shapes, method, budget = self.session.shapes, self.session.method, self.settings.budget
@@ -321,11 +442,16 @@ class StudyRunner:
         uniform = Grouping("5x1", search_v=True)
         baselines = {"uniform": (uniform_ratios(list(uniform.groups(shapes, method)), budget), uniform, None),
                      "lord": (lord_ratios(self.groups, budget), None, None)}
-        greedy = greedy_ratios(shapes, method, self.grouping, budget,
-                               self.session.store.sensitivity_points(sweep_id(self.session)),
-                               self.session.reference.perplexity)
+        points = self.session.store.sensitivity_points(sweep_id(self.session))
+        greedy = greedy_ratios(shapes, method, self.grouping, budget, points, self.session.reference.perplexity)
         if greedy is not None:
-            baselines["greedy"] = (greedy, None, None)
+            baselines["greedy"] = (self.grouping.fit(shapes, method, greedy), None, None)  # a curve's knots
+        if self.settings.strategy == "trust":  # `bo` studies keep the baselines they were made with
+            ranks = global_allocation(shapes, method, budget, points, self.session.reference.perplexity,
+                                      factor_energies(self.session.factorization))
+            if ranks is not None:
+                values = trial_values(shapes, method, self.grouping, ranks, None)
+                baselines["global"] = (values, None, (ranks, None))
         return baselines
 
     def _remeasure(self) -> None:
@@ -338,9 +464,35 @@ class StudyRunner:
         for label, trial in chosen:
             if label in done and done[label].get("trial") == trial.number:
                 continue
-            result = self._measure(trial.ranks, trial.channels)
+            known = self._measured_elsewhere(trial)
+            if known is None:
+                result = self._measure(trial.ranks, trial.channels)
+                known = {"perplexity": result.perplexity, "kl_forward": result.kl_forward,
+                         "kl_reverse": result.kl_reverse, "tokens": result.n_tokens}
             self.storage.put_result(self.record.study_id, label, {
-                "trial": trial.number, "perplexity": result.perplexity, "kl_forward": result.kl_forward,
-                "kl_reverse": result.kl_reverse, "tokens": result.n_tokens, "decoder_params": trial.decoder_params,
+                "trial": trial.number, **known, "decoder_params": trial.decoder_params,
                 "total_params": trial.total_params,
             })
+
+    def _measured_elsewhere(self, trial: TrialRecord) -> Optional[dict]:
+        """The full-window measurement of the same plan (ranks and kept channels) by another study of this model,
+        method, texts and pruning settings, or None: the same plan on the same windows measures the same."""
+        s = self.settings
+        for other in self.storage.list_studies():
+            if other.study_id == self.record.study_id or other.model_fingerprint != self.record.model_fingerprint:
+                continue
+            try:
+                theirs = StudySettings.from_dict(other.settings)
+            except RankScopeError:
+                continue
+            if (theirs.method, theirs.texts, theirs.pruning) != (s.method, s.texts, s.pruning):
+                continue
+            results = self.storage.results(other.study_id)
+            if not results:
+                continue
+            numbers = {t.number: t for t in self.storage.trials(other.study_id)}
+            for result in results.values():
+                twin = numbers.get(result.get("trial"))
+                if twin is not None and twin.ranks == trial.ranks and (twin.channels or None) == (trial.channels or None):
+                    return {k: result[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")}
+        return None

@@ -15,8 +15,11 @@ from engine.texts.settings import TextSettings
 # scored with exact KL (version 1 studies used a top-k estimate: they are read, but not resumed)
 # `mlp` and `pruning` (a study that prunes MLP channels) are written only when the MLP is pruned, so studies that
 # factorise it keep exactly the settings dict they had; an older RankScope refuses a pruning study by name
-SETTINGS_VERSION = 2
+# 3: `strategy` (the `trust` search: priors told, trust region; `engine.search.proposals`); settings without it
+# are read as the plain scikit-optimize loop they were run with (`bo`), so older studies resume exactly
+SETTINGS_VERSION = 3
 EXACT_KL_SINCE = 2
+STRATEGIES = ("trust", "bo")
 OBJECTIVE_KL = ("reverse", "forward")
 SUBSETS = ("sensitive", "random", "all")
 ATTENTION_GROUPS = ("qk", "q", "k", "v", "o", "q+k")
@@ -27,7 +30,7 @@ MLP_FORMS = ("low-rank", "prune")  # gate/up/down factorised (groups gate, up, d
 class StudySettings:
     model: str = "smollm2-135m"
     method: str = "feature-pca"
-    grouping: str = "5x1"  # 5x1, 5xG (e.g. 5x4), per-layer
+    grouping: str = "5x1"  # 5x1, 5xG (e.g. 5x4), per-layer, curveK (e.g. curve3)
     search_v: bool = False
     budget: float = 0.2  # decoder-linear reduction
     beta: float = 1.0  # objective = log PPL + beta * KL
@@ -46,6 +49,7 @@ class StudySettings:
     texts: TextSettings = field(default_factory=TextSettings)
     mlp: str = "low-rank"
     pruning: Optional[dict] = None  # with mlp="prune": {"aggregation", "retention"}, LoRAP's l2 and 1% by default
+    strategy: str = "trust"  # trust: priors told, random phase, GP-EI local/global; bo: the plain ask/tell loop
     version: int = SETTINGS_VERSION
 
     def __post_init__(self):
@@ -73,11 +77,13 @@ class StudySettings:
         if self.mlp not in MLP_FORMS:
             raise RankScopeError(f"The MLP is searched as one of {', '.join(MLP_FORMS)}, got '{self.mlp}'.")
         if self.mlp == "prune":
-            if self.parsed_grouping().kind == "custom":
+            if self.parsed_grouping().kind in ("custom", "curve"):
                 raise RankScopeError("A study that prunes MLPs needs a 5x1, 5xG or per-layer grouping.")
             object.__setattr__(self, "pruning", PruningSettings.from_dict(self.pruning).to_dict())
         elif self.pruning is not None:
             raise RankScopeError("Pruning settings apply only to a study that prunes MLPs (mlp='prune').")
+        if self.strategy not in STRATEGIES:
+            raise RankScopeError(f"The search strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'.")
         if not 0.0 < self.max_ratio <= MAX_RATIO:
             raise RankScopeError(f"max_ratio must be in (0, {MAX_RATIO}], got {self.max_ratio}.")
 
@@ -107,10 +113,11 @@ class StudySettings:
         unknown = set(data) - known
         if unknown:
             raise RankScopeError(f"Unknown study setting(s): {', '.join(sorted(unknown))}.")
-        values = {**data, "texts": TextSettings.from_dict(data.get("texts")), "version": SETTINGS_VERSION}
+        values = {**data, "texts": TextSettings.from_dict(data.get("texts")), "version": SETTINGS_VERSION,
+                  "strategy": data.get("strategy", "bo")}  # written before strategies existed: the plain loop
         return cls(**values)
 
     def length_scale(self, group: str) -> float:
         """Bolaco's per-dimension Matern length scale: attention groups 1.0, MLP groups 0.8 by default."""
-        base = group.split("@")[0]
+        base = group.split("@")[0].split("~")[0]
         return self.length_scale_attention if base in ATTENTION_GROUPS else self.length_scale_mlp

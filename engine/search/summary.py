@@ -35,17 +35,17 @@ def warm_start_from_plan(plan: RankPlan, shapes: ModelShapes, method: str, group
     plan.validate_for(shapes)
     if mlp == "prune":
         return trial_values(shapes, method, grouping, plan.ranks, plan.channels, mlp)
-    return ratios_from_ranks(shapes, method, grouping, plan.ranks)
+    return grouping.fit(shapes, method, ratios_from_ranks(shapes, method, grouping, plan.ranks))
 
 
 def trial_values(shapes: ModelShapes, method: str, grouping: Grouping, ranks: dict, channels: Optional[dict],
                  mlp: str = "low-rank") -> dict[str, float]:
-    """A trial's (or plan's) achieved group values under a study's grouping and MLP form."""
+    """A trial's (or plan's) achieved values in a study's coordinates (groups; a curve's knots, fitted) and MLP form."""
     if mlp == "prune":
         from engine.search.baselines import achieved_values
 
         return achieved_values(shapes, method, grouping, ranks, channels or {})
-    return ratios_from_ranks(shapes, method, grouping, ranks)
+    return grouping.fit(shapes, method, ratios_from_ranks(shapes, method, grouping, ranks))
 
 
 def best_trial(storage: StudyStorage, study_id: str) -> Optional[TrialRecord]:
