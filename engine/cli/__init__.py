@@ -10,6 +10,7 @@ commands (texts, windows, method, `--json`) are declared once in `options`. The 
 | `analysis` | `prepare`, `models`, `calibrate`, `spectra` |
 | `compression` | `compress`, `evaluate`, `sweep` |
 | `export` | `export` |
+| `lm_eval` | `lm-eval-task` |
 | `recovery` | `recover` |
 | `search` | `search start`, `search resume`, `search status`, `search best`, `search export-plan`, `search restore` |
 
@@ -51,4 +52,4 @@ def echo_json(value) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
 
 
-from engine.cli import analysis, compression, export, recovery, search  # noqa: E402,F401  (registers the commands)
+from engine.cli import analysis, compression, export, lm_eval, recovery, search  # noqa: E402,F401  (registers the commands)
