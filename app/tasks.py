@@ -6,11 +6,17 @@ returns it; the engine writes every result to the store before the job ends, and
 store. Every use of the model holds its `ModelGuard`. Job ids are plain strings
 `<model>/<kind>/<scope>/<request>` built from the settings, so the same request from two tabs
 joins one job, and a page finds the jobs of its scope with `JobBoard.with_prefix`.
+
+The Allocate page's live quality also lives here: the quick measurement of an allocation on the first
+evaluation windows (a job like the others, one id per allocation, so a finished one is found again), and
+`stored_estimator`, which gathers what the store knows for the instant estimate (no job: it only reads).
 """
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence
@@ -39,6 +45,18 @@ from engine.search.summary import trial_plan
 from engine.search.duckdb_storage import DuckDBStudyStorage
 from engine.cache.calibration import ensure_calibration
 from engine.cache.spectra import ensure_spectra
+from engine.analysis.quality_estimate import (
+    NO_SWEEP, NoEstimate, QualityEstimator, allocation_key, plan_evaluation, study_evaluations,
+)
+from engine.cache.keys import calibration_key, factorization_key, reference_key, sweep_key
+from engine.cache.lookups import find_baseline_evaluation
+from engine.compression.pruning import PruningSettings
+from engine.compression.units import ModelShapes
+from engine.compression.sweep import mlp_sweep_id_for
+from engine.methods import get_method
+from engine.records import FactorizationRecord, ReferenceRecord
+from engine.store.duckdb_store import Store
+from engine.texts.corpus import text_fingerprint
 
 
 def model_scope(loaded: LoadedModel) -> str:
@@ -390,3 +408,163 @@ def start_recovery(loaded: LoadedModel, plan: RankPlan, settings: RecoverySettin
                 raise JobStopped(label) from exc
 
     return get_job_board().start(job_id, label, work, resumable=True)
+
+
+# -- the Allocate page's live estimate and quick measurement -------------------------------------------------
+
+# The first evaluation windows a quick measurement runs on; bench/bench_live_estimate.py times it against a full
+# evaluation on the default model.
+QUICK_WINDOWS = 2
+
+# (database, model, texts, window indices) -> the original model's perplexity on those windows, measured once
+_QUICK_ORIGINAL: dict[tuple, float] = {}
+
+
+@dataclass(frozen=True)
+class QuickMeasurement:
+    """An allocation measured on the first few evaluation windows, with the original model on the same windows."""
+
+    perplexity: float
+    kl_forward: float
+    kl_reverse: float
+    tokens: int
+    windows: int  # windows measured
+    of_windows: int  # evaluation windows in all
+    original_perplexity: float
+    seconds: float  # the allocation's own evaluation
+
+
+def quick_window_indices(workspace: Workspace) -> list[int]:
+    """The evaluation windows a quick measurement uses: the first `QUICK_WINDOWS` (all of them when fewer)."""
+    return list(range(min(QUICK_WINDOWS, workspace.evaluation_windows)))
+
+
+def _pruned(channels: Optional[Mapping[str, Optional[int]]]) -> dict:
+    return {path: kept for path, kept in (channels or {}).items() if kept is not None}
+
+
+def quick_scope(workspace: Workspace, loaded: LoadedModel, method: str) -> str:
+    return session_scope("quick", workspace, loaded, method)
+
+
+def quick_job_id(workspace: Workspace, loaded: LoadedModel, method: str, ranks: Mapping[str, Optional[int]],
+                 channels: Optional[Mapping[str, Optional[int]]] = None, pruning: Optional[dict] = None) -> str:
+    """One id per allocation (and pruning settings), so a finished measurement is found again by its allocation."""
+    pruned = _pruned(channels)
+    request = allocation_key(ranks, pruned)
+    if pruned:
+        request = digest(request, pruning)
+    return quick_scope(workspace, loaded, method) + request
+
+
+def session_ready(workspace: Workspace, loaded: LoadedModel, method: str) -> bool:
+    """Whether opening this method's session only reads the store (or it is open already): its factors and the
+    original model's reference on the evaluation windows are stored. A quick measurement starts by itself only
+    then; preparing a method can take minutes, and that waits for a click (Apply)."""
+    texts = workspace.text_settings()
+    if get_session_pool().peek(SessionKey(current_database(), loaded.fingerprint, method, texts)) is not None:
+        return True
+    store = current_store()
+    calibration_id = calibration_key(loaded.fingerprint, text_fingerprint(texts.calibration_text),
+                                     texts.calibration_windowing, texts.n_groups) if get_method(method).needs else ""
+    reference_id = reference_key(loaded.fingerprint, text_fingerprint(texts.evaluation_text),
+                                 texts.evaluation_windowing)
+    return (store.get_record(FactorizationRecord, factorization_key(loaded.fingerprint, method, calibration_id))
+            is not None and store.get_record(ReferenceRecord, reference_id) is not None)
+
+
+def start_quick_measurement(workspace: Workspace, loaded: LoadedModel, method: str,
+                            ranks: Mapping[str, Optional[int]], channels: Optional[Mapping[str, Optional[int]]] = None,
+                            pruning: Optional[dict] = None) -> Job:
+    """Measure an allocation on the first `QUICK_WINDOWS` evaluation windows (`session.evaluate_ranks` with
+    `window_indices`), with the original model's perplexity on the same windows (once per model and texts). Returns a
+    `QuickMeasurement`. Stop it when a newer allocation supersedes it: it ends at its next window (before its
+    first one if it is still waiting for the model)."""
+    open_session = _session_opener(workspace, loaded, method)
+    pruned = _pruned(channels)
+    indices = quick_window_indices(workspace)
+    original_key = (current_database(), loaded.fingerprint, workspace.text_settings(), tuple(indices))
+
+    def work(job: Job) -> QuickMeasurement:
+        session = open_session(job)
+        if job.stop_requested:  # superseded while the session opened
+            raise JobStopped(job.label)
+        options = {"channels": pruned, "pruning": pruning} if pruned else {}
+        start = time.perf_counter()
+        result = session.evaluate_ranks(ranks, job.report, indices, **options)
+        seconds = time.perf_counter() - start
+        original = _QUICK_ORIGINAL.get(original_key)
+        if original is None:
+            original = _QUICK_ORIGINAL[original_key] = _original_perplexity(session, job, indices)
+        return QuickMeasurement(result.perplexity, result.kl_forward, result.kl_reverse, result.n_tokens,
+                                len(indices), workspace.evaluation_windows, original, seconds)
+
+    job_id = quick_job_id(workspace, loaded, method, ranks, channels, pruning)
+    return get_job_board().start(job_id, f"Quick measurement on {len(indices)} windows ({method})", work)
+
+
+def _original_perplexity(session: SharedModelSession, job: Job, indices: list[int]) -> float:
+    """The original model's perplexity on the quick windows: from its stored evaluation on the evaluation windows
+    (each window's mean NLL; every window predicts the same number of tokens) when the Model page measured it,
+    else measured here once."""
+    texts = session.texts
+    stored = find_baseline_evaluation(session.store, session.loaded.fingerprint, texts.evaluation_text,
+                                      texts.evaluation_windowing)
+    if stored is not None and len(stored.window_nll) > max(indices):
+        return math.exp(sum(stored.window_nll[i] for i in indices) / len(indices))
+    return session.evaluate_ranks({}, job.report, indices).perplexity
+
+
+def live_estimator(workspace: Workspace, loaded: LoadedModel, method: str, pruning: Optional[dict],
+                   plans: Sequence[tuple[str, dict]] = ()) -> QualityEstimator | NoEstimate:
+    """The Allocate page's instant estimator for the workspace's model and texts (`stored_estimator` on the app's
+    store)."""
+    return stored_estimator(current_store(), model_shapes(loaded), method, workspace.text_settings(), pruning, plans)
+
+
+def stored_estimator(store: Store, shapes: ModelShapes, method: str, texts: TextSettings, pruning: Optional[dict],
+                     plans: Sequence[tuple[str, dict]] = ()) -> QualityEstimator | NoEstimate:
+    """The instant estimator for this model, method and texts (`engine.analysis.quality_estimate`), from `store`:
+    the per-type (and per-layer) sweep, the MLP sweep for `pruning` (LoRAP's l2 and 1% when None), every finished
+    study of the same model, method and texts, and the measured `plans` (label, plan dict) that match them.
+    Returns a `QualityEstimator`, or a `NoEstimate` saying what to run. No Streamlit: bench/bench_live_estimate.py
+    times this very function."""
+    fingerprint = shapes.fingerprint
+    settings = PruningSettings.from_dict(pruning)
+    needs = get_method(method).needs
+    calibration = {"text_fingerprint": text_fingerprint(texts.calibration_text), **texts.calibration_dict()}
+    calibration_id = calibration_key(fingerprint, calibration["text_fingerprint"], texts.calibration_windowing,
+                                     texts.n_groups) if needs else ""
+    reference_id = reference_key(fingerprint, text_fingerprint(texts.evaluation_text), texts.evaluation_windowing)
+    reference = store.get_record(ReferenceRecord, reference_id)
+    if reference is None:
+        return NoEstimate(NO_SWEEP)
+    points = store.sensitivity_points(sweep_key(fingerprint, method, factorization_key(fingerprint, method,
+                                                                                      calibration_id), reference_id))
+    if not points:
+        return NoEstimate(NO_SWEEP)
+    mlp_points = store.sensitivity_points(mlp_sweep_id_for(fingerprint, method, texts, settings)) if shapes.mlps else []
+
+    evaluations = []
+    storage = DuckDBStudyStorage(store)
+    for record in storage.list_studies():
+        if record.model_fingerprint != fingerprint or record.settings.get("method") != method \
+                or record.settings.get("version", 1) < 2:
+            continue  # another model or method, or scored with RankScope 0.1.0's KL estimate
+        try:
+            if TextSettings.from_dict(record.settings.get("texts")) != texts:
+                continue
+        except RankScopeError:
+            continue
+        results = storage.results(record.study_id)
+        if results:  # without re-measured results its trials cannot be put on the evaluation windows
+            evaluations += study_evaluations(record.study_id, record.settings, storage.trials(record.study_id), results)
+    evaluation = {"text_fingerprint": reference.text_fingerprint, "window_len": reference.window_len,
+                  "n_windows": reference.n_windows}
+    for label, plan in plans:
+        if plan.get("channels"):
+            plan = {**plan, "pruning": PruningSettings.from_dict(plan.get("pruning")).to_dict()}
+        found = plan_evaluation(plan, label, fingerprint, method, evaluation, calibration if needs else None)
+        if found is not None:
+            evaluations.append(found)
+    return QualityEstimator(shapes, method, reference.perplexity, points, mlp_points, evaluations, settings.to_dict())

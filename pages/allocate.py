@@ -3,16 +3,23 @@ worth keeping."""
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
+from app.jobs import JobState
 from app.plans import read_uploaded_plan, save_plan, saved_plans
 from app.progress import watch_job
-from app.resources import model_shapes
-from app.tasks import AppliedPlan, start_apply
+from app.resources import get_job_board, model_shapes
+from app.tasks import (
+    AppliedPlan, QuickMeasurement, live_estimator, quick_job_id, quick_scope, session_ready, session_scope, start_apply,
+    start_quick_measurement,
+)
 from app.workspace import choose_method, load_workspace_model, persistent, set_persistent, workspace_sidebar
 from engine.analysis import METRIC_LABELS
+from engine.analysis.quality_estimate import NoEstimate
 from engine.analysis.allocation import (
     budget_meter_rows, channels_from_kept, channels_from_ratio, kept_channel_rows, lorap_tables, plan_summary,
     pruned_linear_paths, pruning_section, ranks_from_unit_ranks, retention_percent, unit_rank_rows,
@@ -29,6 +36,11 @@ BASE = "alloc_base"  # None: ranks from the sliders (or LORAP); else the name of
 LORAP = "alloc_lorap"  # None, or LoRAP's allocation in the tables: {"ranks", "channels", "grouping", "fingerprint"}
 APPLY_JOB = "alloc_apply_job"
 APPLIED = "alloc_applied"
+QUICK_JOB = "alloc_quick_job"  # the quick measurement this browser session started last
+QUICK_SEEN = "alloc_quick_seen"  # (quick job id of the allocation in the tables, when the page first showed it)
+HISTORY = "alloc_history"  # measured points of this browser session: quick and Apply
+QUICK_SETTLE_S = 0.8  # the allocation must stay unchanged this long before its quick measurement starts
+QUICK_POLL_S = 0.5
 DEFAULT_RATIO = 0.2
 MLP_MODE = "alloc_mlp_mode"
 LOW_RANK, PRUNED = "low-rank", "pruned by channels (LoRAP)"
@@ -76,6 +88,126 @@ def fill_lorap() -> None:
     st.session_state[LORAP] = {"ranks": ranks, "channels": channels, "grouping": lorap_grouping,
                                "fingerprint": shapes.fingerprint}
     set_persistent(MLP_MODE, PRUNED)
+
+
+def remember_measurement(point_scope: str, measured: str, key: str, decoder_params: int, metrics, **extra) -> None:
+    """Add a measured point to this session's history (once per allocation and kind of measurement)."""
+    history = st.session_state.setdefault(HISTORY, [])
+    if not any(point["key"] == key for point in history):
+        history.append({"scope": point_scope, "key": key, "measured": measured, "decoder_params": decoder_params,
+                        "perplexity": metrics["perplexity"], "kl_reverse": metrics["kl_reverse"], **extra})
+
+
+def _error_text(relative: float | None) -> str | None:
+    """'±x% error' for a measured relative error; None when there is none (or NaN: no positive measured value)."""
+    if relative is None or relative != relative:
+        return None
+    return f"±{relative:.0%} error" if relative >= 0.1 else f"±{relative:.1%} error"
+
+
+def show_estimate(plan: RankPlan) -> None:
+    """The instant estimate of the allocation in the tables, with its measured error
+    (`engine.analysis.quality_estimate`)."""
+    measured_plans = list(saved.items()) + [(f"applied {i + 1}", point["plan"]) for i, point in
+                                            enumerate(st.session_state.get(HISTORY, [])) if "plan" in point]
+    estimator = live_estimator(workspace, loaded, method, plan.pruning if plan.channels else None, measured_plans)
+    estimate = estimator if isinstance(estimator, NoEstimate) else estimator.estimate(plan.ranks, plan.channels)
+    if isinstance(estimate, NoEstimate):
+        st.info(f"No instant estimate. {estimate.message}")
+        return
+    error = estimate.error
+    columns = st.columns(4)
+    for column, (name, label, shown) in zip(columns, (
+            ("perplexity", "Predicted perplexity", f"{estimate.perplexity:.3f}"),
+            ("kl_forward", "Predicted " + METRIC_LABELS["kl_forward"], f"{estimate.kl_forward:.4g}"),
+            ("kl_reverse", "Predicted " + METRIC_LABELS["kl_reverse"], f"{estimate.kl_reverse:.4g}"))):
+        column.metric(label, shown, delta=_error_text(getattr(error, name, None)), delta_color="off",
+                      delta_arrow="off")
+    columns[3].metric("Estimate checked on",
+                      f"{error.n} evaluation{'s' if error.n != 1 else ''}" if error else "nothing yet",
+                      help="Stored full-window evaluations of this model, method and texts (study results, applied "
+                           "and saved plans), each predicted without itself (leave-one-out).")
+    refined = f"; per-layer points refine {', '.join(estimate.refined)}" if estimate.refined else ""
+    beyond = (f"; {', '.join(estimate.extrapolated)} compressed beyond the sweep's last ratio (their curves continued "
+              "along the last segment)" if estimate.extrapolated else "")
+    how = (f"From the per-type sweep{refined}{beyond}: each type's sweep curve read at the share of its parameters "
+           "this allocation removes, added up in Δlog perplexity and in KL, ")
+    if error is None:
+        st.caption(how + "without a correction: no multi-type evaluation of this model, method and texts is stored, "
+                   "so its error is not known yet. Apply a few allocations (or finish a study on the Search page): "
+                   "the sum is then corrected on them and its leave-one-out error shown here.")
+    else:
+        st.caption(how + f"then corrected on {estimate.n_fit} stored multi-type evaluations (studies' results and "
+                   "their trials, applied and saved plans). ± is the root-mean-square relative error over "
+                   f"{error.n} stored full-window evaluations, each predicted by the model fitted without it "
+                   "(leave-one-out).")
+
+
+def remember_applied() -> None:
+    """Put a finished Apply into the history (with its plan, which the estimate then uses), in the scope of the
+    texts it was measured on."""
+    job = get_job_board().get(st.session_state.get(APPLY_JOB) or "")
+    if job is None or not isinstance(job.result, AppliedPlan):
+        return
+    measured = job.result.plan
+    if job.job_id.startswith(session_scope("apply", workspace, loaded, measured.method)):
+        remember_measurement(quick_scope(workspace, loaded, measured.method),
+                             f"Apply ({measured.evaluation['n_windows']} windows)", job.job_id,
+                             count_parameters(shapes, measured.method, measured.ranks,
+                                              measured.channels).decoder_compressed,
+                             measured.metrics, plan=measured.to_dict())
+
+
+@st.fragment(run_every=QUICK_POLL_S)
+def quick_live(job_id: str, start) -> None:
+    """Start the quick measurement once the allocation has settled, and poll it; rerun the page when it is done."""
+    job = get_job_board().get(job_id)
+    if job is not None and job.state in (JobState.DONE, JobState.FAILED):
+        st.rerun(scope="app")  # the page shows either without polling
+    if job is None or job.state is JobState.STOPPED:  # not started, or superseded before and now wanted again
+        seen_id, seen_at = st.session_state.get(QUICK_SEEN, (job_id, 0.0))
+        if seen_id == job_id and time.time() - seen_at < QUICK_SETTLE_S:
+            st.caption("Measuring on the first evaluation windows once the allocation stops changing...")
+            return
+        job = start()
+        st.session_state[QUICK_JOB] = job_id
+    fraction = job.event.fraction if job.event is not None else 0.0
+    st.progress(fraction, text=f"{job.label}" + (f" · {job.event.describe()}" if job.event is not None else "..."))
+
+
+def show_quick_measurement(plan: RankPlan, counts) -> None:
+    """The allocation measured on the first evaluation windows without a click, once it stops changing; a newer
+    allocation stops an older pending measurement, and a finished one is found again by its allocation."""
+    board = get_job_board()
+    job_id = quick_job_id(workspace, loaded, method, plan.ranks, plan.channels, plan.pruning)
+    previous = st.session_state.get(QUICK_JOB)
+    if previous and previous != job_id:
+        board.stop(previous)  # superseded: it ends before its next window (a finished one is kept)
+    if st.session_state.get(QUICK_SEEN, (None,))[0] != job_id:
+        st.session_state[QUICK_SEEN] = (job_id, time.time())
+    job = board.get(job_id)
+    if job is not None and job.state is JobState.FAILED:
+        st.warning(f"{job.label} failed: {job.message} Apply still measures on all evaluation windows.")
+        return
+    if job is None or job.state is not JobState.DONE:
+        if session_ready(workspace, loaded, method):
+            quick_live(job_id, lambda: start_quick_measurement(workspace, loaded, method, plan.ranks, plan.channels,
+                                                               plan.pruning))
+        else:
+            st.caption("The quick measurement starts by itself once this method is prepared (its factors and the "
+                       "original model's reference on the evaluation windows are stored): press Apply once.")
+        return
+    quick: QuickMeasurement = job.result
+    remember_measurement(scope, f"quick ({quick.windows} windows)", job_id, counts.decoder_compressed,
+                         {"perplexity": quick.perplexity, "kl_reverse": quick.kl_reverse})
+    columns = st.columns(4)
+    columns[0].metric(f"Quick perplexity ({quick.windows} windows)", f"{quick.perplexity:.3f}")
+    columns[1].metric(f"Original on the same {quick.windows} windows", f"{quick.original_perplexity:.3f}")
+    columns[2].metric(f"Quick {METRIC_LABELS['kl_forward']}", f"{quick.kl_forward:.4g}")
+    columns[3].metric(f"Quick {METRIC_LABELS['kl_reverse']}", f"{quick.kl_reverse:.4g}")
+    st.caption(f"Measured without a click on the first {quick.windows} of the {quick.of_windows} evaluation windows "
+               f"({quick.tokens:,} predicted tokens, {quick.seconds:.1f} s): a quick look at this allocation, not "
+               f"Apply's measurement on all {quick.of_windows} windows.")
 
 
 method = choose_method()
@@ -291,6 +423,15 @@ else:
                "costs r·(d_in + d_out); a pruned MLP keeping k channels costs 3·d·k.")
 
 st.subheader("Quality")
+history = st.session_state.setdefault(HISTORY, [])  # measured points of this browser session, oldest first
+scope = quick_scope(workspace, loaded, method)  # this model, method and texts: what the history chart shows
+remember_applied()  # before the estimate, which is corrected on applied plans too
+if plan is None:
+    st.caption("The estimate and the measurements wait for the input above to be fixed.")
+else:
+    show_estimate(plan)
+    show_quick_measurement(plan, counts)
+
 if st.button("Apply", type="primary", key="apply_plan", disabled=plan is None,
              help="Evaluate this plan on the evaluation text." if plan else "Fix the input above first."):
     st.session_state[APPLY_JOB] = start_apply(workspace, loaded, method, plan.ranks, plan.grouping,
@@ -320,7 +461,21 @@ if applied is not None:
                + ("" if matches else " These numbers are for the last applied plan; the table has changed since: "
                                      "Apply again."))
 else:
-    st.caption("Not evaluated yet: press Apply.")
+    st.caption("Not evaluated on all evaluation windows yet: press Apply.")
+
+walked = [point for point in history if point["scope"] == scope]
+if walked:
+    frame = pd.DataFrame(walked)
+    frame["step"] = range(1, len(frame) + 1)
+    trail = px.scatter(frame, x="decoder_params", y="perplexity", color="measured", symbol="measured", text="step",
+                       hover_data={"kl_reverse": ":.4f", "step": True},
+                       labels={"decoder_params": "decoder-linear parameters", "measured": "measured"})
+    trail.update_traces(marker_size=11, textposition="top center")
+    trail.update_layout(height=300, margin=dict(t=10, b=10))
+    st.plotly_chart(trail, width="stretch", key="alloc_history")
+    st.caption("What this browser session measured on this model, method and texts, numbered in order: quick points "
+               "on the first evaluation windows, Apply points on all of them (their perplexities differ by the "
+               "windows as well as by the allocation, so compare each kind with itself).")
 
 st.subheader("Plans")
 keep = st.columns([2, 1, 2])

@@ -30,6 +30,7 @@ import pytest
 
 from engine.compression.grouping import Grouping, ranks_from_ratios
 from engine.compression.session import CompressionSession
+from engine.compression.sweep import sweep_by_type
 from engine.texts.settings import TextSettings
 from engine.compression.units import count_parameters
 from engine.energy import rank_table
@@ -135,8 +136,8 @@ def app_server(setup: WalkSetup, cache: Path, log: Path):
 def engine_numbers(setup: WalkSetup, run_study: bool) -> dict:
     """What the pages should show, from the engine in the current cache (`$RANKSCOPE_CACHE`).
 
-    With `run_study` the engine runs the page's study itself (same settings and seed, so the same
-    trials); otherwise it reads the study the page ran from the store.
+    With `run_study` the engine runs the walk's sweep and the page's study itself (same settings, seed and
+    priors, so the same trials); otherwise it reads the study the page ran from the store.
     """
     texts = setup.texts
     store = open_store()
@@ -150,7 +151,8 @@ def engine_numbers(setup: WalkSetup, run_study: bool) -> dict:
     ranks = ranks_from_ratios(groups, {name: DEFAULT_RATIO for name in groups})
     evaluated = session.evaluate(session.plan(ranks))
     storage = DuckDBStudyStorage(store)
-    if run_study:
+    if run_study:  # as the walk: the per-type sweep at the default grid first (greedy and the global allocation
+        sweep_by_type(session)  # are told to the search, so the study depends on it)
         create_study(storage, session, setup.study_settings(), name="walk")
         StudyRunner(storage, session, "walk").run()
     return {
