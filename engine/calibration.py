@@ -19,11 +19,26 @@ Speed: several windows run through the decoder at once (`tokens_per_batch`), and
 the statistics within about 2e-7 (second moment) and 1.4e-6 (centred covariances; relative,
 Frobenius) of float64 products: `bench/bench_calibration.py` measures it against a plain float64
 loop, and `product_dtype=torch.float64` gives float64 products where that matters.
+
+Stored form (`CalibrationStatistics.to_tensors`): only what cannot be derived. Per site that is the
+upper triangle of `Σ x xᵀ` (the matrix is symmetric: its lower half is the upper one mirrored, and
+`M = Σxxᵀ/n` and `‖X_j‖₂ = sqrt((Σxxᵀ)_jj)` follow from it), the token count, and either the group sums
+`Σ_{x∈g} x` (m × d; when every group has the same size, from which the mean and the pooled covariance
+follow exactly as `finish` computes them) or, when groups have two sizes (the pooled covariance then
+needs the two per-size sums, no cheaper than itself), the upper triangle of the pooled covariance and
+the mean. The group sums are stored only while they are smaller than that triangle and the mean.
+`from_tensors` derives the rest with the same operations as the collection, each site when it is first
+used, so the loaded statistics equal the collected ones bit for bit; a matrix stored as a triangle is
+made exactly symmetric (upper triangle mirrored) when collected, which changes nothing where the
+products were already symmetric. Statistics stored in the earlier full form (mean, second moment,
+pooled covariance, L2 norms) still load as they were written.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -32,6 +47,7 @@ import torch
 from engine.errors import CorpusError
 from engine.models.adapters import SITES, ArchitectureAdapter
 from engine.progress import ProgressCallback, ProgressTracker
+
 
 @dataclass(frozen=True)
 class SiteStatistics:
@@ -50,17 +66,91 @@ class SiteStatistics:
         return (self.second_moment - torch.outer(self.mean, self.mean)) * (n / (n - 1))
 
 
+# names of the stored tensors of one site (`{layer}.{site}.{name}`); LEGACY_* is the full form written before
+SUM_XXT = "sum_xxT_upper"  # upper triangle of Σ x xᵀ, row by row: d(d+1)/2 values
+GROUP_SUMS = "group_sum_x"  # [m, d]: Σ_{x∈g} x, when every group has the same size
+POOLED_UPPER = "pooled_covariance_upper"  # upper triangle of the pooled covariance, when groups have two sizes
+MEAN = "mean"  # [d], stored with POOLED_UPPER (otherwise derived from the group sums)
+N_TOKENS = "n_tokens"  # [1] int64
+LEGACY_NAMES = ("mean", "second_moment", "pooled_covariance", "l2_norm", "n_tokens")
+
+
+@functools.lru_cache(maxsize=8)
+def _upper(d: int) -> torch.Tensor:
+    """`[d, d]` boolean mask of the upper triangle, diagonal included."""
+    return torch.ones(d, d, dtype=torch.bool).triu_()
+
+
+def pack_symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (diagonal included) of a `[d, d]` matrix, row by row: `d(d+1)/2` values."""
+    return matrix.masked_select(_upper(matrix.shape[0]))
+
+
+def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
+    """The symmetric `[d, d]` matrix whose upper triangle is `packed` (the lower one is its mirror image)."""
+    d = int(round(((8 * packed.numel() + 1) ** 0.5 - 1) / 2))
+    if d * (d + 1) // 2 != packed.numel():
+        raise ValueError(f"{packed.numel()} values are not the upper triangle of a square matrix")
+    upper = _upper(d)
+    matrix = torch.empty(d, d, dtype=packed.dtype)
+    matrix.masked_scatter_(upper, packed)  # the upper triangle, row by row
+    matrix.T.masked_scatter_(upper, packed)  # the same values down the columns: the lower triangle, mirrored
+    return matrix
+
+
+def _mirrored(matrix: torch.Tensor) -> torch.Tensor:
+    """`matrix` with its lower triangle replaced by the mirror image of its upper one (exactly symmetric)."""
+    return torch.where(_upper(matrix.shape[0]), matrix, matrix.T)
+
+
+def _pooled_covariance(sum_by_size: dict[int, torch.Tensor], group_sum_x: torch.Tensor,
+                       group_tokens: list[int]) -> torch.Tensor:
+    """`(1/m) Σ_g [S_g/(n_g − 1) − s_g s_gᵀ/(n_g (n_g − 1))]` from the per-size sums of `x xᵀ` and the group sums.
+
+    In place where it can be (these are d² float64 matrices, derived again on every load); each operation
+    rounds as its out-of-place form does."""
+    m = len(group_tokens)
+    sizes = torch.tensor(group_tokens, dtype=torch.float64)
+    pooled = None
+    for size, total in sum_by_size.items():  # Σ_g S_g / (n_g − 1)
+        term = total / (size - 1)
+        pooled = term if pooled is None else pooled.add_(term)
+    # Σ_g sum_g sum_gᵀ / (n_g (n_g − 1)): the group-mean correction of the pooled covariance
+    scaled = group_sum_x / torch.sqrt(sizes * (sizes - 1)).unsqueeze(1)
+    return pooled.sub_(scaled.T @ scaled).div_(m)
+
+
+def _site(sum_xxT: torch.Tensor, n: int, mean: torch.Tensor, pooled: torch.Tensor) -> SiteStatistics:
+    """The statistics that follow from `Σ x xᵀ` (exactly symmetric), the token count, the mean and the pooled covariance."""
+    return SiteStatistics(mean=mean, second_moment=sum_xxT / n, pooled_covariance=pooled,
+                          l2_norm=torch.sqrt(torch.diagonal(sum_xxT).clone()), n_tokens=n)
+
+
+def _stores_group_sums(one_size: bool, n_groups: int, dim: int) -> bool:
+    """Group sums (m × d) instead of the pooled covariance's triangle and the mean, when they derive it and are smaller."""
+    return one_size and n_groups * dim < dim * (dim + 1) // 2 + dim
+
+
 @dataclass(frozen=True)
 class CalibrationStatistics:
-    """Statistics of every (layer, site) of a model over one calibration text."""
+    """Statistics of every (layer, site) of a model over one calibration text.
 
-    sites: dict[tuple[int, str], SiteStatistics]
+    `stored_form` is what `to_tensors` writes (module docstring): collected statistics carry it until they
+    are stored (`without_stored_form` drops it, so a long-lived value holds only the statistics)."""
+
+    sites: Mapping[tuple[int, str], SiteStatistics]  # a dict, or sites derived on first use (`from_tensors`)
     n_groups: int
+    stored_form: Optional[dict[str, torch.Tensor]] = field(default=None, compare=False, repr=False)
 
     def site(self, layer: int, site: str) -> SiteStatistics:
         return self.sites[(layer, site)]
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors to store: the compact form for collected statistics, else the legacy full form."""
+        return dict(self.stored_form) if self.stored_form is not None else self.legacy_tensors()
+
+    def legacy_tensors(self) -> dict[str, torch.Tensor]:
+        """The full form RankScope wrote before the compact one (every statistic, both triangles); still readable."""
         tensors = {}
         for (layer, site), stats in self.sites.items():
             prefix = f"{layer}.{site}"
@@ -71,20 +161,65 @@ class CalibrationStatistics:
             tensors[f"{prefix}.n_tokens"] = torch.tensor([stats.n_tokens], dtype=torch.int64)
         return tensors
 
+    def without_stored_form(self) -> "CalibrationStatistics":
+        return replace(self, stored_form=None)
+
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], n_groups: int) -> "CalibrationStatistics":
-        keys = {tuple(name.split(".")[:2]) for name in tensors}
-        sites = {}
-        for layer, site in keys:
-            prefix = f"{layer}.{site}"
-            sites[(int(layer), site)] = SiteStatistics(
-                mean=tensors[f"{prefix}.mean"],
-                second_moment=tensors[f"{prefix}.second_moment"],
-                pooled_covariance=tensors[f"{prefix}.pooled_covariance"],
-                l2_norm=tensors[f"{prefix}.l2_norm"],
-                n_tokens=int(tensors[f"{prefix}.n_tokens"][0]),
-            )
-        return cls(sites, n_groups)
+        """Statistics from either stored form. A site of the compact form is derived, exactly as
+        `collect_statistics` derived it, when it is first used (a session whose factors are already stored
+        may never need it), and kept."""
+        keys = sorted({(int(name.split(".")[0]), name.split(".")[1]) for name in tensors})
+        if keys and f"{keys[0][0]}.{keys[0][1]}.second_moment" in tensors:  # the legacy full form
+            sites = {(layer, site): SiteStatistics(
+                mean=tensors[f"{layer}.{site}.mean"],
+                second_moment=tensors[f"{layer}.{site}.second_moment"],
+                pooled_covariance=tensors[f"{layer}.{site}.pooled_covariance"],
+                l2_norm=tensors[f"{layer}.{site}.l2_norm"],
+                n_tokens=int(tensors[f"{layer}.{site}.{N_TOKENS}"][0]),
+            ) for layer, site in keys}
+            return cls(sites, n_groups)
+        return cls(_DerivedSites({key: {name.split(".", 2)[2]: t for name, t in tensors.items()
+                                        if name.startswith(f"{key[0]}.{key[1]}.")} for key in keys}), n_groups)
+
+
+def _derive_site(stored: dict[str, torch.Tensor]) -> SiteStatistics:
+    """One site's statistics from its compact stored form (module docstring)."""
+    n = int(stored[N_TOKENS][0])
+    sum_xxT = unpack_symmetric(stored[SUM_XXT])
+    if GROUP_SUMS in stored:  # one group size: mean and pooled covariance derived
+        group_sum_x = stored[GROUP_SUMS]
+        m = group_sum_x.shape[0]
+        group_tokens = [n // m] * m
+        mean = group_sum_x.sum(dim=0) / n
+        pooled = _pooled_covariance({group_tokens[0]: sum_xxT}, group_sum_x, group_tokens)
+    else:
+        mean = stored[MEAN]
+        pooled = unpack_symmetric(stored[POOLED_UPPER])
+    return _site(sum_xxT, n, mean, pooled)
+
+
+class _DerivedSites(Mapping):
+    """(layer, site) -> `SiteStatistics`, each derived from its stored form on first use and then kept.
+
+    Safe to read from several threads (the factorisation's workers): two that derive one site at once get
+    the same numbers, and the first one kept is returned to both."""
+
+    def __init__(self, stored: dict[tuple[int, str], dict[str, torch.Tensor]]):
+        self._stored = stored
+        self._derived: dict[tuple[int, str], SiteStatistics] = {}
+
+    def __getitem__(self, key: tuple[int, str]) -> SiteStatistics:
+        site = self._derived.get(key)
+        if site is None:
+            site = self._derived.setdefault(key, _derive_site(self._stored[key]))
+        return site
+
+    def __iter__(self) -> Iterator[tuple[int, str]]:
+        return iter(self._stored)
+
+    def __len__(self) -> int:
+        return len(self._stored)
 
 
 def group_assignment(n_windows: int, n_groups: int) -> list[int]:
@@ -119,21 +254,21 @@ class _SiteAccumulator:
         self.group_sum_x.index_add_(0, torch.tensor(groups), window_sums)
         self.n_tokens += flat.shape[0]
 
-    def finish(self) -> SiteStatistics:
-        n, m = self.n_tokens, len(self.group_tokens)
-        sizes = torch.tensor(self.group_tokens, dtype=torch.float64)
-        sum_xxT = sum(self.sum_xxT.values())
-        pooled_sum = sum(total / (size - 1) for size, total in self.sum_xxT.items())  # Σ_g S_g / (n_g − 1)
-        # Σ_g sum_g sum_gᵀ / (n_g (n_g − 1)): the group-mean correction of the pooled covariance
-        scaled = self.group_sum_x / torch.sqrt(sizes * (sizes - 1)).unsqueeze(1)
-        pooled = (pooled_sum - scaled.T @ scaled) / m
-        return SiteStatistics(
-            mean=self.group_sum_x.sum(dim=0) / n,
-            second_moment=sum_xxT / n,
-            pooled_covariance=pooled,
-            l2_norm=torch.sqrt(torch.diagonal(sum_xxT).clone()),
-            n_tokens=n,
-        )
+    def finish(self) -> tuple[SiteStatistics, dict[str, torch.Tensor]]:
+        """The site's statistics, and its stored form (module docstring) from which they are derived again."""
+        n, dim = self.n_tokens, self.group_sum_x.shape[1]
+        one_size = len(self.sum_xxT) == 1
+        sum_xxT = _mirrored(sum(self.sum_xxT.values()))
+        by_size = {self.group_tokens[0]: sum_xxT} if one_size else self.sum_xxT
+        mean = self.group_sum_x.sum(dim=0) / n
+        pooled = _pooled_covariance(by_size, self.group_sum_x, self.group_tokens)
+        stored = {SUM_XXT: pack_symmetric(sum_xxT), N_TOKENS: torch.tensor([n], dtype=torch.int64)}
+        if _stores_group_sums(one_size, len(self.group_tokens), dim):
+            stored[GROUP_SUMS] = self.group_sum_x  # the pooled covariance is derived again from these, as here
+        else:
+            pooled = _mirrored(pooled)  # stored as its upper triangle: read back exactly symmetric
+            stored[POOLED_UPPER], stored[MEAN] = pack_symmetric(pooled), mean
+        return _site(sum_xxT, n, mean, pooled), stored
 
 
 TOKENS_PER_BATCH = 2048  # windows run through the decoder together: 4 of 512 tokens
@@ -190,4 +325,8 @@ def collect_statistics(
     finally:
         for handle in handles:
             handle.remove()
-    return CalibrationStatistics({key: acc.finish() for key, acc in accumulators.items()}, n_groups)
+    sites, stored = {}, {}
+    for (layer, site), accumulator in accumulators.items():
+        sites[(layer, site)], site_stored = accumulator.finish()
+        stored.update({f"{layer}.{site}.{name}": tensor for name, tensor in site_stored.items()})
+    return CalibrationStatistics(sites, n_groups, stored)

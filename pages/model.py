@@ -14,7 +14,9 @@ from app.workspace import load_workspace_model, workspace_sidebar
 from engine.cache.lookups import find_baseline_evaluation, find_calibration
 from engine.errors import RankScopeError
 from engine.models.summary import parameter_summary
-from engine.store.cache_inventory import cached_calibrations, cached_evaluations, cached_sweeps
+from engine.store.cache_inventory import (
+    cached_artifacts, cached_calibrations, cached_evaluations, cached_sweeps, forget_artifact, human_bytes,
+)
 from engine.cache.evaluation import ensure_baseline_evaluation
 
 st.title("RankScope")
@@ -140,3 +142,57 @@ else:
                  hide_index=True, width="stretch", key="cached_sweeps")
 st.caption("Everything here is read from the cache database: a result computed once (on any page, in the "
            "command line or in a script) is reused, and deleting the cache loses only computing time.")
+
+st.subheader("Cache on disk")
+whole = st.radio("Show", ["this model", "the whole cache"], horizontal=True, key="cache_scope") == "the whole cache"
+artifacts = cached_artifacts(store, None if whole else loaded.fingerprint)
+by_id = {a.artifact_id: a for a in artifacts}
+totals = st.columns(2)
+totals[0].metric("On disk", human_bytes(sum(a.n_bytes for a in artifacts)))
+totals[1].metric("Artifacts", len(artifacts))
+if artifacts:
+    st.dataframe(pd.DataFrame([{
+        "kind": a.kind, "what": a.description, "model": a.model, "texts": a.texts, "MB": a.n_bytes / 1e6,
+        "made": a.created_at, "id": a.artifact_id} for a in artifacts]),
+        hide_index=True, width="stretch", key="cache_artifacts",
+        column_config={"MB": st.column_config.NumberColumn(format="%.2f")})
+else:
+    st.caption("Nothing cached yet.")
+st.caption("Sizes are the files each artifact keeps below the cache folder (arrays, a study's JSON copy, a "
+           "checkpoint, a converted model); spectra, evaluations, sweeps and export records are rows of the "
+           "database. Windows, MLP sweep points, recovery checkpoints and unused array files do not record their "
+           "model: they are listed with the whole cache. Studies and converted models are listed, not deleted here.")
+notice = st.session_state.pop("cache_deleted", None)
+if notice:
+    st.success(notice)
+version = st.session_state.get("cache_selection_version", 0)
+deletable = [a.artifact_id for a in artifacts if a.deletable]
+chosen = st.multiselect(
+    "Artifacts to delete", deletable, key=f"cache_selection_{version}",
+    format_func=lambda aid: f"{by_id[aid].kind}: {by_id[aid].description} ({human_bytes(by_id[aid].n_bytes)})")
+chosen_bytes = sum(by_id[a].n_bytes for a in chosen)
+if chosen and st.button(f"Delete {len(chosen)} artifact(s), {human_bytes(chosen_bytes)}...", key="cache_delete"):
+    st.session_state["cache_pending"] = list(chosen)
+pending = [aid for aid in st.session_state.get("cache_pending", []) if aid in by_id]
+if pending:
+    with st.container(border=True):
+        pending_bytes = sum(by_id[a].n_bytes for a in pending)
+        st.warning(f"Delete these {len(pending)} artifact(s) and free {human_bytes(pending_bytes)}? What each one costs:")
+        st.markdown("\n".join(f"- **{by_id[a].kind}** {by_id[a].description}: {by_id[a].on_delete}" for a in pending))
+        confirm, cancel = st.columns(2)
+        if confirm.button("Delete them", type="primary", key="cache_confirm"):
+            freed, failed = 0, []
+            for aid in pending:
+                try:
+                    freed += forget_artifact(store, aid).bytes_freed
+                except RankScopeError as exc:
+                    failed.append(f"{aid}: {exc}")
+            st.session_state["cache_deleted"] = (
+                f"Deleted {len(pending) - len(failed)} artifact(s), freed {human_bytes(freed)}."
+                + (f" Not deleted: {'; '.join(failed)}" if failed else ""))
+            st.session_state.pop("cache_pending", None)
+            st.session_state["cache_selection_version"] = version + 1
+            st.rerun()
+        if cancel.button("Cancel", key="cache_cancel"):
+            st.session_state.pop("cache_pending", None)
+            st.rerun()

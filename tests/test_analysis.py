@@ -112,7 +112,7 @@ def test_unit_rank_rows_round_trip_through_edited_ranks():
     ranks = {"layers.0.q": 2, "layers.1.down": 4}
     rows = unit_rank_rows(shapes, "svd", ranks)
     assert len(rows) == 14 and rows[0] == {"module": "layers.0.q", "layer": 0, "type": "q", "shape": "8×8",
-                                           "max_rank": 8, "rank": 2, "parameters": 32, "dense_parameters": 64}
+                                           "max_rank": 4, "rank": 2, "parameters": 32, "dense_parameters": 64}
     edited = [row["rank"] for row in rows]
     assert ranks_from_unit_ranks(shapes, "svd", edited) == {s.path: ranks.get(s.path) for s in shapes.linears}
     edited[1] = float("nan")  # a cleared cell

@@ -69,7 +69,7 @@ def test_rank_rows_show_a_pruned_mlp_dense_with_its_sliced_parameters():
     assert gate["rank"] is None and gate["pruned"] == "pruned: 5 of 12 channels" and gate["parameters"] == 5 * 8
     assert by_module["layers.0.mlp.down"]["parameters"] == 5 * 8
     assert by_module["layers.1.mlp.gate"] | {"parameters": 0} == {
-        "module": "layers.1.mlp.gate", "layer": 1, "type": "gate", "shape": "12×8", "max_rank": 8, "rank": 2,
+        "module": "layers.1.mlp.gate", "layer": 1, "type": "gate", "shape": "12×8", "max_rank": 4, "rank": 2,
         "parameters": 0, "dense_parameters": 96, "pruned": ""}
     assert by_module["layers.0.q"]["rank"] == 2 and by_module["layers.0.q"]["pruned"] == ""
     assert "pruned" not in unit_rank_rows(shapes, "svd", ranks)[0]  # low-rank mode: the table as before

@@ -281,11 +281,14 @@ def test_grouping_parse_and_errors():
     for text in ("7x3", "5x0", "5x", "6x1", "layers"):
         with pytest.raises(RankScopeError, match=f"Unknown grouping '{text}'.*5x1"):
             Grouping.parse(text)
-    with pytest.raises(RankScopeError, match="Unknown grouping 'bogus'. Groupings: 5x1, 5xG, per-layer, custom"):
+    with pytest.raises(RankScopeError, match="Unknown grouping 'bogus'. Groupings: 5x1, 5xG, per-layer, curve, custom"):
         Grouping("bogus")
     with pytest.raises(RankScopeError, match="5x31 needs at least 31 layers"):
         Grouping.parse("5x31").groups(SMOL, "svd")
     assert Grouping.from_dict(Grouping.parse("5x3", search_v=True).to_dict()) == Grouping("5xG", 3, True)
+    assert Grouping.parse("curve3") == Grouping("curve", 3) and Grouping.parse("curve3").label == "curve3"
+    with pytest.raises(RankScopeError, match="curve31 needs at least 31 layers"):
+        Grouping.parse("curve31").groups(SMOL, "svd")
 
 
 def test_group_names_and_members():

@@ -38,7 +38,7 @@ def unit_rank_rows(shapes: ModelShapes, method: str, ranks: Mapping[str, Optiona
             "layer": unit.layer,
             "type": "+".join(unit.types),
             "shape": f"{unit.d_out}×{unit.d_in}",
-            "max_rank": unit.max_rank,
+            "max_rank": unit.break_even_rank,  # the largest rank a plan may use (above it, dense is cheaper)
             "rank": rank,
             "parameters": unit.params(rank),
             "dense_parameters": unit.dense_params,

@@ -1,4 +1,10 @@
-"""Calibration statistics of a model over a text, from the cache or computed and stored."""
+"""Calibration statistics of a model over a text, from the cache or computed and stored.
+
+What is stored is only what cannot be derived (`engine.calibration`'s stored form: the upper triangle of
+`Σ x xᵀ`, the token count, and the group sums or, for groups of two sizes, the pooled covariance's upper
+triangle and the mean); the rest is derived when it is read, bit for bit as it was collected. A
+calibration stored in the earlier full form is read as it was written.
+"""
 
 from __future__ import annotations
 
@@ -48,7 +54,9 @@ def ensure_calibration(
             add_bos=tokenizer_adds_bos(loaded.tokenizer), n_tokens=windows.numel(), array_id=key,
             seconds=time.perf_counter() - start,
         )
-        return Computed(statistics, record, statistics.to_tensors(), {"model": loaded.model_id, "text": text_source})
+        # stored in the compact form; the value returned (and kept by sessions) drops it
+        return Computed(statistics.without_stored_form(), record, statistics.to_tensors(),
+                        {"model": loaded.model_id, "text": text_source})
 
     cached = get_or_compute(store, "calibration", key, compute,
                             lambda record, tensors, _m: CalibrationStatistics.from_tensors(tensors, record.n_groups),

@@ -13,6 +13,7 @@ commands (texts, windows, method, `--json`) are declared once in `options`. The 
 | `lm_eval` | `lm-eval-task` |
 | `recovery` | `recover` |
 | `search` | `search start`, `search resume`, `search status`, `search best`, `search export-plan`, `search restore` |
+| `cache` | `cache list`, `cache forget` |
 
 `--cache DIR` (before the command) points every command at another cache folder.
 """
@@ -52,4 +53,4 @@ def echo_json(value) -> None:
     typer.echo(json.dumps(value, indent=2, default=str))
 
 
-from engine.cli import analysis, compression, export, lm_eval, recovery, search  # noqa: E402,F401  (registers the commands)
+from engine.cli import analysis, cache, compression, export, lm_eval, recovery, search  # noqa: E402,F401  (registers the commands)

@@ -141,6 +141,14 @@ class RankPlan:
                     f"min(d_in, d_out) = {unit.max_rank} for this {unit.d_out}x{unit.d_in} "
                     f"{'stacked ' if len(unit.paths) > 1 else ''}matrix, or null for dense."
                 )
+            if rank > unit.break_even_rank:
+                raise PlanError(
+                    f"Rank {rank} for '{' and '.join(unit.paths)}' saves no parameters: its factors "
+                    f"({rank}·({unit.d_in}+{unit.d_out}) = {unit.params(rank):,}) are larger than the dense "
+                    f"{unit.d_out}x{unit.d_in} {'stacked ' if len(unit.paths) > 1 else ''}matrix ({unit.dense_params:,}), "
+                    f"which is also exact. Use a rank up to {unit.break_even_rank} (the break-even rank), or null to "
+                    "keep it dense."
+                )
         channels = self._checked_channels(shapes)
         _refuse_empty(self.ranks, channels)
         full = {s.path: self.ranks.get(s.path) for s in shapes.linears}

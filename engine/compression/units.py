@@ -4,8 +4,10 @@ A unit is one decoder linear, or, for methods that share `A` (joint-svd), a pair
 the same input (q‖k, gate‖up). A unit with input size `d_in` and output sizes `d_out_i` has
 `d_in·Σd_out_i` dense parameters and `r·(d_in + Σd_out_i)` at rank r. Ratios map to ranks by
 `r = (1 − λ)·d_in·Σd_out/(d_in + Σd_out)` rounded to a multiple of 8; a rank whose factors would not
-be smaller than the dense matrices means "keep dense" (None). MACs per token equal parameters for a
-linear, so the same counts serve both.
+be smaller than the dense matrices means "keep dense" (None). A rank above the break-even rank
+`⌊d_in·Σd_out/(d_in + Σd_out)⌋` costs more parameters than the dense matrices and cannot be closer to
+them than they are, so plans refuse it and the cache keeps factors only up to it. MACs per token equal
+parameters for a linear, so the same counts serve both.
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ class RankUnit:
     @property
     def max_rank(self) -> int:
         return min(self.d_in, self.d_out)
+
+    @property
+    def break_even_rank(self) -> int:
+        """The largest rank whose factors are not larger than the dense matrices, `⌊d_in·d_out / (d_in + d_out)⌋`:
+        above it a rank only costs parameters, so plans refuse it and the cache keeps factors up to it."""
+        return self.dense_params // (self.d_in + self.d_out)
 
     def params(self, rank: Optional[int]) -> int:
         return self.dense_params if rank is None else rank * (self.d_in + self.d_out)
