@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from engine.cli import ModelOption, app, echo_json, fail
-from engine.cli.options import METHODS_HELP, JsonOption, MethodOption, TextOptions, text_options
+from engine.cli.options import METHODS_HELP, JsonOption, MethodOption, RayAddressOption, TextOptions, WorkersOption, text_options
 from engine.errors import RankScopeError
 from engine.texts.settings import TextSettings
 
@@ -187,12 +187,15 @@ def sweep(
     types: Optional[str] = typer.Option(None, "--types", help="Types for --by type, comma-separated (default: all)."),
     linear_type: str = typer.Option("q", "--type", help="The type for --by layer."),
     ratio: float = typer.Option(0.5, "--ratio", help="The ratio for --by layer."),
+    workers: int = WorkersOption,
+    ray_address: Optional[str] = RayAddressOption,
     texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
 ):
     """Sensitivity sweep; each point is stored as it finishes, and a rerun resumes (stored points are reused)."""
     from engine.compression.sweep import sweep_by_layer, sweep_by_type
     from engine.progress import TerminalProgress
+    from engine.workers import open_evaluator
 
     try:
         if by not in ("type", "layer"):
@@ -201,12 +204,18 @@ def sweep(
             grid = [float(r) for r in ratios.split(",") if r.strip()]
         except ValueError as exc:
             raise RankScopeError(f"--ratios must be comma-separated numbers, got '{ratios}'.") from exc
+        if workers < 1:
+            raise RankScopeError(f"--workers must be at least 1 (1 evaluates in this process), got {workers}.")
         session = open_session(model, method, texts.settings())
-        if by == "type":
-            chosen = [t.strip() for t in types.split(",")] if types else None
-            points = sweep_by_type(session, grid, chosen, TerminalProgress())
-        else:
-            points = sweep_by_layer(session, linear_type, ratio, progress=TerminalProgress())
+        evaluator = open_evaluator(session, workers, ray_address)
+        try:
+            if by == "type":
+                chosen = [t.strip() for t in types.split(",")] if types else None
+                points = sweep_by_type(session, grid, chosen, TerminalProgress(), evaluator=evaluator)
+            else:
+                points = sweep_by_layer(session, linear_type, ratio, progress=TerminalProgress(), evaluator=evaluator)
+        finally:
+            evaluator.close()
     except RankScopeError as exc:
         fail(exc)
     original = session.original_quality()

@@ -114,3 +114,9 @@ def text_options(command: Callable) -> Callable:
 
     with_texts.__signature__ = signature.replace(parameters=[*own, *_TEXT_PARAMETERS])
     return with_texts
+
+
+WorkersOption = typer.Option(1, "--workers", help="Evaluate on N Ray workers, one model replica each (a local Ray "
+                             "started for the run, one CPU per worker); 1 evaluates in this process.")
+RayAddressOption = typer.Option(None, "--ray-address", help="Join a running Ray cluster (host:port of `ray start "
+                                "--head`) instead of starting a local one; every node must see the model directory.")

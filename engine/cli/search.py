@@ -9,7 +9,7 @@ import typer
 
 from engine.cli import app, echo_json, fail
 from engine.cli.compression import DEFAULT_MODEL, PlanMethodOption, PlanModelOption, open_session, read_plan
-from engine.cli.options import JsonOption, TextOptions, text_options
+from engine.cli.options import JsonOption, RayAddressOption, TextOptions, WorkersOption, text_options
 from engine.errors import RankScopeError
 
 search_app = typer.Typer(no_args_is_help=True, help="Rank-allocation search studies (scikit-optimize GP + EI), persisted and resumable.")
@@ -47,15 +47,23 @@ def _session_for(settings):
     return open_session(settings.model, settings.method, settings.texts)
 
 
-def _run(storage, session, study_id: str) -> None:
+def _run(storage, session, study_id: str, workers: int = 1, ray_address: Optional[str] = None) -> None:
     from engine.progress import TerminalProgress
     from engine.search.runner import StudyRunner
+    from engine.search.settings import StudySettings
+    from engine.workers import open_evaluator
 
+    settings = StudySettings.from_dict(storage.get_study(study_id).settings)
+    if settings.prunes and (workers > 1 or ray_address):  # workers adopt the channel order; computed once, here
+        session.channel_order(settings.pruning["aggregation"])
+    evaluator = open_evaluator(session, workers, ray_address)
     try:
-        StudyRunner(storage, session, study_id, progress=TerminalProgress()).run()
+        StudyRunner(storage, session, study_id, progress=TerminalProgress(), evaluator=evaluator).run()
     except KeyboardInterrupt:
         typer.echo(f"\nStopped. Resume with: rankscope search resume --study {study_id}", err=True)
         raise typer.Exit(code=130)
+    finally:
+        evaluator.close()
 
 
 _RESUMABLE = ("interrupted", "stopped", "failed")
@@ -121,6 +129,11 @@ def start(
                                               "uses the plan's model, method and texts unless options say otherwise."),
     warm_start_study: Optional[str] = typer.Option(None, "--warm-start-study", help="Seed with another study's best plan."),
     name: Optional[str] = typer.Option(None, "--name", help="Study id (default: generated)."),
+    workers: int = WorkersOption,
+    ray_address: Optional[str] = RayAddressOption,
+    batch: Optional[int] = typer.Option(None, "--batch", help="Points proposed at once (trust strategy; default: "
+                                        "--workers). Part of the study: the same batch gives the same trials on any "
+                                        "number of workers."),
     texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
 ):
@@ -130,6 +143,8 @@ def start(
     from engine.search.summary import best_trial, study_summary, trial_values, warm_start_from_plan
 
     try:
+        if workers < 1:
+            raise RankScopeError(f"--workers must be at least 1 (1 evaluates in this process), got {workers}.")
         if warm_start is not None and warm_start_study is not None:
             raise RankScopeError("Give at most one of --warm-start and --warm-start-study.")
         plan = None
@@ -141,7 +156,8 @@ def start(
         settings = StudySettings(model=model, method=method, grouping=grouping, search_v=search_v, budget=budget,
                                  beta=beta, kl=kl, n_trials=trials, n_initial_points=initial_points, seed=seed,
                                  subset=subset, subset_size=subset_size, subset_candidates=subset_candidates,
-                                 subset_probe_plans=probe_plans, texts=study_texts, mlp=mlp, strategy=strategy)
+                                 subset_probe_plans=probe_plans, texts=study_texts, mlp=mlp, strategy=strategy,
+                                 batch=batch if batch is not None else (workers if strategy == "trust" else 1))
         storage = _storage()
         session = open_session(settings.model, settings.method, settings.texts, plan)
         if plan is not None:
@@ -159,7 +175,7 @@ def start(
             settings = StudySettings.from_dict({**settings.to_dict(), "warm_start": ratios})
         record = create_study(storage, session, settings, name)
         typer.echo(f"Study {record.study_id} created.", err=True)
-        _run(storage, session, record.study_id)
+        _run(storage, session, record.study_id, workers, ray_address)
         summary = study_summary(storage, record.study_id)
     except RankScopeError as exc:
         fail(exc)
@@ -167,7 +183,8 @@ def start(
 
 
 @search_app.command("resume")
-def resume(study: str = StudyOption, as_json: bool = JsonOption):
+def resume(study: str = StudyOption, workers: int = WorkersOption, ray_address: Optional[str] = RayAddressOption,
+           as_json: bool = JsonOption):
     """Resume a stopped, failed or interrupted study from its stored trials (a finished one returns at once)."""
     from engine.search.records import StudyState, is_interrupted
     from engine.search.settings import StudySettings
@@ -185,7 +202,9 @@ def resume(study: str = StudyOption, as_json: bool = JsonOption):
             raise RankScopeError(f"Study {study} is running in process {owner.get('pid')} on {owner.get('host')}; "
                                  "stop that process first, or wait for it.")
         else:
-            _run(storage, _session_for(StudySettings.from_dict(record.settings)), study)
+            if workers < 1:
+                raise RankScopeError(f"--workers must be at least 1 (1 evaluates in this process), got {workers}.")
+            _run(storage, _session_for(StudySettings.from_dict(record.settings)), study, workers, ray_address)
         summary = study_summary(storage, study)
     except RankScopeError as exc:
         fail(exc)

@@ -171,6 +171,14 @@ class CompressionSession:
             self._channel_orders[aggregation] = orders
         return self._channel_orders[aggregation]
 
+    def channel_orders(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every channel order computed so far (aggregation -> MLP path -> order): what a worker replica adopts."""
+        return dict(self._channel_orders)
+
+    def adopt_channel_orders(self, orders: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Take channel orders another session computed for the same model and calibration (a worker's replica)."""
+        self._channel_orders.update({k: dict(v) for k, v in orders.items()})
+
     def kept_channels(self, channels: Mapping[str, Optional[int]], pruning: Optional[Mapping] = None
                       ) -> dict[str, tuple[str, str, str, torch.Tensor]]:
         """For each pruned MLP: (gate, up, down paths, the kept channel ids), chosen as `pruning` says."""

@@ -28,6 +28,7 @@ import time
 from typing import Callable, Iterable, Optional, Sequence
 
 from engine.cache.keys import KEY_LENGTH, calibration_key, factorization_key, reference_key, sweep_key
+from engine.compression.evaluators import EvaluationTask, Evaluator
 from engine.compression.layer_prefix import LayerPrefixCache, supports_prefix
 from engine.compression.plan import RankPlan
 from engine.compression.pruning import PruningSettings
@@ -72,7 +73,8 @@ def _ranks_for(session: CompressionSession, label: str, layer: int, ratio: float
 
 
 def _run_points(session: CompressionSession, points: Sequence[tuple[str, int, float]],
-                progress: Optional[ProgressCallback], reuse_prefix: bool = False) -> list[SensitivityPoint]:
+                progress: Optional[ProgressCallback], reuse_prefix: bool = False,
+                evaluator: Optional[Evaluator] = None) -> list[SensitivityPoint]:
     sid = sweep_id(session)
     session.store.register_sweep(sid, session.loaded.fingerprint, session.method,
                                  session.factorization_record.factorization_id, session.reference_record.reference_id,
@@ -84,7 +86,31 @@ def _run_points(session: CompressionSession, points: Sequence[tuple[str, int, fl
         return (count_parameters(session.shapes, session.method, ranks).decoder_compressed, result.perplexity,
                 result.kl_forward, result.kl_reverse)
 
+    if evaluator is not None and evaluator.workers > 1:
+        return _measure_points_on(evaluator, session, sid, points, f"sweep ({session.method})", progress)
     return _measure_points(session, sid, points, measure, f"sweep ({session.method})", progress, reuse_prefix)
+
+
+def _measure_points_on(evaluator: Evaluator, session: CompressionSession, sid: str,
+                       points: Sequence[tuple[str, int, float]], stage: str,
+                       progress: Optional[ProgressCallback]) -> list[SensitivityPoint]:
+    """`_measure_points` on a pool of workers: every point not stored yet is handed out at once and stored (here,
+    by the driver) as it comes back, in whatever order. Points run in full (no layer prefix on the workers)."""
+    store = session.store
+    done = {(p.linear_type, p.layer, round(p.ratio, 6)) for p in store.sensitivity_points(sid)}
+    todo = [pt for pt in points if (pt[0], pt[1], round(pt[2], 6)) not in done]
+    tracker = ProgressTracker(progress, f"{stage} on {evaluator.workers} workers", total=len(points), unit="points")
+    tracker.advance(len(points) - len(todo))
+    tasks = [EvaluationTask(point, _ranks_for(session, *point)) for point in todo]
+    for evaluated in evaluator.map_unordered(tasks):
+        label, layer, ratio = evaluated.task.key
+        result = evaluated.result
+        params = count_parameters(session.shapes, session.method, evaluated.task.ranks).decoder_compressed
+        store.put_sensitivity_point(SensitivityPoint(sid, label, layer, float(ratio), params, result.perplexity,
+                                                     result.kl_forward, result.kl_reverse, evaluated.seconds))
+        tracker.advance()
+    wanted = {(label, layer, round(ratio, 6)) for label, layer, ratio in points}
+    return [p for p in store.sensitivity_points(sid) if (p.linear_type, p.layer, round(p.ratio, 6)) in wanted]
 
 
 def _measure_points(session: CompressionSession, sid: str, points: Sequence[tuple[str, int, float]],
@@ -130,28 +156,30 @@ def _check(session: CompressionSession, labels: Iterable[str], ratios: Iterable[
 
 
 def sweep_by_type(session: CompressionSession, ratios: Sequence[float] = DEFAULT_RATIOS,
-                  types: Optional[Sequence[str]] = None, progress: Optional[ProgressCallback] = None
-                  ) -> list[SensitivityPoint]:
-    """Each type compressed alone, in every layer, at each ratio."""
+                  types: Optional[Sequence[str]] = None, progress: Optional[ProgressCallback] = None,
+                  evaluator: Optional[Evaluator] = None) -> list[SensitivityPoint]:
+    """Each type compressed alone, in every layer, at each ratio (on `evaluator`'s workers when given)."""
     labels = list(types) if types else unit_labels(session)
     _check(session, labels, ratios)
-    return _run_points(session, [(label, ALL_LAYERS, r) for label in labels for r in ratios], progress)
+    return _run_points(session, [(label, ALL_LAYERS, r) for label in labels for r in ratios], progress,
+                       evaluator=evaluator)
 
 
 def sweep_by_layer(session: CompressionSession, linear_type: str, ratio: float,
                    layers: Optional[Sequence[int]] = None, progress: Optional[ProgressCallback] = None,
-                   reuse_prefix: bool = True) -> list[SensitivityPoint]:
+                   reuse_prefix: bool = True, evaluator: Optional[Evaluator] = None) -> list[SensitivityPoint]:
     """One layer of `linear_type` compressed at `ratio`, for each layer in turn.
 
     With `reuse_prefix` (the default) each point runs only the layers from its own up, on the
     original model's cached states below it (identical numbers, less time); False evaluates in full.
+    On `evaluator`'s workers (when given) points run in full, several at once.
     """
     _check(session, [linear_type], [ratio])
     chosen = list(layers) if layers is not None else list(range(session.shapes.num_layers))
     outside = [layer for layer in chosen if not 0 <= layer < session.shapes.num_layers]
     if outside:
         raise RankScopeError(f"Layers {outside} do not exist; the model has layers 0-{session.shapes.num_layers - 1}.")
-    return _run_points(session, [(linear_type, layer, ratio) for layer in chosen], progress, reuse_prefix)
+    return _run_points(session, [(linear_type, layer, ratio) for layer in chosen], progress, reuse_prefix, evaluator)
 
 
 # -- MLP sweeps: channel pruning (LoRAP) against low rank at equal parameters ------------------------------
@@ -205,7 +233,7 @@ def mlp_point_plan(session: CompressionSession, label: str, layer: int, ratio: f
             continue
         mlp_units = [u for u in units if set(u.paths) <= set(mlp.paths)]  # joint methods: gate+up share one
         per_rank = sum(u.d_in + u.d_out for u in mlp_units)
-        rank = max(1, min(min(u.max_rank for u in mlp_units), mlp.params(kept) // per_rank))
+        rank = max(1, min(min(u.break_even_rank for u in mlp_units), mlp.params(kept) // per_rank))
         ranks.update({path: rank for u in mlp_units for path in u.paths})
     if label == MLP_PRUNE:
         return session.plan({}, channels=channels, pruning=pruning.to_dict())

@@ -119,25 +119,31 @@ def load_model(
 
     Example: `load_model("smollm2-135m", open_store()).num_layers == 30`.
     """
+    location = locate_model(reference, store, progress)
+    loaded = load_located(location.path, location.model_id, location.fingerprint, reference)
+    store.record_model(
+        location.fingerprint, location.model_id, loaded.model_type, str(location.path), loaded.num_layers,
+        loaded.config.to_dict(),
+    )
+    return loaded
+
+
+def load_located(path: Path, model_id: str, fingerprint: str, reference: Optional[str] = None) -> LoadedModel:
+    """A located model directory loaded in float32 eval mode, without a store: `load_model`'s second half, and
+    how a worker process gets its replica of a model the driver already located and fingerprinted."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    location = locate_model(reference, store, progress)
-    fix = _repair_hint(location.path, reference)
-    with _file_errors(f"{location.path / 'config.json'} could not be read as a model configuration", fix):
-        config = AutoConfig.from_pretrained(location.path)
+    fix = _repair_hint(path, reference or str(path))
+    with _file_errors(f"{path / 'config.json'} could not be read as a model configuration", fix):
+        config = AutoConfig.from_pretrained(path)
     adapter = adapter_for_model_type(getattr(config, "model_type", "unknown"))  # fail before loading weights
-    with _file_errors(f"The weights in {location.path} could not be loaded", fix):
-        model = AutoModelForCausalLM.from_pretrained(location.path, dtype=torch.float32)
+    with _file_errors(f"The weights in {path} could not be loaded", fix):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
-    with _file_errors(f"The tokenizer files in {location.path} could not be loaded", fix):
-        tokenizer = AutoTokenizer.from_pretrained(location.path)
-    loaded = LoadedModel(location.model_id, location.fingerprint, location.path, model, tokenizer, adapter)
-    store.record_model(
-        location.fingerprint, location.model_id, loaded.model_type, str(location.path), loaded.num_layers,
-        config.to_dict(),
-    )
-    return loaded
+    with _file_errors(f"The tokenizer files in {path} could not be loaded", fix):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model_id, fingerprint, path, model, tokenizer, adapter)
 
 
 def is_prepared(reference: str) -> bool:

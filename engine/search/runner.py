@@ -30,12 +30,14 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from engine.cache.factorization import component_energies
 from engine.cache.reference import ensure_reference
 from engine.cache.windows import ensure_windows
 from engine.compression.grouping import (
     MAX_RATIO, Grouping, budget_target, project_mixed_to_budget, project_to_budget, pruning_groups,
 )
 from engine.compression.lorap import lorap_allocation
+from engine.compression.evaluators import EvaluationTask, Evaluator
 from engine.compression.session import CompressionSession
 from engine.compression.sweep import sweep_id
 from engine.compression.units import count_parameters
@@ -61,10 +63,11 @@ def _told(value: float) -> float:
 
 
 def factor_energies(factorization) -> dict[str, np.ndarray]:
-    """Module path -> energy of each factor component, ‖B_i‖²·‖A_i‖² (σ_i² for an SVD): what dropping it removes
-    from the weight, the share the global allocation spreads a type's measured loss by."""
-    return {path: ((f.B.double() ** 2).sum(0) * (f.A.double() ** 2).sum(1)).numpy()
-            for path, f in factorization.factors.items()}
+    """Module path -> energy of each factor component over the full rank, ‖B_i‖²·‖A_i‖² (σ_i² for an SVD): what
+    dropping it removes from the weight, the share the global allocation spreads a type's measured loss by. A
+    stored factorisation keeps factors only up to the break-even rank, and the energies of all components
+    (`engine.cache.factorization.component_energies`)."""
+    return component_energies(factorization)
 
 
 def new_study_id(settings: StudySettings, name: Optional[str] = None) -> str:
@@ -132,6 +135,24 @@ def validation_windowing(texts: TextSettings, settings: StudySettings) -> Window
     return Windowing(evaluation.window_len, settings.subset_candidates, start_window=evaluation.n_windows or 0)
 
 
+VALIDATION_WINDOWS = "validation"  # the name a study's validation windows are registered under with its evaluator
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A trial projected onto the budget, waiting for its measurement."""
+
+    number: int
+    kind: TrialKind
+    label: str
+    values: dict
+    projected: dict
+    ranks: dict
+    channels: Optional[dict]
+    extra: dict
+    project_s: float
+
+
 @dataclass
 class StudyRun:
     """Live state a front end can read while a study runs."""
@@ -147,7 +168,7 @@ class StudyRunner:
 
     def __init__(self, storage: StudyStorage, session: CompressionSession, study_id: str,
                  progress: Optional[ProgressCallback] = None, on_trial: Optional[Callable[[TrialRecord], None]] = None,
-                 stop_event: Optional[threading.Event] = None):
+                 stop_event: Optional[threading.Event] = None, evaluator: Optional[Evaluator] = None):
         record = storage.get_study(study_id)
         if record is None:
             raise RankScopeError(f"No study with id '{study_id}'.")
@@ -161,6 +182,7 @@ class StudyRunner:
         self.target = budget_target(session.shapes, self.settings.budget)
         self.progress, self.on_trial = progress, on_trial
         self.stop_event = stop_event or threading.Event()
+        self.evaluator = evaluator  # None: every trial measured here (`engine.compression.evaluators`)
 
     # -- pieces ------------------------------------------------------------------------------------------
     @property
@@ -224,10 +246,9 @@ class StudyRunner:
             return self.session.evaluate_ranks(ranks, channels=channels, pruning=self.pruning, **options)
         return self.session.evaluate_ranks(ranks, **options)
 
-    def _evaluate(self, number: int, kind: TrialKind, label: str, values: dict, windows, reference, subset,
-                  grouping: Optional[Grouping] = None, allocation: Optional[tuple] = None,
-                  extra: Optional[dict] = None) -> TrialRecord:
-        """Project `values` (group ratios of `grouping`, default the study's) onto the budget, score and store.
+    def _prepare(self, number: int, kind: TrialKind, label: str, values: dict, grouping: Optional[Grouping] = None,
+                 allocation: Optional[tuple] = None, extra: Optional[dict] = None) -> "_Pending":
+        """Project `values` (group ratios of `grouping`, default the study's) onto the budget.
 
         `allocation` = (ranks, channels) evaluates that allocation as it is (LoRAP's baseline); `values` then are
         the group values it achieves."""
@@ -237,23 +258,56 @@ class StudyRunner:
         else:
             (ranks, channels), projected = allocation, dict(values)
         groups = self.groups if grouping is None else grouping.search_dims(self.session.shapes, self.session.method)
-        projected_at = time.perf_counter()
-        result = self._measure(ranks, channels, windows=windows, reference=reference, window_indices=subset)
-        evaluated_at = time.perf_counter()
+        return _Pending(number, kind, label, {g: float(values.get(g, 0.0)) for g in groups}, projected, ranks,
+                        channels, dict(extra or {}), time.perf_counter() - start)
+
+    def _finish(self, pending: "_Pending", result, evaluate_s: float) -> TrialRecord:
+        """Score a measured trial and store it (persisted before anything shows it)."""
         kl = result.kl_reverse if self.settings.kl == "reverse" else result.kl_forward
-        counts = count_parameters(self.session.shapes, self.session.method, ranks, channels)
+        counts = count_parameters(self.session.shapes, self.session.method, pending.ranks, pending.channels)
         trial = TrialRecord(
-            self.record.study_id, number, kind, label, {g: float(values.get(g, 0.0)) for g in groups},
-            projected, ranks, objective(result.perplexity, kl, self.settings.beta), result.perplexity,
+            self.record.study_id, pending.number, pending.kind, pending.label, pending.values, pending.projected,
+            pending.ranks, objective(result.perplexity, kl, self.settings.beta), result.perplexity,
             result.kl_forward, result.kl_reverse, counts.decoder_compressed, counts.total_compressed,
-            time.perf_counter() - start,
-            extra={"project_s": projected_at - start, "evaluate_s": evaluated_at - projected_at, **(extra or {})},
-            channels=channels,
+            pending.project_s + evaluate_s,
+            extra={"project_s": pending.project_s, "evaluate_s": evaluate_s, **pending.extra},
+            channels=pending.channels,
         )
-        self.storage.add_trial(trial)  # persisted before anything shows it
+        self.storage.add_trial(trial)
         if self.on_trial is not None:
             self.on_trial(trial)
         return trial
+
+    def _evaluate(self, number: int, kind: TrialKind, label: str, values: dict, windows, reference, subset,
+                  grouping: Optional[Grouping] = None, allocation: Optional[tuple] = None,
+                  extra: Optional[dict] = None) -> TrialRecord:
+        """Project, measure on the validation subset here, score and store one trial."""
+        pending = self._prepare(number, kind, label, values, grouping, allocation, extra)
+        start = time.perf_counter()
+        result = self._measure(pending.ranks, pending.channels, windows=windows, reference=reference,
+                               window_indices=subset)
+        return self._finish(pending, result, time.perf_counter() - start)
+
+    def _evaluate_many(self, items: list[dict], scoring: tuple) -> list[TrialRecord]:
+        """Trials (`_prepare`'s arguments each) measured on the evaluator's workers at once, or here one by one;
+        stored in trial-number order either way (a result that arrives early waits for the ones before it), so
+        the store always holds a prefix of the study and a resumed study knows exactly what is missing."""
+        if self.evaluator is None or self.evaluator.workers == 1:
+            return [self._evaluate(item["number"], item["kind"], item["label"], item["values"], *scoring,
+                                   item.get("grouping"), item.get("allocation"), item.get("extra"))
+                    for item in items]
+        subset = scoring[2]
+        pendings = {p.number: p for p in (self._prepare(**item) for item in items)}
+        tasks = [EvaluationTask(n, p.ranks, p.channels, self.pruning if p.channels else None, VALIDATION_WINDOWS,
+                                tuple(subset) if subset is not None else None) for n, p in pendings.items()]
+        arrived, stored = {}, []
+        order = sorted(pendings)
+        for evaluated in self.evaluator.map_unordered(tasks):
+            arrived[evaluated.task.key] = evaluated
+            while order and order[0] in arrived:
+                number = order.pop(0)
+                stored.append(self._finish(pendings[number], arrived[number].result, arrived[number].seconds))
+        return stored
 
     def _optimizer(self):
         from skopt import Optimizer
@@ -282,15 +336,16 @@ class StudyRunner:
         self.storage.set_state(sid, StudyState.RUNNING, owner=this_process())
         try:
             windows, reference, subset = self._validation()
+            if self.evaluator is not None:
+                self.evaluator.register_windows(VALIDATION_WINDOWS, windows, reference)
             stored = {t.number: t for t in self.storage.trials(sid)}
-            number = len(stored)
             done_labels = {t.label for t in stored.values() if t.kind == TrialKind.BASELINE}
             baselines = self._baselines()
-            for label, (values, grouping, allocation) in baselines.items():
-                if label not in done_labels:
-                    trial = self._evaluate(number, TrialKind.BASELINE, label, values, windows, reference, subset,
-                                           grouping, allocation)
-                    stored[number], number = trial, number + 1
+            missing = [(label, spec) for label, spec in baselines.items() if label not in done_labels]
+            items = [dict(number=len(stored) + i, kind=TrialKind.BASELINE, label=label, values=values,
+                          grouping=grouping, allocation=allocation)
+                     for i, (label, (values, grouping, allocation)) in enumerate(missing)]
+            stored.update({t.number: t for t in self._evaluate_many(items, (windows, reference, subset))})
             tracker = ProgressTracker(self.progress, f"study {sid}", total=self.settings.n_trials, unit="trials")
             search = self._search_trust if self.settings.strategy == "trust" else self._search_bo
             if not search(stored, baselines, (windows, reference, subset), tracker):
@@ -344,10 +399,13 @@ class StudyRunner:
     def _coordinates(self, trial: TrialRecord) -> tuple[float, ...]:
         """Where a trial lies in the study's scaled coordinates: its projected (evaluated) values, fitted to the
         study's coordinates (a curve's knots), over max_ratio."""
+        return self._coordinates_of(trial.projected)
+
+    def _coordinates_of(self, projected: dict) -> tuple[float, ...]:
         if self.settings.prunes:
-            values = {g: trial.projected.get(g, 0.0) for g in self.groups}
+            values = {g: projected.get(g, 0.0) for g in self.groups}
         else:
-            values = self.grouping.fit(self.session.shapes, self.session.method, trial.projected)
+            values = self.grouping.fit(self.session.shapes, self.session.method, projected)
         return tuple(float(values[g]) / self.settings.max_ratio for g in self.groups)
 
     def _dim_weights(self) -> list[float]:
@@ -384,45 +442,72 @@ class StudyRunner:
         return priors
 
     def _search_trust(self, stored: dict, baselines: dict, scoring: tuple, tracker: ProgressTracker) -> bool:
-        """Priors, a random phase, then GP expected improvement local and global in turn; False when stopped."""
+        """Priors, a random phase, then GP expected improvement local and global in turn, `batch` trials at a time
+        (constant liar: each later point of a batch is chosen as if the earlier ones had scored the best objective so
+        far); False when stopped.
+
+        A batch's points depend only on the trials before it, so a study killed within a batch proposes the same
+        batch again on resume and measures only what is missing (the store holds a prefix of the study)."""
         s = self.settings
         told_baselines = self._told_baselines(baselines)
         trials = sorted(stored.values(), key=lambda t: t.number)
-        history = [proposals.Told(self._coordinates(t), _told(t.objective), "prior") for t in trials
-                   if t.kind == TrialKind.BASELINE and t.label in told_baselines]
-        history += [proposals.Told(self._coordinates(t), _told(t.objective), t.extra.get("proposal", "prior"))
-                    for t in trials if t.kind != TrialKind.BASELINE]
-        done = sum(t.kind != TrialKind.BASELINE for t in trials)
-        tracker.advance(done)
-        number = len(stored)
-        done_priors = {t.label for t in trials if t.kind in (TrialKind.PRIOR, TrialKind.WARM_START)}
+        known = [proposals.Told(self._coordinates(t), _told(t.objective), "prior") for t in trials
+                 if t.kind == TrialKind.BASELINE and t.label in told_baselines]
+        told = [t for t in trials if t.kind != TrialKind.BASELINE]
+        history = known + [proposals.Told(self._coordinates(t), _told(t.objective), t.extra.get("proposal", "prior"))
+                           for t in told]
+        tracker.advance(len(told))
+        priors = self._priors(baselines)[:s.n_trials]
+        done_priors = {t.label for t in told if t.kind in (TrialKind.PRIOR, TrialKind.WARM_START)}
+        todo = [(label, values) for label, values in priors if label not in done_priors]
+        if todo:
+            if self._stopped(len(told)):
+                return False
+            items = [dict(number=len(stored) + i, kind=TrialKind.WARM_START if label == "warm start" else
+                          TrialKind.PRIOR, label=label, values=values, extra={"proposal": "prior"})
+                     for i, (label, values) in enumerate(todo)]
+            for trial in self._evaluate_many(items, scoring):
+                stored[trial.number] = trial
+                told.append(trial)
+                history.append(proposals.Told(self._coordinates(trial), _told(trial.objective), "prior"))
+                tracker.advance()
         weights, scales = self._dim_weights(), [s.length_scale(g) for g in self.groups]
         upper = MAX_RATIO / s.max_ratio
-        for label, values in self._priors(baselines):
-            if label in done_priors or done >= s.n_trials:
-                continue
-            if self._stopped(done):
+        first_search = len(priors)
+        while len(told) < s.n_trials:
+            if self._stopped(len(told)):
                 return False
-            kind = TrialKind.WARM_START if label == "warm start" else TrialKind.PRIOR
-            trial = self._evaluate(number, kind, label, values, *scoring, extra={"proposal": "prior"})
-            history.append(proposals.Told(self._coordinates(trial), _told(trial.objective), "prior"))
-            number, done = number + 1, done + 1
-            tracker.advance()
-        while done < s.n_trials:
-            if self._stopped(done):
-                return False
-            kind = proposals.phase_of(history, s.n_initial_points)
-            if kind != proposals.RANDOM and not history:
+            batch_start = first_search + (len(told) - first_search) // s.batch * s.batch
+            batch_end = min(batch_start + s.batch, s.n_trials)
+            before = known + history[len(known):len(known) + batch_start]  # the trials before this batch
+            proposed = self._propose_batch(before, batch_start, batch_end, weights, scales, upper)
+            items = [dict(number=len(stored) + i, kind=TrialKind.SEARCH, label=f"trial {index}", values=values,
+                          extra={"proposal": kind})
+                     for i, (index, values, kind) in enumerate(p for p in proposed if p[0] >= len(told))]
+            for trial in self._evaluate_many(items, scoring):
+                stored[trial.number] = trial
+                told.append(trial)
+                history.append(proposals.Told(self._coordinates(trial), _told(trial.objective),
+                                              trial.extra["proposal"]))
+                tracker.advance()
+        return True
+
+    def _propose_batch(self, before: list, start: int, end: int, weights, scales, upper) -> list[tuple[int, dict, str]]:
+        """(told index, values, proposal kind) of the batch of told indices [start, end), from the history before it."""
+        s, lies, out = self.settings, list(before), []
+        for index in range(start, end):
+            kind = proposals.phase_of(lies, s.n_initial_points)
+            if kind != proposals.RANDOM and not lies:
                 kind = proposals.RANDOM
-            point = proposals.propose(history, kind, weights, scales, s.seed, done,
+            point = proposals.propose(lies, kind, weights, scales, s.seed, index,
                                       upper=1.0 if kind == proposals.RANDOM else upper)
             values = {g: float(min(MAX_RATIO, v * s.max_ratio)) for g, v in zip(self.groups, point)}
-            trial = self._evaluate(number, TrialKind.SEARCH, f"trial {done}", values, *scoring,
-                                   extra={"proposal": kind})
-            history.append(proposals.Told(self._coordinates(trial), _told(trial.objective), kind))
-            number, done = number + 1, done + 1
-            tracker.advance()
-        return True
+            out.append((index, values, kind))
+            if index + 1 < end:  # the constant liar: as if it had scored the best objective so far
+                projected = self._project(values)[2]
+                lie = min((t.objective for t in lies), default=NON_FINITE_OBJECTIVE)
+                lies.append(proposals.Told(self._coordinates_of(projected), lie, kind))
+        return out
 
     def _baselines(self) -> dict[str, tuple[dict, Optional[Grouping], Optional[tuple]]]:
         """label -> (values, grouping or None for the study's, allocation or None to project the values).

@@ -50,6 +50,7 @@ class StudySettings:
     mlp: str = "low-rank"
     pruning: Optional[dict] = None  # with mlp="prune": {"aggregation", "retention"}, LoRAP's l2 and 1% by default
     strategy: str = "trust"  # trust: priors told, random phase, GP-EI local/global; bo: the plain ask/tell loop
+    batch: int = 1  # trust: points proposed at once (constant liar), so that many workers stay busy
     version: int = SETTINGS_VERSION
 
     def __post_init__(self):
@@ -84,6 +85,11 @@ class StudySettings:
             raise RankScopeError("Pruning settings apply only to a study that prunes MLPs (mlp='prune').")
         if self.strategy not in STRATEGIES:
             raise RankScopeError(f"The search strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'.")
+        if self.batch < 1:
+            raise RankScopeError(f"A study proposes at least one point at a time (batch >= 1), got {self.batch}.")
+        if self.batch > 1 and self.strategy != "trust":
+            raise RankScopeError("The plain loop (strategy bo) asks for one point at a time; batches of points (for "
+                                 "several workers) need the trust strategy.")
         if not 0.0 < self.max_ratio <= MAX_RATIO:
             raise RankScopeError(f"max_ratio must be in (0, {MAX_RATIO}], got {self.max_ratio}.")
 
