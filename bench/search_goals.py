@@ -129,6 +129,10 @@ def render(p: dict) -> str:
     lines.append(f"| any grouping, at most 80 trials: best at most {GROUPING_GOAL:.0f} on every seed | {len(per_seed)} of "
                  f"{len(SEEDS)} | best per seed: {', '.join(f'{v:.2f}' for v in per_seed.values()) or '-'} | "
                  f"{'yes' if met_any else 'no'} |")
+    missing = [study_name(g, seed) for seed in SEEDS for g in SETTINGS if study_name(g, seed) not in s]
+    if missing:
+        lines += ["", f"Not finished in this run: {', '.join(f'`{m}`' for m in missing)}. Their trials so far are in "
+                  "the cache; running the script again resumes them where they stopped and completes this page."]
     lines += ["", "## Spread over seeds (full-text perplexity: mean, min–max)", "",
               "| grouping | trials | seeds | best | greedy | global | LoRD | uniform |", "|---|---|---|---|---|---|---|---|"]
     for grouping, settings in SETTINGS.items():
