@@ -55,6 +55,19 @@ class Killed(Exception):
     """Stands in for the process dying in the middle of a study."""
 
 
+def killed_after(searched_trials: int):
+    """An `on_trial` callback that kills the study once it has stored that many search trials."""
+    searched = []
+
+    def on_trial(trial):
+        if trial.kind is TrialKind.SEARCH:
+            searched.append(trial)
+            if len(searched) == searched_trials:
+                raise Killed("process killed")
+
+    return on_trial
+
+
 @pytest.fixture
 def long_text(tmp_path):
     path = tmp_path / "long.txt"
@@ -245,17 +258,9 @@ def test_killed_study_resumes_to_the_same_trials_and_result(session, store, tiny
     expected = whole.trials("whole")
     assert [t.label for t in expected] == ["uniform", "lord", "trial 0", "trial 1", "trial 2", "trial 3", "trial 4"]
 
-    searched = []
-
-    def die_after_three(trial):
-        if trial.kind is TrialKind.SEARCH:
-            searched.append(trial)
-            if len(searched) == 3:
-                raise Killed("process killed")
-
     killed = DuckDBStudyStorage(store)
     with pytest.raises(Killed):
-        _run(killed, session, settings, "killed", on_trial=die_after_three)
+        _run(killed, session, settings, "killed", on_trial=killed_after(3))
     record = killed.get_study("killed")
     assert record.state is StudyState.FAILED and record.message == "Killed: process killed"
     stored = killed.trials("killed")

@@ -30,7 +30,7 @@ from engine.search.summary import study_summary, trial_plan
 from engine.store import open_store
 from tests.app_testing import workbench  # noqa: F401 (a fixture)
 from tests.test_search import (  # noqa: F401  (fixtures)
-    MAX_STEP, METHOD, TOKENS, Killed, _json, _open_session, _run, _same_trial, _settings, long_text, options, runner,
+    MAX_STEP, METHOD, TOKENS, Killed, _json, killed_after, _open_session, _run, _same_trial, _settings, long_text, options, runner,
     session,
 )
 
@@ -173,17 +173,9 @@ def test_killed_pruning_study_resumes_to_the_same_trials(session, store, tiny_mo
     expected = whole.trials("whole")
     assert [t.label for t in expected] == ["uniform", "lorap", "lorap (prior)", "trial 1", "trial 2", "trial 3"]
 
-    searched = []
-
-    def die_after_two(trial):
-        if trial.kind is TrialKind.SEARCH:
-            searched.append(trial)
-            if len(searched) == 2:
-                raise Killed("process killed")
-
     killed = DuckDBStudyStorage(store)
     with pytest.raises(Killed):
-        _run(killed, session, settings, "killed", on_trial=die_after_two)
+        _run(killed, session, settings, "killed", on_trial=killed_after(2))
     assert len(killed.trials("killed")) == 5
     store.close()
     store = open_store()

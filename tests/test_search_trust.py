@@ -20,7 +20,7 @@ from engine.search.records import InMemoryStudyStorage, TrialKind
 from engine.search.runner import StudyRunner, create_study, factor_energies
 from engine.search.summary import study_summary, trial_plan
 from tests.test_search import (  # noqa: F401  (fixtures)
-    GROUPS_5X1, METHOD, MAX_STEP, Killed, _assert_meets_budget, _run, _same_trial, _settings, long_text, session,
+    GROUPS_5X1, METHOD, MAX_STEP, Killed, _assert_meets_budget, killed_after, _run, _same_trial, _settings, long_text, session,
 )
 
 
@@ -178,17 +178,9 @@ def test_killed_trust_study_resumes_to_the_same_trials(session):
     settings = _settings(session, n_trials=5, n_initial_points=1)
     whole = InMemoryStudyStorage()
     _run(whole, session, settings, "whole")
-    searched = []
-
-    def die_after_two(trial):
-        if trial.kind is TrialKind.SEARCH:
-            searched.append(trial)
-            if len(searched) == 2:
-                raise Killed("process killed")
-
     killed = InMemoryStudyStorage()
     with pytest.raises(Killed):
-        _run(killed, session, settings, "killed", on_trial=die_after_two)
+        _run(killed, session, settings, "killed", on_trial=killed_after(2))
     StudyRunner(killed, session, "killed").run()
     expected, resumed = whole.trials("whole"), killed.trials("killed")
     assert [t.label for t in resumed] == [t.label for t in expected]
