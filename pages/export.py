@@ -130,8 +130,10 @@ options = st.columns([3, 1, 1])
 prompt = options[0].text_input("Prompt for the report's generation and tokens/s", DEFAULT_PROMPT, key="export_prompt")
 new_tokens = options[1].number_input("New tokens", min_value=1, max_value=512, value=DEFAULT_NEW_TOKENS, step=1,
                                      key="export_new_tokens")
-timing_runs = options[2].number_input("Timing runs", min_value=1, max_value=10, value=3, step=1, key="export_runs",
-                                      help="tokens/s is the median of these runs, after one warm-up run.")
+timing_runs = options[2].number_input("Timing runs", min_value=1, max_value=10, value=1, step=1, key="export_runs",
+                                      help="tokens/s is 1 / the median time between generated tokens, timed during "
+                                           "the side-by-side generation; more runs add that many − 1 generations per "
+                                           "model, alternating.")
 if st.button("Export", type="primary", key="export_model", disabled=target is None or storage_refused is not None) \
         and target is not None and storage_refused is None:
     start_export(loaded, plan, texts, target, dense, prompt, int(new_tokens), int(timing_runs), overwrite=overwrite)

@@ -55,9 +55,15 @@ def export_overview(report: Mapping) -> dict:
     }
 
 
+COMPRESSED_FROM = {"plan": "compressed (the plan's record, same windows)", "in-memory": "compressed (in memory)"}
+
+
 def quality_rows(report: Mapping) -> list[dict]:
-    """Perplexity and both KLs of the original, the in-memory compressed and the reloaded model."""
-    return [{"model": label, **{k: report["quality"][key][k] for k in ("perplexity", "kl_forward", "kl_reverse")}}
+    """Perplexity and both KLs of the original, the compressed model (as the plan recorded it on the same windows,
+    or measured in memory before writing: `compressed_quality_from`) and the reloaded model."""
+    source = COMPRESSED_FROM.get(report.get("compressed_quality_from", "in-memory"), COMPRESSED_FROM["in-memory"])
+    return [{"model": source if key == "compressed" else label,
+             **{k: report["quality"][key][k] for k in ("perplexity", "kl_forward", "kl_reverse")}}
             for key, label in QUALITY_MODELS]
 
 

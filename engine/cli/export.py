@@ -11,7 +11,7 @@ from engine.cli import app, echo_json, fail
 from engine.cli.compression import _parameters_lines, _quality_line, open_session, read_plan
 from engine.cli.options import JsonOption, TextOptions, text_options
 from engine.errors import RankScopeError
-from engine.export.report import DEFAULT_NEW_TOKENS, DEFAULT_PROMPT
+from engine.export.report import DEFAULT_CHECK_WINDOWS, DEFAULT_NEW_TOKENS, DEFAULT_PROMPT, DEFAULT_TIMING_RUNS
 
 
 _HELP = "\n\n".join([
@@ -19,8 +19,11 @@ _HELP = "\n\n".join([
     "Writes config.json (with a rankscope_compression section), model.safetensors (low-rank factors plus the "
     "untouched dense weights), tokenizer files, rank_plan.json, modeling_rankscope.py and a README.md model card.",
     "Before reporting success it reloads the directory through RankScope's load_compressed and through "
-    "transformers (trust_remote_code=True), compares logits with the in-memory compressed model, re-evaluates "
-    "perplexity and counts parameters; any difference is an error and the target directory is left untouched.",
+    "transformers (trust_remote_code=True), compares logits with the in-memory compressed model on the first "
+    "--check-windows evaluation window(s), re-evaluates perplexity and both KLs of the reloaded model on every "
+    "evaluation window and counts parameters; any difference is an error and the target directory is left "
+    "untouched. The re-evaluation is compared with the plan's own metrics when the plan records them for the same "
+    "evaluation windows (as compress --save-plan writes it); otherwise the in-memory model is evaluated once too.",
     "An earlier export at --out is replaced only with --overwrite, and never when it holds files that export did "
     "not write (listed in its rankscope_manifest.json); a directory that is not an export is never changed.",
     "The plan's own method, calibration and evaluation set are used; a calibration option that contradicts the "
@@ -37,7 +40,11 @@ def export(
     dense: bool = typer.Option(False, "--dense", help="Write W_r = B_r A_r as plain Linear weights: loads without remote code, NOT smaller."),
     prompt: str = typer.Option(DEFAULT_PROMPT, "--prompt", help="Prompt for the side-by-side generation and the tokens/s measurement."),
     new_tokens: int = typer.Option(DEFAULT_NEW_TOKENS, "--new-tokens", help="Tokens generated per run (batch 1, greedy)."),
-    timing_runs: int = typer.Option(3, "--timing-runs", help="Timed generation runs per model (median reported)."),
+    timing_runs: int = typer.Option(DEFAULT_TIMING_RUNS, "--timing-runs", help="Generations timed per model for "
+                                    "tokens/s (1 / median seconds per decode step): the side-by-side one, and "
+                                    "N - 1 more, the two models' runs interleaved."),
+    check_windows: int = typer.Option(DEFAULT_CHECK_WINDOWS, "--check-windows", help="Evaluation windows whose logits are compared with "
+                                      "the in-memory model after each reload (identical for the low-rank form)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model the plan was made for (default: the model the plan names)."),
     texts: TextOptions = TextOptions(),
     as_json: bool = JsonOption,
@@ -51,7 +58,8 @@ def export(
         check_export_storage(given, dense)  # a pruned plan cannot be written dense: refused before the model loads
         session = open_session(model, settings.method, settings.texts, given)
         report = export_compressed(session, given, out, dense=dense, overwrite=overwrite, prompt=prompt,
-                                   progress=TerminalProgress(), max_new_tokens=new_tokens, timing_runs=timing_runs)
+                                   progress=TerminalProgress(), max_new_tokens=new_tokens, timing_runs=timing_runs,
+                                   check_windows=check_windows)
     except RankScopeError as exc:
         fail(exc)
     if as_json:
@@ -73,13 +81,20 @@ def _print_report(report) -> None:
     p = report.parameters
     typer.echo(f"  reloaded:        {p['reloaded']:,} parameters (plan {p['expected_from_plan']:,} + {p['added_bias']:,} added bias)")
     typer.echo(_quality_line("original", report.quality["original"]))
-    typer.echo(_quality_line("compressed", report.quality["compressed"]))
+    typer.echo(_quality_line("compressed", report.quality["compressed"])
+               + ("   (the plan's record for these windows)" if report.compressed_quality_from == "plan" else "   (in memory)"))
     typer.echo(_quality_line("reloaded", report.quality["reloaded"]))
     s = report.speed
-    typer.echo(f"generation (batch 1, greedy, {s['compressed'].new_tokens} tokens): original "
-               f"{s['original'].tokens_per_second:.1f} tokens/s, compressed {s['compressed'].tokens_per_second:.1f} tokens/s")
+    typer.echo(f"generation (batch 1, greedy, {s['compressed'].new_tokens} tokens, {s['compressed'].runs} run(s), "
+               f"1 / median decode step): original {s['original'].tokens_per_second:.1f} tokens/s, compressed "
+               f"{s['compressed'].tokens_per_second:.1f} tokens/s")
     g = report.generation
     typer.echo(f"prompt:     {g.prompt!r}\noriginal:   {g.original!r}\ncompressed: {g.compressed!r}")
     typer.echo("reload check: " + ("passed" if report.passed else "FAILED"))
     for check in report.checks:
         typer.echo(f"  [{'ok' if check.passed else 'FAIL'}] {check.name}: {check.detail}")
+    t = report.timings
+    if t:
+        parts = ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s"
+                          for name, seconds in t.items() if name != "total_s")
+        typer.echo(f"export took {t['total_s']:.1f} s ({parts})")
