@@ -4,7 +4,7 @@ Everything that computes lives here and is importable without Streamlit; the app
 `pages/` only calls it. Submodules are imported on demand so `import engine` stays cheap.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 
 def __getattr__(name: str):

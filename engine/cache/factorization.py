@@ -131,7 +131,7 @@ def load_stored(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> S
     suffix = f"::{ENERGIES}"
     energies = {name[: -len(suffix)]: t for name, t in tensors.items() if name.endswith(suffix)}
     factors = Factorization.from_tensors({k: v for k, v in tensors.items() if not k.endswith(suffix)}, metadata)
-    if not energies:  # stored at full rank (RankScope up to 0.3.0)
+    if not energies:  # stored at full rank (RankScope 0.3.0 and earlier)
         return cut_factorization(factors)
     cut = {path: CutFactors(f.B, f.A, f.bias_shift, f.bias_coeff, full_rank=energies[path].numel())
            for path, f in factors.factors.items()}  # the same tensors: joint pairs still share one A
