@@ -36,6 +36,7 @@ BASE = "alloc_base"  # None: ranks from the sliders (or LORAP); else the name of
 LORAP = "alloc_lorap"  # None, or LoRAP's allocation in the tables: {"ranks", "channels", "grouping", "fingerprint"}
 APPLY_JOB = "alloc_apply_job"
 APPLIED = "alloc_applied"
+APPLIED_SEEN = "alloc_applied_seen"  # the Apply job whose result the estimate and the history chart already include
 QUICK_JOB = "alloc_quick_job"  # the quick measurement this browser session started last
 QUICK_SEEN = "alloc_quick_seen"  # (quick job id of the allocation in the tables, when the page first showed it)
 HISTORY = "alloc_history"  # measured points of this browser session: quick and Apply
@@ -442,6 +443,9 @@ if st.session_state.get(APPLY_JOB):
                     what_to_do="Check the texts and windows in the sidebar (and the calibration), then Apply again.")
     if job is not None and isinstance(job.result, AppliedPlan):
         st.session_state[APPLIED] = job.result
+        if st.session_state.get(APPLIED_SEEN) != job.job_id:  # it finished during this run, after the estimate
+            st.session_state[APPLIED_SEEN] = job.job_id  # and the chart were drawn: draw them again, with it (once)
+            st.rerun()
 applied: AppliedPlan | None = st.session_state.get(APPLIED)
 current = plan
 if applied is not None:
