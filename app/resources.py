@@ -2,8 +2,8 @@
 
 Caching decorators live only here (STYLE.md: cache resources, not tensors). The store is keyed by
 its database path, so pointing `RANKSCOPE_CACHE` elsewhere (as tests do) gives a fresh store; a
-model by its reference and that path. The default model is `$RANKSCOPE_MODEL` when set (tests
-point it at a tiny model), else the embedded SmolLM2-135M.
+model by its reference, that path, and the device and dtype it runs in. The default model is
+`$RANKSCOPE_MODEL` when set (tests point it at a tiny model), else the embedded SmolLM2-135M.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import streamlit as st
 from app.jobs import JobBoard, ModelGuard
 from app.sessions import SessionPool
 from engine.compression.units import ModelShapes
+from engine.models.device import Placement
 from engine.models.loading import LoadedModel, load_model
 from engine.models.registry import DEFAULT_MODEL
 from engine.paths import database_path
@@ -40,8 +41,9 @@ def get_store(database: str) -> Store:
 
 
 @st.cache_resource(show_spinner="Loading model...", max_entries=2)
-def get_model(reference: str, database: str) -> LoadedModel:
-    loaded = load_model(reference, get_store(database))
+def get_model(reference: str, database: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """The model on a resolved device (`cpu`, `cuda:N`; `engine.models.device.resolve_placement`) in `dtype`."""
+    loaded = load_model(reference, get_store(database), placement=Placement(device, dtype))
     model_shapes(loaded)  # read now, while no job can have compressed the model in place
     return loaded
 

@@ -28,12 +28,15 @@ MAX_OPEN_SESSIONS = 2  # each holds a full factorisation (about twice the decode
 
 @dataclass(frozen=True)
 class SessionKey:
-    """What identifies a session: the cache, the model content, the method and the texts."""
+    """What identifies a session: the cache, the model content, the method, the texts, and where and in which dtype
+    the model runs (one model loaded twice, in two dtypes, has two sessions)."""
 
     database: str
     model_fingerprint: str
     method: str
     texts: TextSettings
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 class SharedModelSession:

@@ -1,4 +1,4 @@
-"""The workspace every page shares: model, texts and windowing, chosen once in the sidebar.
+"""The workspace every page shares: model, device and dtype, texts and windowing, chosen once in the sidebar.
 
 Each page calls `workspace_sidebar()` and then `load_workspace_model(...)`. Widget values persist
 across pages (Streamlit drops a widget's state when another page runs, so each value is also kept
@@ -15,6 +15,11 @@ demos can start small:
 | `RANKSCOPE_EVALUATION_WINDOWS` | 16 |
 | `RANKSCOPE_GROUPS` | 32 (groups of the pooled covariance) |
 | `RANKSCOPE_METHOD` | `feature-pca` |
+| `RANKSCOPE_DEVICE` | `auto` (a CUDA GPU when PyTorch sees one, else the CPU; or `cpu`, `cuda:N`) |
+| `RANKSCOPE_DTYPE` | `float32` (forward passes; or `bfloat16`, `float16`) |
+
+The device list offers `auto`, `cpu` and each CUDA GPU PyTorch sees. A model is loaded once per
+(model, device, dtype); results measured in bfloat16 or float16 are cached apart from float32 ones.
 
 When the app serves a team (`app/access.py`), the model and text paths must lie inside the allowed
 roots: a path outside is refused with an `st.error` and the page stops.
@@ -36,6 +41,7 @@ from engine.texts.settings import (
 )
 from engine.errors import RankScopeError, describe_error
 from engine.methods import METHODS
+from engine.models.device import DTYPE_CHOICES, resolve_placement
 from engine.models.loading import LoadedModel
 from engine.models.registry import REGISTRY
 from engine.texts.corpus import BUILTIN_BOOKS, DEFAULT_CALIBRATION_TEXT, DEFAULT_EVALUATION_TEXT
@@ -56,6 +62,8 @@ class Workspace:
     calibration_windows: int
     evaluation_windows: int
     n_groups: int
+    device: str = "auto"  # as chosen; `load_workspace_model` resolves it on this machine
+    dtype: str = "float32"
 
     def text_settings(self) -> TextSettings:
         return TextSettings.of(self.calibration_text, self.calibration_windows, self.evaluation_text,
@@ -126,14 +134,38 @@ def _text_choice(title: str, prefix: str, env_name: str, default_book: str) -> s
     return path or book
 
 
+def device_choices() -> list[str]:
+    """The devices the sidebar offers: auto, cpu, and each CUDA GPU PyTorch sees (`cuda:0`, ...)."""
+    import torch
+
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return ["auto", "cpu", *gpus]
+
+
+def _compute_choice() -> tuple[str, str]:
+    """The device and dtype widgets (defaults from `RANKSCOPE_DEVICE` and `RANKSCOPE_DTYPE` when they are offered)."""
+    devices = device_choices()
+    configured = os.environ.get("RANKSCOPE_DEVICE", "auto").strip() or "auto"
+    device = persistent(st.selectbox, "Device", "device", configured if configured in devices else "auto",
+                        options=devices, help="Where forward passes run. auto: the first CUDA GPU when PyTorch sees "
+                                               "one, else the CPU. Cached results are shared between devices.")
+    configured = os.environ.get("RANKSCOPE_DTYPE", "float32").strip() or "float32"
+    dtype = persistent(st.selectbox, "Forward dtype", "dtype", configured if configured in DTYPE_CHOICES else "float32",
+                       options=list(DTYPE_CHOICES), help="Forward passes only: statistics and factorisations stay "
+                                                         "float64. Results in bfloat16 or float16 are cached apart "
+                                                         "from float32 ones.")
+    return device, dtype
+
+
 def workspace_sidebar() -> Workspace:
-    """Draw the shared sidebar (model, texts, windows) and return its settings."""
+    """Draw the shared sidebar (model, device and dtype, texts, windows) and return its settings."""
     with st.sidebar:
         st.header("Model")
         default = default_model_reference()
         options = list(dict.fromkeys([default, *REGISTRY]))
         choice = persistent(st.selectbox, "Registry model", "model_choice", default, options=options)
         custom = persistent(st.text_input, "...or a model directory, .gguf file or hub id", "model_custom", "")
+        device, dtype = _compute_choice()
         st.header("Texts")
         calibration = _text_choice("Calibration text", "calibration", "RANKSCOPE_CALIBRATION_TEXT",
                                    DEFAULT_CALIBRATION_TEXT)
@@ -158,7 +190,7 @@ def workspace_sidebar() -> Workspace:
                             help="The calibration windows are split into this many groups; the pooled "
                                  "covariance averages the groups' covariances (Bolaco uses 32).")
     return _within_roots(Workspace(custom.strip() or choice, calibration, evaluation, int(window_len),
-                                   int(calibration_windows), int(evaluation_windows), int(groups)))
+                                   int(calibration_windows), int(evaluation_windows), int(groups), device, dtype))
 
 
 def _within_roots(workspace: Workspace) -> Workspace:
@@ -185,7 +217,8 @@ def load_workspace_model(workspace: Workspace) -> LoadedModel:
     """The workspace's model, or an `st.error` saying what is wrong and a stop of the page."""
     reference = workspace.model_reference
     try:
-        return get_model(reference, current_database())
+        placement = resolve_placement(workspace.device, workspace.dtype)  # DeviceError: what is wrong, what is allowed
+        return get_model(reference, current_database(), placement.device, placement.dtype)
     except RankScopeError as exc:
         st.error(f"Could not load '{reference}'. {exc}")
     except Exception as exc:  # noqa: BLE001 - any loader failure is shown, not dumped

@@ -29,6 +29,10 @@ class StoreError(RankScopeError):
     """The cache database cannot be used (corrupt, or written by a newer RankScope)."""
 
 
+class DeviceError(RankScopeError):
+    """A device or dtype choice this machine cannot honour: an unknown name, or a GPU PyTorch does not see."""
+
+
 def describe_error(exc: BaseException) -> str:
     """Text for a user: the message of a RankScopeError, or the type and message of anything else."""
     return str(exc) if isinstance(exc, RankScopeError) else f"{type(exc).__name__}: {exc}"

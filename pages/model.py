@@ -61,7 +61,8 @@ with right:
 st.subheader("Original model quality")
 text_source = workspace.evaluation_text
 try:
-    record = find_baseline_evaluation(store, loaded.fingerprint, text_source, workspace.evaluation_windowing)
+    record = find_baseline_evaluation(store, loaded.fingerprint, text_source, workspace.evaluation_windowing,
+                                      loaded.dtype)
     if record is None:
         with get_model_guard(loaded.fingerprint).hold("measuring the original perplexity", timeout=0.5):
             record = ensure_baseline_evaluation(
@@ -92,7 +93,7 @@ st.write(f"Calibration statistics (mean, covariances, second moment and channel 
          f"over {workspace.describe_calibration()}. Spectra, data-aware methods and sweeps build on them.")
 try:
     calibration = find_calibration(store, loaded.fingerprint, workspace.calibration_text,
-                                   workspace.calibration_windowing, workspace.n_groups)
+                                   workspace.calibration_windowing, workspace.n_groups, loaded.dtype)
 except RankScopeError as exc:
     calibration = None
     st.error(f"Calibration text problem: {exc}")

@@ -39,14 +39,15 @@ shapes = model_shapes(loaded)
 labels = sweep_unit_labels(shapes, method)
 try:
     calibration_id = (calibration_key(loaded.fingerprint, text_fingerprint(workspace.calibration_text),
-                                      workspace.calibration_windowing, workspace.n_groups)
+                                      workspace.calibration_windowing, workspace.n_groups, loaded.dtype)
                       if get_method(method).needs else "")
+    reference_id = reference_key(loaded.fingerprint, text_fingerprint(workspace.evaluation_text),
+                                 workspace.text_settings().evaluation_windowing, loaded.dtype)
     lookup = find_sweep(store, loaded.fingerprint, method, calibration_id, text_fingerprint(workspace.evaluation_text),
-                        workspace.window_len, workspace.evaluation_windows)
-    mlp_sweep = mlp_sweep_id_for(loaded.fingerprint, method, workspace.text_settings())  # LoRAP's pruning (l2, 1%)
-    reference = store.get_record(ReferenceRecord, reference_key(loaded.fingerprint,
-                                                                text_fingerprint(workspace.evaluation_text),
-                                                                workspace.text_settings().evaluation_windowing))
+                        workspace.window_len, workspace.evaluation_windows, reference_id)
+    mlp_sweep = mlp_sweep_id_for(loaded.fingerprint, method, workspace.text_settings(),  # LoRAP's pruning (l2, 1%)
+                                 dtype=loaded.dtype)
+    reference = store.get_record(ReferenceRecord, reference_id)
 except RankScopeError as exc:
     st.error(f"{exc} Fix the texts in the sidebar.")
     st.stop()

@@ -27,7 +27,7 @@ def ensure_baseline_evaluation(
 ) -> EvaluationRecord:
     """Perplexity of the original model on `text_source`, from the store or measured and stored."""
     text_fp = text_fingerprint(text_source)
-    key = evaluation_key(loaded.fingerprint, text_fp, windowing)
+    key = evaluation_key(loaded.fingerprint, text_fp, windowing, loaded.dtype)
 
     def compute() -> Computed:
         windows = ensure_windows(store, loaded, text_source, windowing)

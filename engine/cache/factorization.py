@@ -149,7 +149,7 @@ def ensure_factorization(
     break-even rank: computed, stored and returned in the same form as it is later read back."""
     spec = get_method(method)
     calibration_id = calibration.record.calibration_id if spec.needs else ""
-    key = factorization_key(loaded.fingerprint, method, calibration_id)
+    key = factorization_key(loaded.fingerprint, method, calibration_id, loaded.dtype)
 
     def compute() -> Computed:
         tracker = ProgressTracker(progress, f"factorising ({method})", total=1, unit="models")

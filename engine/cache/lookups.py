@@ -22,10 +22,11 @@ class Spectra:
 
 
 def find_calibration(
-    store: Store, model_fingerprint: str, text_source: str, windowing: Windowing, n_groups: int
+    store: Store, model_fingerprint: str, text_source: str, windowing: Windowing, n_groups: int,
+    dtype: str = "float32",
 ) -> Optional[CalibrationRecord]:
-    """The stored calibration for these settings, or None."""
-    key = calibration_key(model_fingerprint, text_fingerprint(text_source), windowing, n_groups)
+    """The stored calibration for these settings (measured in forward dtype `dtype`), or None."""
+    key = calibration_key(model_fingerprint, text_fingerprint(text_source), windowing, n_groups, dtype)
     return store.get_record(CalibrationRecord, key)
 
 
@@ -39,7 +40,8 @@ def stored_spectra(store: Store, model_fingerprint: str, calibration_id: str, co
 
 
 def find_baseline_evaluation(
-    store: Store, model_fingerprint: str, text_source: str, windowing: Windowing
+    store: Store, model_fingerprint: str, text_source: str, windowing: Windowing, dtype: str = "float32"
 ) -> Optional[EvaluationRecord]:
-    """The original model's stored perplexity on these evaluation windows, or None."""
-    return store.get_record(EvaluationRecord, evaluation_key(model_fingerprint, text_fingerprint(text_source), windowing))
+    """The original model's stored perplexity on these evaluation windows (in forward dtype `dtype`), or None."""
+    return store.get_record(EvaluationRecord,
+                            evaluation_key(model_fingerprint, text_fingerprint(text_source), windowing, dtype))

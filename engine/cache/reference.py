@@ -29,7 +29,7 @@ def ensure_reference(
 ) -> tuple[ReferenceRecord, ReferenceDistribution]:
     """The original model's next-token distribution on the windows of `text_source` cut by `windowing`."""
     text_fp = text_fingerprint(text_source)
-    key = reference_key(loaded.fingerprint, text_fp, windowing)
+    key = reference_key(loaded.fingerprint, text_fp, windowing, loaded.dtype)
 
     def compute() -> Computed:
         windows = ensure_windows(store, loaded, text_source, windowing)  # [N, L]

@@ -8,8 +8,12 @@ from typing import Optional
 import typer
 
 from engine.cli import ModelOption, app, echo_json, fail
-from engine.cli.options import METHODS_HELP, JsonOption, MethodOption, RayAddressOption, TextOptions, WorkersOption, text_options
+from engine.cli.options import (
+    METHODS_HELP, JsonOption, MethodOption, RayAddressOption, TextOptions, WorkersOption, placement_options,
+    text_options,
+)
 from engine.errors import RankScopeError
+from engine.models.device import Placement
 from engine.texts.settings import TextSettings
 
 
@@ -21,8 +25,9 @@ PlanMethodOption = typer.Option(None, "--method", help=f"{METHODS_HELP} (default
                                 "else feature-pca).")
 
 
-def open_session(model: str, method: str, texts: TextSettings, plan=None):
-    """Load the model and open a compression session for these texts (shared by every command that evaluates).
+def open_session(model: str, method: str, texts: TextSettings, plan=None, placement: Placement = Placement()):
+    """Load the model on `placement` and open a compression session for these texts (shared by every command that
+    evaluates).
 
     With `plan`, the model is checked against it before any calibration or factorisation starts.
     """
@@ -33,7 +38,7 @@ def open_session(model: str, method: str, texts: TextSettings, plan=None):
     from engine.store import open_store
 
     store = open_store()
-    loaded = load_model(model, store, TerminalProgress())
+    loaded = load_model(model, store, TerminalProgress(), placement)
     if plan is not None:
         plan.validate_for(ModelShapes.of(loaded))
     return CompressionSession.open(store, loaded, method, texts, TerminalProgress())
@@ -68,6 +73,7 @@ def _parameters_lines(parameters: dict) -> list[str]:
 
 @app.command()
 @text_options
+@placement_options
 def compress(
     model: Optional[str] = PlanModelOption,
     method: Optional[str] = PlanMethodOption,
@@ -85,6 +91,7 @@ def compress(
                                         "own method, calibration and evaluation unless options say otherwise."),
     save_plan: Optional[Path] = typer.Option(None, "--save-plan", help="Write the evaluated plan here."),
     texts: TextOptions = TextOptions(),
+    placement: Placement = Placement(),
     as_json: bool = JsonOption,
 ):
     """Compress with a uniform ratio, LoRAP's allocation or a plan, and report parameters, perplexity and both KLs."""
@@ -96,7 +103,7 @@ def compress(
             raise RankScopeError("Give exactly one of --uniform RATIO, --lorap RATIO or --plan FILE.")
         if plan is not None:
             given, settings, model = read_plan(plan, model, method, texts)
-            session = open_session(model, settings.method, settings.texts, given)
+            session = open_session(model, settings.method, settings.texts, given, placement)
             candidate, notes = given, settings.notes
         elif lorap is not None:
             from engine.compression.lorap import lorap_plan, parse_split
@@ -104,11 +111,11 @@ def compress(
 
             pruning, parsed_split = PruningSettings(aggregation, retention), parse_split(split)  # checked before loading
             model = model or DEFAULT_MODEL
-            session = open_session(model, method or "awsvd", texts.settings())
+            session = open_session(model, method or "awsvd", texts.settings(), placement=placement)
             candidate = lorap_plan(session, lorap, parsed_split, pruning, mlp, TerminalProgress())
         else:
             model = model or DEFAULT_MODEL
-            session = open_session(model, method or "feature-pca", texts.settings())
+            session = open_session(model, method or "feature-pca", texts.settings(), placement=placement)
             candidate = session.uniform_plan(uniform)
         evaluated = session.evaluate(candidate, TerminalProgress())
         if save_plan is not None:
@@ -133,11 +140,13 @@ def compress(
 
 @app.command()
 @text_options
+@placement_options
 def evaluate(
     model: Optional[str] = PlanModelOption,
     plan: Optional[Path] = typer.Option(None, "--plan", help="Evaluate this plan (with its own method, calibration and "
                                         "evaluation unless options say otherwise); without it, the original model."),
     texts: TextOptions = TextOptions(),
+    placement: Placement = Placement(),
     as_json: bool = JsonOption,
 ):
     """Perplexity and KL of the original model, or of a plan, on the evaluation text."""
@@ -148,11 +157,11 @@ def evaluate(
         if plan is not None:
             given, settings, model = read_plan(plan, model, None, texts)
             used, notes = settings.texts, settings.notes
-            session = open_session(model, settings.method, used, given)
+            session = open_session(model, settings.method, used, given, placement)
             metrics = session.evaluate(given, TerminalProgress()).metrics
         else:
             model, used = model or DEFAULT_MODEL, texts.settings()
-            metrics = _original_metrics(model, used)
+            metrics = _original_metrics(model, used, placement)
     except RankScopeError as exc:
         fail(exc)
     result = {"model": model, "plan": str(plan) if plan else None, "evaluation_text": used.evaluation_text,
@@ -164,7 +173,7 @@ def evaluate(
         typer.echo(_quality_line("plan" if plan else "original", metrics) + f"   ({metrics['tokens']:,} predicted tokens)")
 
 
-def _original_metrics(model: str, texts: TextSettings) -> dict:
+def _original_metrics(model: str, texts: TextSettings, placement: Placement = Placement()) -> dict:
     """Perplexity of the original model (KL against itself is 0), from the store when cached."""
     from engine.models.loading import load_model
     from engine.progress import TerminalProgress
@@ -172,13 +181,15 @@ def _original_metrics(model: str, texts: TextSettings) -> dict:
     from engine.cache.evaluation import ensure_baseline_evaluation
 
     store = open_store()
-    record = ensure_baseline_evaluation(store, load_model(model, store, TerminalProgress()), texts.evaluation_text,
-                                        texts.evaluation_windowing, TerminalProgress())
+    loaded = load_model(model, store, TerminalProgress(), placement)
+    record = ensure_baseline_evaluation(store, loaded, texts.evaluation_text, texts.evaluation_windowing,
+                                        TerminalProgress())
     return {"perplexity": record.perplexity, "kl_forward": 0.0, "kl_reverse": 0.0, "tokens": record.n_tokens}
 
 
 @app.command()
 @text_options
+@placement_options
 def sweep(
     model: str = ModelOption,
     method: str = MethodOption,
@@ -190,6 +201,7 @@ def sweep(
     workers: int = WorkersOption,
     ray_address: Optional[str] = RayAddressOption,
     texts: TextOptions = TextOptions(),
+    placement: Placement = Placement(),
     as_json: bool = JsonOption,
 ):
     """Sensitivity sweep; each point is stored as it finishes, and a rerun resumes (stored points are reused)."""
@@ -206,7 +218,7 @@ def sweep(
             raise RankScopeError(f"--ratios must be comma-separated numbers, got '{ratios}'.") from exc
         if workers < 1:
             raise RankScopeError(f"--workers must be at least 1 (1 evaluates in this process), got {workers}.")
-        session = open_session(model, method, texts.settings())
+        session = open_session(model, method, texts.settings(), placement=placement)
         evaluator = open_evaluator(session, workers, ray_address)
         try:
             if by == "type":

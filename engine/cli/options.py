@@ -7,6 +7,10 @@ them to it as one `TextOptions`; `TextOptions.settings(base)` lays the options t
 runs a plan with its own recorded settings, refusing options that contradict it
 (`engine.compression.plan_settings`), so a command knows which options were given explicitly. The calibration-only and evaluation-only commands
 (`calibrate`, `spectra`, `models --eval`) use the single options below, with the same defaults.
+
+`@placement_options` gives every command that loads a model `--device auto|cpu|cuda|cuda:N` and `--dtype
+float32|bfloat16|float16`; they are checked against the machine before the command does anything (so a bad
+choice stores nothing) and handed to it as one `Placement` (`engine.models.device`).
 """
 
 from __future__ import annotations
@@ -120,3 +124,39 @@ WorkersOption = typer.Option(1, "--workers", help="Evaluate on N Ray workers, on
                              "started for the run, one CPU per worker); 1 evaluates in this process.")
 RayAddressOption = typer.Option(None, "--ray-address", help="Join a running Ray cluster (host:port of `ray start "
                                 "--head`) instead of starting a local one; every node must see the model directory.")
+
+
+DeviceOption = typer.Option("auto", "--device", help="Where forward passes run: auto (a CUDA GPU when PyTorch sees "
+                            "one, else the CPU), cpu, cuda or cuda:N. Results are shared between devices.")
+_PLACEMENT_PARAMETERS = (
+    inspect.Parameter("device", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=DeviceOption),
+    inspect.Parameter("dtype", inspect.Parameter.KEYWORD_ONLY, annotation=str, default=typer.Option(
+        "float32", "--dtype", help="Forward-pass dtype: float32, bfloat16 or float16 (statistics and factorisations "
+        "stay float64; results in another dtype are cached apart from float32 ones).")),
+)
+
+
+def placement_options(command: Callable) -> Callable:
+    """Give `command` `--device` and `--dtype`; it receives them checked, as its `placement: Placement` argument.
+
+    A choice this machine cannot honour (`--device cuda` without a GPU, an unknown dtype) ends the command with
+    the readable error before it opens the store or loads anything."""
+    signature = inspect.signature(command)
+    own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()
+           if p.name != "placement"]
+
+    @functools.wraps(command)
+    def with_placement(**kwargs):
+        from engine.cli import fail
+        from engine.errors import RankScopeError
+        from engine.models.device import resolve_placement
+
+        device, dtype = kwargs.pop("device"), kwargs.pop("dtype")
+        try:
+            placement = resolve_placement(device, dtype)
+        except RankScopeError as exc:
+            fail(exc)
+        return command(placement=placement, **kwargs)
+
+    with_placement.__signature__ = signature.replace(parameters=[*own, *_PLACEMENT_PARAMETERS])
+    return with_placement

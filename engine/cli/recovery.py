@@ -9,8 +9,9 @@ import typer
 
 from engine.cli import app, echo_json, fail
 from engine.cli.compression import _parameters_lines, _quality_line, read_plan
-from engine.cli.options import JsonOption, TextOptions
+from engine.cli.options import JsonOption, TextOptions, placement_options
 from engine.errors import RankScopeError
+from engine.models.device import Placement
 
 _HELP = "\n\n".join([
     "Recover quality lost to compression: train a few vectors on the plan's compressed model, fold them into the "
@@ -29,6 +30,7 @@ _HELP = "\n\n".join([
 
 
 @app.command(help=_HELP)
+@placement_options
 def recover(
     plan: Path = typer.Option(..., "--plan", help="The rank plan JSON to recover (run with its own method and texts)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the recovered plan (default: "
@@ -53,6 +55,7 @@ def recover(
     prune_rounds: int = typer.Option(4, "--prune-rounds", help="basis: pruning rounds, spread over the steps."),
     seed: int = typer.Option(0, "--seed", help="Seed of the batch order."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model the plan was made for (default: the one it names)."),
+    placement: Placement = Placement(),
     as_json: bool = JsonOption,
 ):
     from engine.models.loading import load_model
@@ -70,7 +73,7 @@ def recover(
         target = out or plan.with_name(f"{plan.stem}-{kind}.json")
         _check_target(target, plan)
         store = open_store()
-        loaded = load_model(model, store, TerminalProgress())
+        loaded = load_model(model, store, TerminalProgress(), placement)
         bar = TerminalProgress()
         resolved = settings.resolved(given.calibration, given.evaluation)
         if not as_json:

@@ -9,8 +9,11 @@ import typer
 
 from engine.cli import app, echo_json, fail
 from engine.cli.compression import DEFAULT_MODEL, PlanMethodOption, PlanModelOption, open_session, read_plan
-from engine.cli.options import JsonOption, RayAddressOption, TextOptions, WorkersOption, text_options
+from engine.cli.options import (
+    DeviceOption, JsonOption, RayAddressOption, TextOptions, WorkersOption, placement_options, text_options,
+)
 from engine.errors import RankScopeError
+from engine.models.device import Placement
 
 search_app = typer.Typer(no_args_is_help=True, help="Rank-allocation search studies (scikit-optimize GP + EI), persisted and resumable.")
 app.add_typer(search_app, name="search")
@@ -42,9 +45,13 @@ def _readable_storage():
         return StudyMirror(folder)
 
 
-def _session_for(settings):
-    """The compression session a study's settings describe (its texts were stored with it)."""
-    return open_session(settings.model, settings.method, settings.texts)
+def _session_for(settings, device: str = "auto"):
+    """The compression session a study's settings describe (its texts and forward dtype were stored with it), with
+    the model on `device`."""
+    from engine.models.device import resolve_placement
+
+    return open_session(settings.model, settings.method, settings.texts,
+                        placement=resolve_placement(device, settings.dtype))
 
 
 def _run(storage, session, study_id: str, workers: int = 1, ray_address: Optional[str] = None) -> None:
@@ -102,6 +109,7 @@ def _print_summary(summary: dict, as_json: bool) -> None:
 
 @search_app.command("start")
 @text_options
+@placement_options
 def start(
     model: Optional[str] = PlanModelOption,
     method: Optional[str] = PlanMethodOption,
@@ -135,6 +143,7 @@ def start(
                                         "--workers). Part of the study: the same batch gives the same trials on any "
                                         "number of workers."),
     texts: TextOptions = TextOptions(),
+    placement: Placement = Placement(),
     as_json: bool = JsonOption,
 ):
     """Start a study; prints the best plan re-measured on the full evaluation text, next to the baselines."""
@@ -157,9 +166,10 @@ def start(
                                  beta=beta, kl=kl, n_trials=trials, n_initial_points=initial_points, seed=seed,
                                  subset=subset, subset_size=subset_size, subset_candidates=subset_candidates,
                                  subset_probe_plans=probe_plans, texts=study_texts, mlp=mlp, strategy=strategy,
-                                 batch=batch if batch is not None else (workers if strategy == "trust" else 1))
+                                 batch=batch if batch is not None else (workers if strategy == "trust" else 1),
+                                 dtype=placement.dtype)
         storage = _storage()
-        session = open_session(settings.model, settings.method, settings.texts, plan)
+        session = open_session(settings.model, settings.method, settings.texts, plan, placement)
         if plan is not None:
             ratios = warm_start_from_plan(plan, session.shapes, method, settings.parsed_grouping(), settings.mlp)
             settings = StudySettings.from_dict({**settings.to_dict(), "warm_start": ratios})
@@ -184,7 +194,7 @@ def start(
 
 @search_app.command("resume")
 def resume(study: str = StudyOption, workers: int = WorkersOption, ray_address: Optional[str] = RayAddressOption,
-           as_json: bool = JsonOption):
+           device: str = DeviceOption, as_json: bool = JsonOption):
     """Resume a stopped, failed or interrupted study from its stored trials (a finished one returns at once)."""
     from engine.search.records import StudyState, is_interrupted
     from engine.search.settings import StudySettings
@@ -204,7 +214,7 @@ def resume(study: str = StudyOption, workers: int = WorkersOption, ray_address: 
         else:
             if workers < 1:
                 raise RankScopeError(f"--workers must be at least 1 (1 evaluates in this process), got {workers}.")
-            _run(storage, _session_for(StudySettings.from_dict(record.settings)), study, workers, ray_address)
+            _run(storage, _session_for(StudySettings.from_dict(record.settings), device), study, workers, ray_address)
         summary = study_summary(storage, study)
     except RankScopeError as exc:
         fail(exc)
@@ -254,12 +264,12 @@ def best(study: str = StudyOption, as_json: bool = JsonOption):
 @search_app.command("export-plan")
 def export_plan(study: str = StudyOption, out: Path = typer.Option(..., "--out", help="Where to write the plan JSON."),
                 trial: Optional[int] = typer.Option(None, "--trial", help="A trial number (default: the best)."),
-                as_json: bool = JsonOption):
+                device: str = DeviceOption, as_json: bool = JsonOption):
     """Write a study's best (or chosen) trial as a rank plan (rankscope.plan/v1; v2 when it prunes MLPs)."""
     from engine.search.summary import trial_plan
 
     try:
-        chosen, plan = trial_plan(_storage(), study, _session_for, trial)
+        chosen, plan = trial_plan(_storage(), study, lambda settings: _session_for(settings, device), trial)
         plan.save(out)
     except RankScopeError as exc:
         fail(exc)

@@ -32,6 +32,7 @@ from torch import nn
 
 from engine.compression.lowrank import compressed_paths, restore_
 from engine.errors import RankScopeError
+from engine.models.device import input_device
 from engine.models.loading import LoadedModel
 
 # model types whose decoder forward is proven (tests/test_sweep.py) to be replayed bit for bit
@@ -108,7 +109,8 @@ class LayerPrefixCache:
             with self._replaying_below(self.layer if self.layer is not None else 0), torch.no_grad():
                 for index in range(self.windows.shape[0]):
                     try:
-                        self.model(input_ids=self.windows[index : index + 1], use_cache=False)
+                        ids = self.windows[index : index + 1].to(input_device(self.model))  # [1, L]
+                        self.model(input_ids=ids, use_cache=False)
                     except _Captured as done:
                         captured.append(done.state.detach().clone())  # [1, L, hidden]
                     else:

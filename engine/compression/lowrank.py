@@ -3,6 +3,8 @@
 Compute, then swap (STYLE.md): factorising happens once in `engine.methods`; applying a plan only
 slices the cached factors (views, no copies) and replaces `nn.Linear` modules in place. The
 original modules are kept on the model so `restore_` puts them back exactly; nothing is deep-copied.
+Factors are cached on the CPU in float32; a low-rank module is made on its original weight's device and
+in its dtype (the model's forward dtype), which on a float32 CPU model is the cached tensors themselves.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def compress_(model: nn.Module, ranks: Mapping[str, Optional[int]], factorizatio
     """
     restore_(model)
     originals: dict[str, nn.Module] = {}
-    shared_A: dict[tuple[int, int], nn.Parameter] = {}
+    shared_A: dict[tuple[int, int, torch.device], nn.Parameter] = {}
     try:
         for path, rank in ranks.items():
             if rank is None:
@@ -61,13 +63,15 @@ def compress_(model: nn.Module, ranks: Mapping[str, Optional[int]], factorizatio
             if not 1 <= rank <= factors.max_rank:
                 raise RankScopeError(f"Rank {rank} for '{path}' is outside 1..{factors.max_rank}.")
             original = model.get_submodule(path)
+            place = {"device": original.weight.device, "dtype": original.weight.dtype}  # no-ops on a float32 CPU model
             bias = original.bias.detach() if original.bias is not None else None
             delta = factors.bias_delta(rank)
-            if delta is not None:
-                bias = delta if bias is None else bias + delta
-            module = LowRankLinear(factors.A[:rank], factors.B[:, :rank], bias)
+            if delta is not None:  # summed in float32 on the CPU, as the factors are, then placed
+                bias = delta if bias is None else bias.to(delta) + delta
+            module = LowRankLinear(factors.A[:rank].to(**place), factors.B[:, :rank].to(**place),
+                                   None if bias is None else bias.to(**place))
             # linears sharing one A (joint-svd) share one Parameter, so it is counted and stored once
-            key = (id(factors.A), rank)
+            key = (id(factors.A), rank, place["device"])
             if key in shared_A:
                 module.A = shared_A[key]
             else:

@@ -17,6 +17,8 @@ pruning keeps one set of directions per shared `A` (importances summed over its 
 
 `attach_` wraps a compressed model's `LowRankLinear`s for training, `vectors_of`/`load_vectors_`
 move the learned vectors to and from stored arrays, and `fold_` puts plain `LowRankLinear`s back.
+The vectors live on the factors' device and train in float32 even when the model runs in bfloat16 or
+float16 (AdamW steps of 1e-3 vanish in a half-precision number); they are cast to the forward dtype in use.
 """
 
 from __future__ import annotations
@@ -51,16 +53,16 @@ class SubspaceLinear(nn.Module):
             raise RecoveryError(f"The subspace size r' must be at least 1, got {subset}.")
         self.base = base
         self.subset = min(subset, base.rank)
-        dtype = base.B.dtype
-        self.lambda_b = nn.Parameter(torch.zeros(base.out_features, dtype=dtype))
-        self.lambda_d = nn.Parameter(torch.full((self.subset,), SUBSPACE_D_INIT, dtype=dtype))
+        place = _vector_place(base)
+        self.lambda_b = nn.Parameter(torch.zeros(base.out_features, **place))
+        self.lambda_d = nn.Parameter(torch.full((self.subset,), SUBSPACE_D_INIT, **place))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = F.linear(x, self.base.A)  # [..., r]
         y = F.linear(z, self.base.B, self.base.bias)  # [..., d_out]
         # the update reuses A's output: A_S x is z's first `subset` entries
-        update = F.linear(z[..., : self.subset] * self.lambda_d, self.base.B[:, : self.subset])
-        return y + update * self.lambda_b
+        update = F.linear(z[..., : self.subset] * self.lambda_d.to(z.dtype), self.base.B[:, : self.subset])
+        return y + update * self.lambda_b.to(update.dtype)
 
     def folded_B(self) -> torch.Tensor:
         """`B` with the learned update added to its leading columns."""
@@ -79,11 +81,12 @@ class ScaledBasisLinear(nn.Module):
     def __init__(self, base: LowRankLinear):
         super().__init__()
         self.base = base
-        self.scales = nn.Parameter(torch.ones(base.rank, dtype=base.B.dtype))
-        self.register_buffer("kept", torch.ones(base.rank, dtype=torch.bool))
+        self.scales = nn.Parameter(torch.ones(base.rank, **_vector_place(base)))
+        self.register_buffer("kept", torch.ones(base.rank, dtype=torch.bool, device=base.B.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.linear(x, self.base.A) * (self.scales * self.kept)
+        z = F.linear(x, self.base.A)
+        z = z * (self.scales * self.kept).to(z.dtype)
         return F.linear(z, self.base.B, self.base.bias)
 
     @torch.no_grad()
@@ -101,6 +104,11 @@ class ScaledBasisLinear(nn.Module):
 
 
 Trainable = Union[SubspaceLinear, ScaledBasisLinear]
+
+
+def _vector_place(base: LowRankLinear) -> dict:
+    """Device and dtype of trained vectors: the factors' device, float32 at least (module docstring)."""
+    return {"device": base.B.device, "dtype": torch.promote_types(base.B.dtype, torch.float32)}
 
 
 def attach_(model: nn.Module, kind: str, subset: int = DEFAULT_SUBSET) -> dict[str, Trainable]:
@@ -132,7 +140,8 @@ def trainable_parameters(wrappers: Mapping[str, Trainable]) -> list[nn.Parameter
 
 def vectors_of(wrappers: Mapping[str, Trainable]) -> dict[str, torch.Tensor]:
     """The learned vectors as flat arrays named `<module path>.<vector>` (what a run stores)."""
-    return {f"{path}.{name}": value.clone() for path, w in wrappers.items() for name, value in w.vectors().items()}
+    return {f"{path}.{name}": value.cpu().clone()
+            for path, w in wrappers.items() for name, value in w.vectors().items()}
 
 
 @torch.no_grad()
@@ -164,7 +173,7 @@ def fold_(model: nn.Module, wrappers: Mapping[str, Trainable]) -> dict[str, int]
         else:
             kept = torch.nonzero(w.kept).flatten()
             A = base.A.detach()[kept].clone()
-            B = (base.B.detach() * w.scales.detach()[None, :])[:, kept].clone()
+            B = (base.B.detach() * w.scales.detach()[None, :])[:, kept].to(base.B.dtype)  # a copy
             key = (id(base.A), tuple(kept.tolist()))
         module = LowRankLinear(A, B, bias)
         if key in shared_A:  # linears that shared A before folding share the folded A

@@ -163,7 +163,7 @@ class CompressionSession:
             restore_(model)  # scores come from the dense weights
             orders = {}
             for mlp in self.shapes.mlps:
-                gate, up, down = (model.get_submodule(p).weight.detach() for p in mlp.paths)
+                gate, up, down = (model.get_submodule(p).weight.detach().cpu() for p in mlp.paths)  # beside the norms
                 mlp_in = calibration.statistics.site(mlp.layer, "mlp_in").l2_norm
                 down_in = calibration.statistics.site(mlp.layer, "down_in").l2_norm
                 scores = channel_scores(gate, up, down, mlp_in, down_in, aggregation)

@@ -196,17 +196,19 @@ def mlp_sweep_id(session: CompressionSession, pruning: PruningSettings = Pruning
     texts = session.texts
     calibration_id = (session.calibration.record.calibration_id if session.calibration is not None else
                       calibration_key(session.loaded.fingerprint, text_fingerprint(texts.calibration_text),
-                                      texts.calibration_windowing, texts.n_groups))
+                                      texts.calibration_windowing, texts.n_groups, session.loaded.dtype))
     return mlp_sweep_key(sweep_id(session), calibration_id, pruning)
 
 
 def mlp_sweep_id_for(model_fingerprint: str, method: str, texts: TextSettings,
-                     pruning: PruningSettings = PruningSettings()) -> str:
+                     pruning: PruningSettings = PruningSettings(), dtype: str = "float32") -> str:
     """`mlp_sweep_id` from the settings alone, without a session or a model: how a page finds the stored points."""
     calibration_id = calibration_key(model_fingerprint, text_fingerprint(texts.calibration_text),
-                                     texts.calibration_windowing, texts.n_groups)
-    factorization_id = factorization_key(model_fingerprint, method, calibration_id if get_method(method).needs else "")
-    reference_id = reference_key(model_fingerprint, text_fingerprint(texts.evaluation_text), texts.evaluation_windowing)
+                                     texts.calibration_windowing, texts.n_groups, dtype)
+    factorization_id = factorization_key(model_fingerprint, method, calibration_id if get_method(method).needs else "",
+                                         dtype)
+    reference_id = reference_key(model_fingerprint, text_fingerprint(texts.evaluation_text), texts.evaluation_windowing,
+                                 dtype)
     return mlp_sweep_key(sweep_key(model_fingerprint, method, factorization_id, reference_id), calibration_id, pruning)
 
 

@@ -6,6 +6,10 @@ a hub id (where the hub is reachable). GGUF files are dequantised to float32 by 
 `rankscope_model.json` recording the source and the content fingerprint; later loads take seconds.
 The fingerprint (a hash of weights, config and tokenizer files) keys every cached result.
 
+A model loads on a `Placement` (`engine.models.device`): the CPU in float32 unless asked otherwise. On a
+GPU it loads straight onto the device in the forward dtype, and a model bigger than that GPU's free
+memory is spread over the GPUs (and the CPU) by accelerate's `device_map="auto"`.
+
 A file that is there but cannot be read (random bytes named `.gguf`, a GGUF header followed by
 junk, a truncated or damaged `*.safetensors`, a config or tokenizer file that does not parse) ends
 in a `ModelFileError` naming the file and what to do, never in a traceback.
@@ -27,6 +31,7 @@ from engine import __version__
 from engine.errors import ModelFileError, ModelNotFoundError, RankScopeError
 from engine.hashing import sha256_file, sha256_json
 from engine.models.adapters import ArchitectureAdapter, LinearRef, adapter_for_model_type
+from engine.models.device import Placement, needs_device_map
 from engine.models.registry import REGISTRY
 from engine.paths import cache_subdir
 from engine.progress import ProgressCallback, ProgressTracker
@@ -42,7 +47,7 @@ _FINGERPRINT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", 
 
 @dataclass
 class LoadedModel:
-    """A causal LM ready for analysis (float32, eval mode) with its identity and adapter."""
+    """A causal LM ready for analysis (eval mode, on its placement) with its identity and adapter."""
 
     model_id: str
     fingerprint: str
@@ -50,6 +55,22 @@ class LoadedModel:
     model: "torch.nn.Module"
     tokenizer: object
     adapter: ArchitectureAdapter
+    placement: Placement = Placement()  # where forward passes run, and in which dtype
+
+    @property
+    def device(self) -> str:
+        """The device it was asked to run on (`cpu`, `cuda:N`); see `device_map` for a model spread over several."""
+        return self.placement.device
+
+    @property
+    def dtype(self) -> str:
+        """The forward dtype's name (`float32`, `bfloat16`, `float16`): part of the keys of what it measures."""
+        return self.placement.dtype
+
+    @property
+    def device_map(self) -> Optional[dict]:
+        """accelerate's module -> device map when the model was spread over devices, else None."""
+        return getattr(self.model, "hf_device_map", None)
 
     @property
     def config(self):
@@ -113,14 +134,15 @@ def locate_model(reference: str, store: Store, progress: Optional[ProgressCallba
 
 
 def load_model(
-    reference: str, store: Store, progress: Optional[ProgressCallback] = None
+    reference: str, store: Store, progress: Optional[ProgressCallback] = None, placement: Placement = Placement()
 ) -> LoadedModel:
-    """Load a model by registry name, directory, GGUF file or hub id, in float32 eval mode.
+    """Load a model by registry name, directory, GGUF file or hub id, in eval mode on `placement` (default: the
+    CPU, float32; `engine.models.device.resolve_placement` checks a user's choice).
 
     Example: `load_model("smollm2-135m", open_store()).num_layers == 30`.
     """
     location = locate_model(reference, store, progress)
-    loaded = load_located(location.path, location.model_id, location.fingerprint, reference)
+    loaded = load_located(location.path, location.model_id, location.fingerprint, reference, placement)
     store.record_model(
         location.fingerprint, location.model_id, loaded.model_type, str(location.path), loaded.num_layers,
         loaded.config.to_dict(),
@@ -128,10 +150,10 @@ def load_model(
     return loaded
 
 
-def load_located(path: Path, model_id: str, fingerprint: str, reference: Optional[str] = None) -> LoadedModel:
-    """A located model directory loaded in float32 eval mode, without a store: `load_model`'s second half, and
-    how a worker process gets its replica of a model the driver already located and fingerprinted."""
-    import torch
+def load_located(path: Path, model_id: str, fingerprint: str, reference: Optional[str] = None,
+                 placement: Placement = Placement()) -> LoadedModel:
+    """A located model directory loaded in eval mode on `placement`, without a store: `load_model`'s second half,
+    and how a worker process gets its replica of a model the driver already located and fingerprinted."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     fix = _repair_hint(path, reference or str(path))
@@ -139,11 +161,22 @@ def load_located(path: Path, model_id: str, fingerprint: str, reference: Optiona
         config = AutoConfig.from_pretrained(path)
     adapter = adapter_for_model_type(getattr(config, "model_type", "unknown"))  # fail before loading weights
     with _file_errors(f"The weights in {path} could not be loaded", fix):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=placement.torch_dtype,
+                                                     **_device_map(config, placement))
     model.eval()
     with _file_errors(f"The tokenizer files in {path} could not be loaded", fix):
         tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model_id, fingerprint, path, model, tokenizer, adapter)
+    return LoadedModel(model_id, fingerprint, path, model, tokenizer, adapter, placement)
+
+
+def _device_map(config, placement: Placement) -> dict:
+    """`from_pretrained`'s placement arguments: none on the CPU (loaded as before), the GPU itself when the model
+    fits in it, else accelerate's `device_map="auto"` (layers spread over the GPUs, then the CPU)."""
+    if placement.device == "cpu":
+        return {}
+    if needs_device_map(config, placement) is not None:
+        return {"device_map": "auto"}
+    return {"device_map": {"": placement.device}}
 
 
 def is_prepared(reference: str) -> bool:

@@ -39,6 +39,7 @@ from engine.compression.recovered import (
 from engine.compression.session import CompressionSession
 from engine.compression.units import ModelShapes, count_parameters
 from engine.cache.windows import ensure_windows
+from engine.models.device import input_device
 from engine.errors import CorpusError
 from engine.hashing import sha256_json
 from engine.metrics import evaluate_perplexity, evaluate_quality
@@ -84,19 +85,21 @@ class RecoveryOutcome:
     resumed_from: int = 0
 
 
-def run_id_for(plan: RankPlan, settings: RecoverySettings) -> str:
+def run_id_for(plan: RankPlan, settings: RecoverySettings, dtype: str = "float32") -> str:
     """The key of a run: what the plan compresses and measures (not its file or provenance) and the settings
-    (in their canonical form, so a default given explicitly names the same run)."""
+    (in their canonical form, so a default given explicitly names the same run); the forward dtype only when it
+    is not float32, so float32 runs keep their ids."""
     content = {k: v for k, v in plan.to_dict().items() if k not in ("metrics", "provenance")}
-    return sha256_json([content, settings.canonical().to_dict()])[:32]
+    return sha256_json([content, settings.canonical().to_dict(), *([] if dtype == "float32" else [dtype])])[:32]
 
 
-def run_key(shapes: ModelShapes, plan: RankPlan, settings: RecoverySettings) -> tuple[RankPlan, RecoverySettings, str]:
+def run_key(shapes: ModelShapes, plan: RankPlan, settings: RecoverySettings,
+            dtype: str = "float32") -> tuple[RankPlan, RecoverySettings, str]:
     """(the plan checked against the model, the settings resolved against its texts, the run's id): what `recover`
     works from, for front ends that look a run up before starting it. Raises `PlanError` for another model's plan."""
     plan = plan.for_model(shapes)
     settings = settings.resolved(plan.calibration, plan.evaluation)
-    return plan, settings, run_id_for(plan, settings)
+    return plan, settings, run_id_for(plan, settings, dtype)
 
 
 def checkpoint_state(store: Store, run_id: str) -> Optional[dict]:
@@ -137,7 +140,7 @@ def recover(
     `session` reuses an open session of the plan's method and texts (a front end's), so its factors are not
     loaded a second time."""
     shapes = ModelShapes.of(loaded)
-    plan, settings, run_id = run_key(shapes, plan, settings)  # PlanError naming both models for another's plan
+    plan, settings, run_id = run_key(shapes, plan, settings, loaded.dtype)  # PlanError for another model's plan
     if plan.recovery is not None:
         raise PlanError(f"This plan is already the result of recovery run {plan.recovery['run_id'][:12]}; recover the "
                         "plan it started from instead (recovery runs do not stack).")
@@ -213,6 +216,7 @@ def _train(model, wrappers, params, optimizer, train, validation, settings: Reco
     while state["step"] < settings.steps:
         step = state["step"]
         ids = train[_batch_indices(step, settings.batch_windows, int(train.shape[0]), settings.seed)]  # [B, L]
+        ids = ids.to(input_device(model))
         with torch.enable_grad():
             loss = model(input_ids=ids, labels=ids, use_cache=False).loss
             loss.backward()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -80,6 +80,8 @@ def create_study(storage: StudyStorage, session: CompressionSession, settings: S
     """Register a new study (state RUNNING, no trials yet)."""
     if settings.method != session.method:
         raise RankScopeError(f"The session is for method {session.method}, the settings ask for {settings.method}.")
+    if settings.dtype != session.loaded.dtype:
+        settings = replace(settings, dtype=session.loaded.dtype)  # a study records the dtype its trials run in
     groups = study_groups(settings, session.shapes, session.method)
     if settings.warm_start is not None:
         unknown = set(settings.warm_start) - set(groups)
@@ -176,6 +178,9 @@ class StudyRunner:
             raise RankScopeError(f"Study '{study_id}' was made for another model (fingerprint {record.model_fingerprint[:12]}).")
         self.storage, self.session, self.record = storage, session, record
         self.settings = StudySettings.from_dict(record.settings)
+        if self.settings.dtype != session.loaded.dtype:  # trials in two dtypes would not be comparable
+            raise RankScopeError(f"Study '{study_id}' runs its trials in {self.settings.dtype}, but the model was loaded "
+                                 f"in {session.loaded.dtype}; load it with --dtype {self.settings.dtype}.")
         self.grouping = self.settings.parsed_grouping()
         self.groups = study_groups(self.settings, session.shapes, session.method)
         self.pruning = self.settings.pruning  # None unless the study prunes MLPs

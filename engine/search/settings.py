@@ -51,6 +51,9 @@ class StudySettings:
     pruning: Optional[dict] = None  # with mlp="prune": {"aggregation", "retention"}, LoRAP's l2 and 1% by default
     strategy: str = "trust"  # trust: priors told, random phase, GP-EI local/global; bo: the plain ask/tell loop
     batch: int = 1  # trust: points proposed at once (constant liar), so that many workers stay busy
+    # forward dtype of every trial; written only when not float32, so float32 studies keep their settings dict and an
+    # older RankScope refuses a bfloat16 study by name
+    dtype: str = "float32"
     version: int = SETTINGS_VERSION
 
     def __post_init__(self):
@@ -90,6 +93,10 @@ class StudySettings:
         if self.batch > 1 and self.strategy != "trust":
             raise RankScopeError("The plain loop (strategy bo) asks for one point at a time; batches of points (for "
                                  "several workers) need the trust strategy.")
+        from engine.models.device import DTYPE_CHOICES
+
+        if self.dtype not in DTYPE_CHOICES:
+            raise RankScopeError(f"A study's dtype must be one of {', '.join(DTYPE_CHOICES)}, got '{self.dtype}'.")
         if not 0.0 < self.max_ratio <= MAX_RATIO:
             raise RankScopeError(f"max_ratio must be in (0, {MAX_RATIO}], got {self.max_ratio}.")
 
@@ -107,6 +114,8 @@ class StudySettings:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         if self.mlp == "low-rank":  # the settings dict of a study that does not prune is the one it always was
             del data["mlp"], data["pruning"]
+        if self.dtype == "float32":
+            del data["dtype"]
         return {**data, "texts": self.texts.to_dict(), "version": SETTINGS_VERSION}
 
     @classmethod

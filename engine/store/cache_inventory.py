@@ -86,8 +86,10 @@ def find_sweep(
     evaluation_text_fingerprint: str,
     window_len: int,
     n_windows: int,
+    reference_id: Optional[str] = None,
 ) -> Optional[SweepLookup]:
-    """The newest sweep for these settings (`calibration_id` is '' for data-free methods), or None.
+    """The newest sweep for these settings (`calibration_id` is '' for data-free methods), or None; with
+    `reference_id`, only a sweep measured against that reference (its key holds the forward dtype).
 
     Matches on the stored factorisation's calibration and the reference distribution's evaluation
     set, so it finds exactly the sweep a `CompressionSession` with the same settings would extend.
@@ -97,8 +99,10 @@ def find_sweep(
         "JOIN factorizations f ON f.factorization_id = s.factorization_id "
         "JOIN reference_distributions r ON r.reference_id = s.reference_id "
         "WHERE s.model_fingerprint = ? AND s.method = ? AND f.calibration_id = ? AND r.text_fingerprint = ? "
-        "AND r.window_len = ? AND r.n_windows = ? ORDER BY s.created_at DESC LIMIT 1",
-        [model_fingerprint, method, calibration_id, evaluation_text_fingerprint, window_len, n_windows],
+        "AND r.window_len = ? AND r.n_windows = ? AND (? IS NULL OR s.reference_id = ?) "
+        "ORDER BY s.created_at DESC LIMIT 1",
+        [model_fingerprint, method, calibration_id, evaluation_text_fingerprint, window_len, n_windows, reference_id,
+         reference_id],
     )
     return None if row is None else SweepLookup(row[0], float(row[1]))
 

@@ -42,14 +42,17 @@ class _Worker:
     """One model replica (a Ray actor; see `RayEvaluator`)."""
 
     def __init__(self, model_dir: str, model_id: str, fingerprint: str, method: str, texts: dict, factorization,
-                 windows, reference, channel_orders: dict, threads: int, die_once: Optional[str] = None):
+                 windows, reference, channel_orders: dict, threads: int, die_once: Optional[str] = None,
+                 dtype: str = "float32"):
+        from engine.models.device import Placement
         from engine.models.loading import load_located
         from engine.texts.settings import TextSettings
         from pathlib import Path
 
         torch.set_num_threads(threads)
         self.die_once = die_once
-        loaded = load_located(Path(model_dir), model_id, fingerprint)
+        # workers are CPU actors; the driver's forward dtype keeps their results those of the driver's keys
+        loaded = load_located(Path(model_dir), model_id, fingerprint, placement=Placement("cpu", dtype))
         self.session = CompressionSession(None, loaded, method, TextSettings.from_dict(texts), None, None,
                                           factorization, windows, None, reference)
         self.session.adopt_channel_orders(channel_orders)
@@ -114,7 +117,8 @@ class RayEvaluator:
         actor = ray.remote(num_cpus=threads_per_worker, max_restarts=RESTARTS, max_task_retries=RESTARTS)(_Worker)
         loaded = session.loaded
         self._actors = [actor.remote(str(loaded.path), loaded.model_id, loaded.fingerprint, session.method,
-                                     session.texts.to_dict(), *shared, orders, threads_per_worker, die_once)
+                                     session.texts.to_dict(), *shared, orders, threads_per_worker, die_once,
+                                     loaded.dtype)
                         for _ in range(workers)]
 
     def register_windows(self, name: str, windows: torch.Tensor, reference: ReferenceDistribution) -> None:
