@@ -6,6 +6,11 @@ the ones the export compares its reload with; `plan_evaluation_s` is that evalua
 - export: the whole `export_compressed` call (`export_s`) and its parts (`report.timings`, seconds: writing, the
   in-memory model's check-window logits, both reloads, the transformers reload's logits, the reload's evaluation,
   the side-by-side generation with its tokens/s timing, the model card and move), for that plan;
+  By default the reload is proven by comparing its tensors bit for bit with those written (no evaluation on all
+  windows);
+- export_evaluating_reload: the same plan with `evaluate_reload=True` (the reload evaluated on every window and
+  compared with the plan's record, the default before the bit-for-bit check), with `speedup_of_default` = its time / the
+  default's; skipped with --skip-evaluating-reload;
 - export_without_plan_metrics: the same for the plan without metrics (the in-memory model is then evaluated once
   too); skipped with --skip-unmeasured;
 - old_path: the whole call of the export as it was at --old-commit (default f8090cb: two full evaluations, logits
@@ -95,6 +100,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run")
     parser.add_argument("--out", type=Path, default=None, help="keep the export here (default: a deleted temp folder)")
     parser.add_argument("--skip-unmeasured", action="store_true", help="do not export the plan without metrics")
+    parser.add_argument("--skip-evaluating-reload", action="store_true",
+                        help="do not export again with evaluate_reload=True")
     parser.add_argument("--skip-old", action="store_true", help="do not run the old export for the ratio")
     parser.add_argument("--old-commit", default=OLD_COMMIT, help="the commit whose export is the old path")
     args = parser.parse_args()
@@ -124,7 +131,14 @@ def main() -> None:
                                         overwrite=args.out is not None, **options)  # --out: a rerun replaces
         timings["export_s"] = seconds
         results["export"] = {"export_s": seconds, "parts": report.timings, "compressed_quality_from":
-                             report.compressed_quality_from, "timing_runs": args.runs, "check_windows": 1}
+                             report.compressed_quality_from, "reload_evaluated": report.reload_evaluated,
+                             "timing_runs": args.runs, "check_windows": 1}
+        if not args.skip_evaluating_reload:
+            seconds, evaluating = _timed_export(export_compressed, session, plan, Path(scratch) / "evaluating",
+                                                timing_runs=args.runs, evaluate_reload=True, **options)
+            results["export_evaluating_reload"] = {
+                "export_s": seconds, "parts": evaluating.timings, "reload_evaluated": evaluating.reload_evaluated,
+                "speedup_of_default": round(seconds / timings["export_s"], 3)}
         if not args.skip_unmeasured:
             bare = type(plan).from_dict({**plan.to_dict(), "metrics": None})
             seconds, unmeasured = _timed_export(export_compressed, session, bare, Path(scratch) / "unmeasured",

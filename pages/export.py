@@ -34,7 +34,8 @@ SHOWN = "export_shown"  # the export id whose report is shown
 
 st.title("Export")
 st.caption("Keep what you found: download the rank plan, write the compressed model as a Hugging Face directory "
-           "that reloads anywhere (the export proves it by reloading and re-evaluating), and compare generations.")
+           "that reloads anywhere (the export proves it by reloading it and comparing its tensors and logits with "
+           "the model in memory), and compare generations.")
 
 workspace = workspace_sidebar()
 loaded = load_workspace_model(workspace)
@@ -120,6 +121,10 @@ overwrite = st.checkbox("Replace an earlier export in this directory", key="expo
                              "holding any file that export did not write (or that is not an export) is never changed.")
 dense = st.checkbox("Dense export: NOT smaller. Stores W = B·A as plain linear weights, for tools that need "
                     "standard layers; same size and speed as the original.", key="export_dense")
+evaluate_reload = st.checkbox("Evaluate the reloaded model on every evaluation window", key="export_evaluate_reload",
+                              help="Slower. Without it, a plan that records its quality for these windows reports that "
+                                   "record once the reload is proven to hold the written tensors bit for bit (and to "
+                                   "give identical logits); a plan without a record is always evaluated.")
 storage_refused = None
 try:
     check_export_storage(plan, dense)  # a pruned plan cannot be written dense: said now, before any work
@@ -136,7 +141,8 @@ timing_runs = options[2].number_input("Timing runs", min_value=1, max_value=10, 
                                            "model, alternating.")
 if st.button("Export", type="primary", key="export_model", disabled=target is None or storage_refused is not None) \
         and target is not None and storage_refused is None:
-    start_export(loaded, plan, texts, target, dense, prompt, int(new_tokens), int(timing_runs), overwrite=overwrite)
+    start_export(loaded, plan, texts, target, dense, prompt, int(new_tokens), int(timing_runs), overwrite=overwrite,
+                 evaluate_reload=evaluate_reload)
     st.rerun()
 for job in board.with_prefix(export_job_prefix(loaded)):
     finished = watch_job(job.job_id, stoppable=True,
@@ -179,7 +185,9 @@ head[3].metric("Weights file", f"{overview['weights_bytes'] / MIB:,.2f} MiB",
                None if overview["size_ratio"] is None else f"{overview['size_ratio']:.1%} of the original",
                delta_color="off", delta_arrow="off", help="model.safetensors, float32")
 quality = st.columns(4)
-quality[0].metric("Perplexity", f"{overview['perplexity']:.3f}", help="of the model reloaded from the directory")
+quality[0].metric("Perplexity", f"{overview['perplexity']:.3f}",
+                  help="of the model reloaded from the directory" if report.get("reload_evaluated", True) else
+                  "the plan's record for these windows: the reloaded tensors are the written ones bit for bit")
 quality[1].metric("Original perplexity", f"{overview['original_perplexity']:.3f}")
 quality[2].metric(METRIC_LABELS["kl_forward"], f"{overview['kl_forward']:.4g}")
 quality[3].metric(METRIC_LABELS["kl_reverse"], f"{overview['kl_reverse']:.4g}")

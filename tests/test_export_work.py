@@ -1,7 +1,8 @@
-"""An export does each piece of work once (issue #11): one full evaluation (the reload's) when the plan records its
-metrics for the session's evaluation windows, a second one only when it does not or its record is wrong; the check
-windows' logits of the load_compressed reload come from that evaluation's forwards; tokens/s is timed on the
-side-by-side generation itself; the report gives the seconds of each part."""
+"""An export does each piece of work once (issue #11): no full evaluation when the plan records its metrics for the
+session's evaluation windows and the reload holds the written tensors bit for bit; one (the reload's) with
+evaluate_reload, a second one only when the plan has no record or its record is wrong; the check windows' logits of
+an evaluated reload come from that evaluation's forwards; tokens/s is timed on the side-by-side generation itself;
+the report gives the seconds of each part."""
 
 from __future__ import annotations
 
@@ -62,13 +63,32 @@ def _saved_metrics(directory: Path) -> dict:
     return {k: RankPlan.load(directory / "rank_plan.json").metrics[k] for k in METRICS}
 
 
-def test_a_plan_with_metrics_for_these_windows_is_evaluated_once_through_its_reload(
+def test_a_plan_with_metrics_for_these_windows_is_reported_once_its_reload_is_proven_identical(
         store, tiny_model_dirs, text_file, tmp_path, evaluations):
     session = _session(store, tiny_model_dirs["llama"], text_file)
     plan = session.evaluate(_plan(session))  # what compress --save-plan writes: metrics on these windows
     report = export_compressed(session, plan, tmp_path / "export", **FAST)
 
-    assert report.passed and report.compressed_quality_from == "plan"
+    assert report.passed and report.compressed_quality_from == "plan" and not report.reload_evaluated
+    assert evaluations == []  # nothing evaluated on all windows: the tensors and the check logits prove the reload
+    assert report.quality["compressed"] == report.quality["reloaded"] == {k: plan.metrics[k] for k in METRICS}
+    assert _saved_metrics(tmp_path / "export") == report.quality["compressed"]
+    names = [c.name for c in report.checks]
+    assert "weights via load_compressed" in names and "weights via transformers" in names
+    assert "perplexity re-evaluated after reload" not in names and "quality of the reload" in names
+    assert report.logits_max_abs_diff == {"load_compressed": 0.0, "transformers": 0.0}
+    assert report.timings["evaluation_s"] >= 0 and report.timings["in_memory_s"] >= 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "compressed (the plan's record for these windows)" in card and "bit for bit" in card
+
+
+def test_evaluate_reload_evaluates_the_reload_once_and_compares_it_with_the_record(
+        store, tiny_model_dirs, text_file, tmp_path, evaluations):
+    session = _session(store, tiny_model_dirs["llama"], text_file)
+    plan = session.evaluate(_plan(session))
+    report = export_compressed(session, plan, tmp_path / "export", evaluate_reload=True, **FAST)
+
+    assert report.passed and report.compressed_quality_from == "plan" and report.reload_evaluated
     assert len(evaluations) == 1 and evaluations[0] is not session.loaded.model  # only the reload was evaluated
     assert report.quality["compressed"] == {k: plan.metrics[k] for k in METRICS}
     # the reload's logits are the in-memory model's, so its metrics are the recorded ones exactly
@@ -78,6 +98,27 @@ def test_a_plan_with_metrics_for_these_windows_is_evaluated_once_through_its_rel
     assert "recorded in the plan for these windows" in detail
     card = (tmp_path / "export" / "README.md").read_text()
     assert "compressed (the plan's record; the reload re-measured it)" in card and "(in memory)" not in card
+
+
+def test_a_reloaded_tensor_that_differs_by_one_bit_fails_the_export(store, tiny_model_dirs, text_file, tmp_path,
+                                                                   monkeypatch, evaluations):
+    session = _session(store, tiny_model_dirs["llama"], text_file)
+    plan = session.evaluate(_plan(session))
+    real_load = engine.export.writer.load_compressed
+
+    def nudged(directory):  # one weight one ulp away: logits may not even move on the check window
+        model, tokenizer, saved = real_load(directory)
+        with torch.no_grad():
+            weight = model.get_submodule("model.layers.0.self_attn.q_proj").weight
+            weight[0, 0] = torch.nextafter(weight[0, 0], torch.tensor(float("inf")))
+        return model, tokenizer, saved
+
+    monkeypatch.setattr(engine.export.writer, "load_compressed", nudged)
+    with pytest.raises(engine.export.writer.ExportError,
+                       match=r"weights via load_compressed: 1 tensor\(s\) differ.*model.layers.0.self_attn.q_proj.weight"):
+        export_compressed(session, plan, tmp_path / "export", **FAST)
+    assert len(evaluations) >= 1  # a differing tensor falls back to evaluating the reload
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("case", ["no metrics", "other windows"])
@@ -102,7 +143,7 @@ def test_a_plan_whose_record_is_wrong_is_measured_and_its_record_not_copied(
     session = _session(store, tiny_model_dirs["llama"], text_file)
     true = session.evaluate(_plan(session))
     forged = true.with_metrics({**{k: true.metrics[k] for k in METRICS}, "perplexity": true.metrics["perplexity"] * 1.1})
-    report = export_compressed(session, forged, tmp_path / "export", **FAST)
+    report = export_compressed(session, forged, tmp_path / "export", evaluate_reload=True, **FAST)
 
     assert report.passed and report.compressed_quality_from == "in-memory"
     assert len(evaluations) == 2 and evaluations[1] is session.loaded.model  # the reload first, then the in-memory model
@@ -204,6 +245,9 @@ class _Stub:
 
     def __init__(self, name: str, log: list, seconds: float, first: float = 0.0):
         self.name, self.log, self.seconds, self.first = name, log, seconds, first
+
+    def parameters(self):  # no weights: its inputs stay on the CPU
+        return iter(())
 
     def generate(self, input_ids, attention_mask, max_new_tokens, streamer=None, **_):
         import time

@@ -9,8 +9,9 @@ import typer
 
 from engine.cli import app, echo_json, fail
 from engine.cli.compression import _parameters_lines, _quality_line, open_session, read_plan
-from engine.cli.options import JsonOption, TextOptions, text_options
+from engine.cli.options import JsonOption, TextOptions, placement_options, text_options
 from engine.errors import RankScopeError
+from engine.models.device import Placement
 from engine.export.report import DEFAULT_CHECK_WINDOWS, DEFAULT_NEW_TOKENS, DEFAULT_PROMPT, DEFAULT_TIMING_RUNS
 
 
@@ -20,10 +21,12 @@ _HELP = "\n\n".join([
     "untouched dense weights), tokenizer files, rank_plan.json, modeling_rankscope.py and a README.md model card.",
     "Before reporting success it reloads the directory through RankScope's load_compressed and through "
     "transformers (trust_remote_code=True), compares logits with the in-memory compressed model on the first "
-    "--check-windows evaluation window(s), re-evaluates perplexity and both KLs of the reloaded model on every "
-    "evaluation window and counts parameters; any difference is an error and the target directory is left "
-    "untouched. The re-evaluation is compared with the plan's own metrics when the plan records them for the same "
-    "evaluation windows (as compress --save-plan writes it); otherwise the in-memory model is evaluated once too.",
+    "--check-windows evaluation window(s), compares every reloaded tensor bit for bit with the tensor written and "
+    "counts parameters; any difference is an error and the target directory is left untouched. When the plan records "
+    "its metrics for the same evaluation windows (as compress --save-plan writes it), the reload is thereby the model "
+    "they were measured on, and they are reported without evaluating again; --evaluate-reload evaluates the reload "
+    "on every evaluation window anyway and compares. Without such a record (or if a tensor differs) the in-memory "
+    "model and the reload are each evaluated once.",
     "An earlier export at --out is replaced only with --overwrite, and never when it holds files that export did "
     "not write (listed in its rankscope_manifest.json); a directory that is not an export is never changed.",
     "The plan's own method, calibration and evaluation set are used; a calibration option that contradicts the "
@@ -33,6 +36,7 @@ _HELP = "\n\n".join([
 
 @app.command(help=_HELP)
 @text_options
+@placement_options
 def export(
     plan: Path = typer.Option(..., "--plan", help="The rank plan JSON (rankscope.plan/v1, or v2 with pruned MLPs) to apply, with its own settings."),
     out: Path = typer.Option(..., "--out", help="Directory to write: new, empty, or an earlier export with --overwrite."),
@@ -45,8 +49,12 @@ def export(
                                     "N - 1 more, the two models' runs interleaved."),
     check_windows: int = typer.Option(DEFAULT_CHECK_WINDOWS, "--check-windows", help="Evaluation windows whose logits are compared with "
                                       "the in-memory model after each reload (identical for the low-rank form)."),
+    evaluate_reload: bool = typer.Option(False, "--evaluate-reload", help="Evaluate the reloaded model on every "
+                                         "evaluation window and compare with the plan's record, even when its tensors "
+                                         "are proven identical to those written (slower; the default reports the record)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model the plan was made for (default: the model the plan names)."),
     texts: TextOptions = TextOptions(),
+    placement: Placement = Placement(),
     as_json: bool = JsonOption,
 ):
     from engine.export import check_export_storage, check_export_target, export_compressed
@@ -56,10 +64,10 @@ def export(
         check_export_target(out, overwrite)  # before any model loads
         given, settings, model = read_plan(plan, model, None, texts)
         check_export_storage(given, dense)  # a pruned plan cannot be written dense: refused before the model loads
-        session = open_session(model, settings.method, settings.texts, given)
+        session = open_session(model, settings.method, settings.texts, given, placement)
         report = export_compressed(session, given, out, dense=dense, overwrite=overwrite, prompt=prompt,
                                    progress=TerminalProgress(), max_new_tokens=new_tokens, timing_runs=timing_runs,
-                                   check_windows=check_windows)
+                                   check_windows=check_windows, evaluate_reload=evaluate_reload)
     except RankScopeError as exc:
         fail(exc)
     if as_json:
@@ -83,7 +91,8 @@ def _print_report(report) -> None:
     typer.echo(_quality_line("original", report.quality["original"]))
     typer.echo(_quality_line("compressed", report.quality["compressed"])
                + ("   (the plan's record for these windows)" if report.compressed_quality_from == "plan" else "   (in memory)"))
-    typer.echo(_quality_line("reloaded", report.quality["reloaded"]))
+    typer.echo(_quality_line("reloaded", report.quality["reloaded"])
+               + ("" if report.reload_evaluated else "   (the plan's record: tensors identical to those written)"))
     s = report.speed
     typer.echo(f"generation (batch 1, greedy, {s['compressed'].new_tokens} tokens, {s['compressed'].runs} run(s), "
                f"1 / median decode step): original {s['original'].tokens_per_second:.1f} tokens/s, compressed "

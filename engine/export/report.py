@@ -24,6 +24,8 @@ from typing import Mapping, Optional
 
 import torch
 
+from engine.models.device import input_device
+
 DEFAULT_PROMPT = "The quick brown fox"
 DEFAULT_NEW_TOKENS = 32
 DEFAULT_TIMING_RUNS = 1  # timed generations per model at export: the side-by-side one, and runs - 1 more
@@ -84,6 +86,7 @@ def _prompt_ids(tokenizer, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
 def _generate(model, tokenizer, prompt: str, max_new_tokens: int, clock: Optional[_TokenClock] = None) -> torch.Tensor:
     """Exactly `max_new_tokens` greedy tokens after the prompt: `[max_new_tokens]` ids (timed by `clock`, if any)."""
     ids, mask = _prompt_ids(tokenizer, prompt)
+    ids, mask = ids.to(input_device(model)), mask.to(input_device(model))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                          min_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
@@ -210,8 +213,13 @@ class ExportReport:
     # where quality["compressed"] comes from: "plan" (the plan's metrics for these evaluation windows, which the
     # reload's re-evaluation agreed with) or "in-memory" (measured on the compressed model before writing)
     compressed_quality_from: str = "in-memory"
+    # whether quality["reloaded"] was measured on the reloaded model (every evaluation window), or is the plan's record,
+    # reported once the reload was proven to hold the written tensors bit for bit and to give identical logits
+    reload_evaluated: bool = True
     # seconds spent in each part of the export (see engine.export.writer.TIMING_PARTS) and "total_s"
     timings: dict[str, float] = field(default_factory=dict)
+    # where and in which forward dtype the quality numbers and the logits checks were measured
+    measured_on: dict = field(default_factory=lambda: {"device": "cpu", "dtype": "float32"})
 
     @property
     def passed(self) -> bool:
@@ -289,12 +297,19 @@ def render_model_card(report: ExportReport) -> str:
         f"- the original's weights: {_fmt_bytes(report.original_weights_bytes)}", "",
         "## Quality", "",
         f"On {report.evaluation['text']} ({report.evaluation['n_windows']} windows of {report.evaluation['window_len']} tokens, "
-        f"{q['compressed']['tokens']:,} predicted tokens).", "",
+        f"{q['compressed']['tokens']:,} predicted tokens; forward passes in {report.measured_on['dtype']} on "
+        f"{report.measured_on['device']}).", "",
         "| model | perplexity | KL(P_orig‖P_comp) | KL(P_comp‖P_orig) |", "|---|---:|---:|---:|",
     ]
-    compressed_label = ("compressed (the plan's record; the reload re-measured it)"
-                        if report.compressed_quality_from == "plan" else "compressed (in memory)")
-    for label, key in (("original", "original"), (compressed_label, "compressed"), ("reloaded from this directory", "reloaded")):
+    if report.compressed_quality_from != "plan":
+        compressed_label = "compressed (in memory)"
+    elif report.reload_evaluated:
+        compressed_label = "compressed (the plan's record; the reload re-measured it)"
+    else:
+        compressed_label = "compressed (the plan's record for these windows)"
+    reloaded_label = ("reloaded from this directory" if report.reload_evaluated else
+                      "reloaded from this directory (its tensors are the written ones bit for bit: the plan's record)")
+    for label, key in (("original", "original"), (compressed_label, "compressed"), (reloaded_label, "reloaded")):
         m = q[key]
         lines.append(f"| {label} | {m['perplexity']:.4f} | {m['kl_forward']:.6f} | {m['kl_reverse']:.6f} |")
     s_orig, s_comp = report.speed["original"], report.speed["compressed"]

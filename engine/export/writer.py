@@ -7,20 +7,23 @@ modeling_rankscope.py and a README.md model card) into a temporary sibling folde
 it before anything appears at `out_dir`: it reloads the folder through `load_compressed` and through
 `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`, compares logits with the
 in-memory compressed model on the first evaluation window (identical for the low-rank form; float32
-max abs diff < 1e-4 for the dense form), re-evaluates perplexity and both KLs of the reloaded model
-on the session's evaluation windows, and checks that the reloaded parameter count is the plan's (so
-no dense weights crept back). Any failed check raises `ExportError` and leaves `out_dir` untouched;
+max abs diff < 1e-4 for the dense form), compares every reloaded tensor bit for bit with the tensor
+written, and checks that the reloaded parameter count is the plan's (so no dense weights crept back). Any failed check raises `ExportError` and leaves `out_dir` untouched;
 on success the folder is renamed into place. `dense=True` writes `W_r = B_r A_r` as plain
 `nn.Linear` weights instead: a standard transformers model, not smaller than the original.
 
-Each piece of work is done once. Only the reloaded model is evaluated on all windows; its perplexity is
-compared with the plan's own metrics when the plan records them for these evaluation windows (as
-`rankscope compress --save-plan` writes it), and the in-memory model is evaluated only
-when the plan has no metrics for them, or when its record disagrees with the reload (a stale or edited
-record: the in-memory measurement then decides). The load_compressed reload's logits on the check
-windows are taken from that evaluation's own forward passes, and tokens/s is timed on the side-by-side
-generation itself (per decode step, `engine.export.report`). The report's `timings` give the seconds
-of each part.
+Each piece of work is done once. When the plan records its metrics for these evaluation windows (as
+`rankscope compress --save-plan` writes it), the reloads hold the written tensors bit for bit and give
+identical logits on the check windows, the reloaded model is the model those metrics were measured on,
+so they are reported without evaluating anything on all windows (`evaluate_reload=False`, the default).
+The reload is evaluated on all windows when asked (`evaluate_reload=True`, `--evaluate-reload`), when
+the plan has no metrics for these windows, or when a reloaded tensor differs; its perplexity is then
+compared with the plan's record, and the in-memory model is evaluated only when the plan has no metrics
+for these windows or its record disagrees with the reload (a stale or edited record: the in-memory
+measurement then decides). Where the reload is evaluated, its check-window logits are taken from that
+evaluation's own forward passes. Tokens/s is timed on the side-by-side generation itself (per decode
+step, `engine.export.report`). The report's `timings` give the seconds of each part (0 for a part
+that did not run).
 
 A plan that prunes MLP channels (LoRAP, `rankscope.plan/v2`) exports its pruned MLPs as smaller dense
 linears, listed in the section's `pruned` (schema `rankscope.compression/v2`); which linears those are
@@ -88,6 +91,7 @@ from engine.export.report import (
 from engine.hashing import sha256_json
 from engine.methods import get_method
 from engine.metrics import QualityResult, evaluate_quality
+from engine.models.device import input_device
 from engine.progress import ProgressCallback, ProgressTracker
 
 LOGITS_TOLERANCE = 1e-4  # dense form: float32 max abs difference between reloaded and in-memory logits
@@ -99,8 +103,10 @@ TIMING_PARTS = {
     "write_s": "apply the plan, write weights, config, tokenizer, plan and manifest",
     "in_memory_s": "the in-memory model's logits on the check windows, and its evaluation when the plan has no metrics",
     "reload_s": "reload through load_compressed and through transformers (manifest hashes included)",
+    "compare_s": "every reloaded tensor compared bit for bit with the tensor written (both reloads)",
     "logits_s": "the transformers reload's logits on the check windows",
-    "evaluation_s": "the reloaded model's evaluation on every window (the load_compressed logits check rides on it)",
+    "evaluation_s": "the load_compressed reload's check-window logits, and its evaluation on every window when it is "
+                    "evaluated (the logits check then rides on it)",
     "generation_s": "the side-by-side generation, timed for tokens/s, and any further timed runs (timing_runs > 1)",
     "finish_s": "model card, manifest again, permissions, move into place",
 }
@@ -114,6 +120,7 @@ class _Written:
     """What the writing step knows that the checks need: the in-memory model's outputs and counts."""
 
     compression: CompressionConfig
+    tensors: dict[str, torch.Tensor]  # what model.safetensors holds, by name (each tied tensor once)
     check_logits: list[torch.Tensor]  # per check window: [L, V] logits of the in-memory compressed model
     compressed: dict  # the compressed model's metrics on the evaluation windows: perplexity, kl_forward, kl_reverse, tokens
     compressed_from: str  # "plan" (its record for these windows) or "in-memory" (measured before writing)
@@ -137,8 +144,9 @@ class _Stopwatch:
             self.parts[part] = self.parts.get(part, 0.0) + time.perf_counter() - begun
 
     def report(self) -> dict[str, float]:
-        parts = {k: round(self.parts[k], 3) for k in TIMING_PARTS if k in self.parts}
-        return {**parts, "total_s": round(time.perf_counter() - self.start, 3)}
+        # to the millisecond, parts down and the total up, so that the parts never add up to more than the total
+        parts = {k: math.floor(self.parts.get(k, 0.0) * 1000) / 1000 for k in TIMING_PARTS}  # 0: the part did not run
+        return {**parts, "total_s": math.ceil((time.perf_counter() - self.start) * 1000) / 1000}
 
 
 def export_compressed(
@@ -152,6 +160,7 @@ def export_compressed(
     max_new_tokens: int = DEFAULT_NEW_TOKENS,
     timing_runs: int = DEFAULT_TIMING_RUNS,
     check_windows: int = DEFAULT_CHECK_WINDOWS,
+    evaluate_reload: bool = False,
 ) -> ExportReport:
     """Write `plan` applied to the session's model to `out_dir`, verify the reload, and report.
 
@@ -160,7 +169,9 @@ def export_compressed(
     `overwrite=True` (and only after the new one passed its checks), and never when it holds files
     that export did not write. The session's model is compressed in place while writing and
     restored afterwards. `check_windows` evaluation windows (the first ones) have their logits compared
-    after each reload; `timing_runs` timed generations per model give tokens/s. Raises `ExportError`
+    after each reload; `timing_runs` timed generations per model give tokens/s. `evaluate_reload`: evaluate
+    the reloaded model on every evaluation window even when the plan records its metrics for them (without
+    it, the recorded metrics are reported once the reload is proven to hold the written tensors bit for bit). Raises `ExportError`
     (or `PlanError`) with the reason when the target is refused, the plan does not fit the session or
     the written directory does not reproduce the in-memory model.
     """
@@ -184,7 +195,7 @@ def export_compressed(
         with clock("write_s"):
             write_manifest(staging)  # the reload checks below go through the manifest check too
         tracker.advance()
-        verified = _verify(session, plan, staging, written, check_ids, storage, progress, clock)
+        verified = _verify(session, plan, staging, written, check_ids, storage, progress, clock, evaluate_reload)
         tracker.advance()
         original, tokenizer = session.loaded.model, session.loaded.tokenizer
         with clock("generation_s"):  # the side-by-side generation is each model's first timed run
@@ -202,11 +213,12 @@ def export_compressed(
                             "reloaded": count_module_parameters(verified.model),
                             "reloaded_transformers": verified.transformers_count},
                 quality={"original": session.original_quality(), "compressed": verified.compressed,
-                         "reloaded": verified.quality.to_dict()},
+                         "reloaded": verified.quality},
                 evaluation=_evaluation_context(session),
                 logits_max_abs_diff=verified.logits_max_abs_diff,
                 speed=speed, generation=generation, checks=verified.checks, pruning=_pruning_summary(session, plan),
-                compressed_quality_from=verified.compressed_from,
+                compressed_quality_from=verified.compressed_from, reload_evaluated=verified.evaluated,
+                measured_on={"device": session.loaded.device, "dtype": session.loaded.dtype},
             )
             (staging / CARD_FILE).write_text(render_model_card(report))
             write_manifest(staging)  # now with the model card
@@ -371,7 +383,7 @@ def _write(session: CompressionSession, plan: RankPlan, staging: Path, storage: 
         session.loaded.tokenizer.save_pretrained(staging)
         compressed = recorded if measured is None else measured.to_dict()
         _measured_plan(session, plan, compressed).save(staging / PLAN_FILE)
-    return _Written(compression, [check_logits[i] for i in range(len(check_ids))], compressed,
+    return _Written(compression, tensors, [check_logits[i] for i in range(len(check_ids))], compressed,
                     "plan" if measured is None else "in-memory", added_bias, removed_bias,
                     sum(t.numel() for t in tensors.values()))
 
@@ -409,7 +421,7 @@ def _with_check_logits(model: nn.Module, check_ids: torch.Tensor, consume: Calla
         if ids is None or ids.dim() != 2 or ids.shape[0] != 1:
             return
         for i, window in enumerate(check_ids):
-            if i not in seen and ids.shape[1] == window.shape[0] and torch.equal(ids[0], window):
+            if i not in seen and ids.shape[1] == window.shape[0] and torch.equal(ids[0], window.to(ids.device)):
                 seen.add(i)
                 consume(i, output.logits[0].detach().float())  # [L, V]
                 return
@@ -522,7 +534,8 @@ class _Verified:
     """The reloaded model (through load_compressed) and what the checks measured."""
 
     model: nn.Module
-    quality: QualityResult
+    quality: dict  # the reloaded model's metrics: perplexity, kl_forward, kl_reverse, tokens
+    evaluated: bool  # whether `quality` was measured on the reload (else: the plan's record, weights proven identical)
     compressed: dict  # the compressed model's metrics the reload was checked against
     compressed_from: str  # "plan" or "in-memory"
     checks: list[Check]
@@ -530,21 +543,29 @@ class _Verified:
     transformers_count: int  # parameters of the model reloaded through transformers
 
 
-def _verify(session, plan, staging, written: _Written, check_ids, storage, progress, clock: _Stopwatch) -> _Verified:
+def _verify(session, plan, staging, written: _Written, check_ids, storage, progress, clock: _Stopwatch,
+            evaluate_reload: bool = False) -> _Verified:
     """Reload through both paths, compare with the in-memory model, and raise unless every check passes."""
     from transformers import AutoModelForCausalLM
 
     expected_count = _planned_count(plan, storage) + written.added_bias - written.removed_bias
     limit = LOW_RANK_LOGITS_TOLERANCE if storage == "low-rank" else LOGITS_TOLERANCE
     with clock("reload_s"):
+        placement = session.loaded.placement  # both reloads run where, and in the dtype, the session's model ran
         reloaded, _, _ = load_compressed(staging)
+        reloaded.to(placement.torch_device, placement.torch_dtype)
         remote = {} if storage == "dense" else {"trust_remote_code": True}  # dense: prove it loads as plain transformers
-        through_transformers, info = AutoModelForCausalLM.from_pretrained(staging, dtype=torch.float32,
+        through_transformers, info = AutoModelForCausalLM.from_pretrained(staging, dtype=placement.torch_dtype,
                                                                           output_loading_info=True, **remote)
-        through_transformers.eval()
+        through_transformers.to(placement.torch_device).eval()
     problems = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     load_check = Check("transformers loads every tensor", not problems,
                        str(problems)[:300] if problems else "no missing, unexpected or mismatched keys")
+    with clock("compare_s"):
+        differing = {"load_compressed": _differing_tensors(reloaded, written.tensors),
+                     "transformers": _differing_tensors(through_transformers, written.tensors)}
+    n_written = len(written.tensors)
+    written.tensors = {}  # no longer needed (a dense export's are a second copy of the weights)
     diffs: dict[str, list[float]] = {"load_compressed": [], "transformers": []}
 
     def comparer(label: str) -> Callable[[int, torch.Tensor], None]:
@@ -555,18 +576,21 @@ def _verify(session, plan, staging, written: _Written, check_ids, storage, progr
     counts = {"load_compressed": count_module_parameters(reloaded),
               "transformers": count_module_parameters(through_transformers)}
     del through_transformers
-    with clock("evaluation_s"):  # the load_compressed logits of the check windows come from this evaluation's forwards
-        quality = _with_check_logits(reloaded, check_ids, comparer("load_compressed"),
-                                     lambda: evaluate_quality(reloaded, session.windows, session.reference, progress))
     compressed, compressed_from, record_note = written.compressed, written.compressed_from, ""
-    if compressed_from == "plan" and not _same_quality(quality, compressed):
+    # the plan's record stands for the reload only when the reload is proven to be the model it was measured on
+    evaluated = evaluate_reload or compressed_from != "plan" or any(differing.values())
+    with clock("evaluation_s"):  # when evaluated, the load_compressed check-window logits come from its forwards
+        measure = (lambda: evaluate_quality(reloaded, session.windows, session.reference, progress)) if evaluated else None
+        measured = _with_check_logits(reloaded, check_ids, comparer("load_compressed"), measure)
+    quality = measured.to_dict() if evaluated else dict(compressed)
+    if evaluated and compressed_from == "plan" and not _same_quality(measured, compressed):
         # the plan's record is not what this model measures (edited, stale, or from an older RankScope): measure the
         # in-memory model once, and let that decide whether the export reproduces it
         with clock("in_memory_s"):
-            measured = _evaluate_in_memory(session, plan, progress)
+            in_memory = _evaluate_in_memory(session, plan, progress)
         record_note = (f"; the plan's recorded perplexity {compressed['perplexity']:.6f} (and KLs) did not match, "
                        "so the in-memory model was measured")
-        compressed, compressed_from = measured.to_dict(), "in-memory"
+        compressed, compressed_from = in_memory.to_dict(), "in-memory"
         with clock("write_s"):
             _measured_plan(session, plan, compressed).save(staging / PLAN_FILE)  # rank_plan.json: the measured metrics
     worst = {label: max(values) for label, values in diffs.items()}
@@ -574,22 +598,45 @@ def _verify(session, plan, staging, written: _Written, check_ids, storage, progr
     wanted = "identical logits required" if limit == 0.0 else f"limit {limit:g}"
     checks = [load_check]
     for label in ("load_compressed", "transformers"):
+        names = differing[label]
+        checks.append(Check(f"weights via {label}", not names,
+                            f"all {n_written:,} written tensors reloaded bit for bit"
+                            if not names else f"{len(names)} tensor(s) differ from those written or are missing on "
+                                              f"one side: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}"))
+    for label in ("load_compressed", "transformers"):
         checks.append(Check(f"logits via {label}", within(worst[label]),
                             f"max abs diff {worst[label]:.2e} on {len(check_ids)} window(s) ({wanted})"))
         removed = f" - {written.removed_bias:,} bias of pruned channels" if written.removed_bias else ""
         checks.append(Check(f"parameters via {label}", counts[label] == expected_count,
                             f"{counts[label]:,} reloaded, {expected_count:,} expected (plan's {storage} count + "
                             f"{written.added_bias:,} added bias{removed})"))
-    rel = abs(quality.perplexity - compressed["perplexity"]) / compressed["perplexity"]
-    against = "recorded in the plan for these windows" if compressed_from == "plan" else "in memory"
-    checks.append(Check("perplexity re-evaluated after reload", rel <= PERPLEXITY_RTOL,
-                        f"{quality.perplexity:.6f} reloaded vs {compressed['perplexity']:.6f} {against} "
-                        f"(relative difference {rel:.1e}, limit {PERPLEXITY_RTOL:g}){record_note}"))
+    if evaluated:
+        rel = abs(quality["perplexity"] - compressed["perplexity"]) / compressed["perplexity"]
+        against = "recorded in the plan for these windows" if compressed_from == "plan" else "in memory"
+        checks.append(Check("perplexity re-evaluated after reload", rel <= PERPLEXITY_RTOL,
+                            f"{quality['perplexity']:.6f} reloaded vs {compressed['perplexity']:.6f} {against} "
+                            f"(relative difference {rel:.1e}, limit {PERPLEXITY_RTOL:g}){record_note}"))
+    else:
+        checks.append(Check("quality of the reload", True,
+                            f"the plan's record for these windows (perplexity {compressed['perplexity']:.6f}, "
+                            f"{compressed['tokens']:,} tokens): the reload holds the written tensors bit for bit, so "
+                            "it is the model the plan measured; not re-evaluated (--evaluate-reload re-evaluates it)"))
     failed = [c for c in checks if not c.passed]
     if failed:
         raise ExportError("The export did not reproduce the compressed model, so nothing was written to the target: "
                           + "; ".join(f"{c.name}: {c.detail}" for c in failed))
-    return _Verified(reloaded, quality, compressed, compressed_from, checks, worst, counts["transformers"])
+    return _Verified(reloaded, quality, evaluated, compressed, compressed_from, checks, worst, counts["transformers"])
+
+
+def _differing_tensors(model: nn.Module, written: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors `model` does not hold bit for bit as written (each written tensor cast to the dtype and
+    device the model runs in), and names that only one side has. Cheap: one pass of comparisons, no forward."""
+    reloaded, _ = unique_state_dict(model)
+    names = sorted(set(reloaded) ^ set(written))
+    for name, tensor in reloaded.items():
+        if name in written and not torch.equal(tensor, written[name].to(tensor.device, tensor.dtype)):
+            names.append(name)
+    return names
 
 
 def _same_quality(quality: QualityResult, recorded: Mapping[str, float]) -> bool:
@@ -623,7 +670,7 @@ def _planned_count(plan: RankPlan, storage: str) -> int:
 
 @torch.no_grad()
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids[None], use_cache=False).logits[0].float()  # [L] -> [L, V]
+    return model(input_ids=ids[None].to(input_device(model)), use_cache=False).logits[0].float()  # [L] -> [L, V]
 
 
 def _same_permissions(directory: Path) -> None:
