@@ -13,7 +13,7 @@ from engine.compression.lowrank import LowRankLinear, compress_, compressed_path
 from engine.compression.units import ModelShapes, count_parameters
 from engine.errors import RankScopeError
 from engine.methods import METHODS, Factorization
-from engine.methods.base import parallel_map
+from engine.parallel import parallel_map
 from engine.methods.whiten import cholesky_with_ridge
 from engine.models.adapters import LINEAR_TYPES, SITES, LinearRef
 from tests.tiny_models import FAMILIES, TRAINING_TEXT

@@ -13,15 +13,14 @@ and list them in `Factorization.joint_groups`; their ranks must be equal.
 
 from __future__ import annotations
 
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Protocol, TypeVar
+from typing import Callable, Optional, Protocol
 
 import torch
 
 from engine.calibration import CalibrationStatistics
 from engine.models.loading import LoadedModel
+from engine.parallel import parallel_map
 
 
 @dataclass(frozen=True)
@@ -127,39 +126,6 @@ def svd_factors(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return torch.linalg.svd(matrix.to(torch.float64), full_matrices=False)
 
 
-Item = TypeVar("Item")
-Result = TypeVar("Result")
-_THREADS_LOCK = threading.Lock()
-
-
-def _one_intra_op_thread() -> None:
-    with _THREADS_LOCK:  # set_num_threads also writes process-wide state (default, oneDNN cache): one at a time
-        torch.set_num_threads(1)
-
-
-def parallel_map(fn: Callable[[Item], Result], items: Iterable[Item]) -> list[Result]:
-    """`[fn(x) for x in items]`, run on `torch.get_num_threads()` worker threads of one intra-op thread each.
-
-    A method factorises hundreds of independent matrices of a few hundred rows. Two OpenMP threads
-    on one such eigh/SVD gain little (and lose a lot when the cores are busy elsewhere: the threads
-    wait on each other), so the matrices are spread over the cores instead, one LAPACK thread
-    each. torch keeps the thread count per thread (OpenMP and MKL), so the calling thread keeps
-    its own; the process-wide default for threads started later, which the workers' setting also
-    writes, is put back afterwards. With one thread (or one item) it runs inline.
-    """
-    items = list(items)
-    saved = torch.get_num_threads()
-    workers = min(saved, len(items))
-    if workers <= 1:
-        return [fn(item) for item in items]
-    try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="factorize", initializer=_one_intra_op_thread) as pool:
-            return list(pool.map(fn, items))
-    finally:
-        with _THREADS_LOCK:
-            torch.set_num_threads(saved)
-
-
 def per_linear(
     loaded: LoadedModel, method: str, factorize_one: Callable[[object], Factors]
 ) -> Factorization:
@@ -186,7 +152,7 @@ def per_site(
 
 
 def weight64(ref) -> torch.Tensor:
-    return ref.module.weight.detach().to(torch.float64)  # [d_out, d_in]
+    return ref.module.weight.detach().to("cpu", torch.float64)  # [d_out, d_in]: factorised on the CPU
 
 
 def as_factors(B: torch.Tensor, A: torch.Tensor, bias_shift=None, bias_coeff=None) -> Factors:
