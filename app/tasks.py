@@ -44,7 +44,7 @@ from engine.search.settings import StudySettings
 from engine.search.summary import trial_plan
 from engine.search.duckdb_storage import DuckDBStudyStorage
 from engine.cache.calibration import ensure_calibration
-from engine.cache.spectra import ensure_spectra
+from engine.cache.spectra import SpectraPreview, ensure_all_spectra
 from engine.analysis.quality_estimate import (
     NO_SWEEP, NoEstimate, QualityEstimator, allocation_key, plan_evaluation, study_evaluations,
 )
@@ -81,7 +81,7 @@ def _texts_session_opener(loaded: LoadedModel, method: str, texts: TextSettings)
     """A function for the worker thread that opens (or reuses) the session; app resources are looked up here,
     on the script thread, so the worker never touches Streamlit."""
     pool, store, guard = get_session_pool(), current_store(), get_model_guard(loaded.fingerprint)
-    key = SessionKey(current_database(), loaded.fingerprint, method, texts)
+    key = SessionKey(current_database(), loaded.fingerprint, method, texts, loaded.device, loaded.dtype)
     return lambda job: pool.open(key, store, loaded, guard, job.report)
 
 
@@ -102,21 +102,37 @@ def start_calibration(workspace: Workspace, loaded: LoadedModel) -> Job:
                                  f"Calibration on '{workspace.calibration_text}'", work)
 
 
+# job id -> the latest spectra preview of a running spectra job (weights at once, then each calibration snapshot's
+# feature spectra); a job keeps only its latest progress event, and these exist nowhere else: they are never stored
+_SPECTRA_PREVIEWS: dict[str, SpectraPreview] = {}
+
+
+def spectra_preview(job_id: str) -> Optional[SpectraPreview]:
+    """The latest preview of the spectra job `job_id` while it calibrates, or None (none yet, or the job ended)."""
+    return _SPECTRA_PREVIEWS.get(job_id)
+
+
 def start_spectra(workspace: Workspace, loaded: LoadedModel, covariance: str) -> Job:
     """Calibration (if not cached), the weight and feature spectra of every decoder linear, and the
-    activation-weighted spectra of LoRAP's Table 1 (so one click fills the whole page)."""
-    from engine.cache.spectra import ensure_activation_weighted_spectra
-
+    activation-weighted spectra of LoRAP's Table 1 (so one click fills the whole page). While the calibration
+    runs, `spectra_preview(job.job_id)` has the latest snapshot's spectra (`engine.cache.spectra.SpectraPreview`)."""
     store, guard = current_store(), get_model_guard(loaded.fingerprint)
+    job_id = spectra_scope(workspace, loaded, covariance) + "run"
+
+    def publish(job: Job, preview: SpectraPreview) -> None:
+        if job.stop_requested:  # a snapshot's spectra take a while: stop between them too
+            raise JobStopped(job.label)
+        _SPECTRA_PREVIEWS[job_id] = preview
 
     def work(job: Job) -> None:
-        with guard.hold("computing spectra"):
-            calibration = ensure_calibration(store, loaded, workspace.calibration_text,
-                                             workspace.calibration_windowing, workspace.n_groups, job.report)
-            ensure_spectra(store, loaded, calibration, covariance, job.report)
-            ensure_activation_weighted_spectra(store, loaded, calibration, job.report)
+        try:
+            with guard.hold("computing spectra"):
+                ensure_all_spectra(store, loaded, workspace.calibration_text, workspace.calibration_windowing,
+                                   workspace.n_groups, covariance, job.report, lambda preview: publish(job, preview))
+        finally:
+            _SPECTRA_PREVIEWS.pop(job_id, None)
 
-    return get_job_board().start(spectra_scope(workspace, loaded, covariance) + "run", "Spectra", work)
+    return get_job_board().start(job_id, "Spectra", work)
 
 
 def start_type_sweep(workspace: Workspace, loaded: LoadedModel, method: str, ratios: Sequence[float],
@@ -311,7 +327,7 @@ def export_job_prefix(loaded: LoadedModel) -> str:
 
 
 def start_export(loaded: LoadedModel, plan: RankPlan, texts: TextSettings, out_dir: Path, dense: bool, prompt: str,
-                 new_tokens: int, timing_runs: int, overwrite: bool = False) -> Job:
+                 new_tokens: int, timing_runs: int, overwrite: bool = False, evaluate_reload: bool = False) -> Job:
     """Export the plan's compressed model to `out_dir`, verified by reloading (`engine.export`); stored in the
     store's exports. Returns the directory. `overwrite`: replace an earlier export there (never other files)."""
     open_session = _texts_session_opener(loaded, plan.method, texts)
@@ -322,7 +338,8 @@ def start_export(loaded: LoadedModel, plan: RankPlan, texts: TextSettings, out_d
         session = open_session(job)
         with guard.hold(f"exporting to {out_dir}"):
             report = export_compressed(session, plan, out_dir, dense=dense, overwrite=overwrite, prompt=prompt,
-                                       progress=job.report, max_new_tokens=new_tokens, timing_runs=timing_runs)
+                                       progress=job.report, max_new_tokens=new_tokens, timing_runs=timing_runs,
+                                       evaluate_reload=evaluate_reload)
         return report.out_dir
 
     return get_job_board().start(export_job_prefix(loaded) + digest(str(out_dir)), f"Export to {out_dir}", work)
@@ -358,7 +375,7 @@ def recovery_job_prefix(loaded: LoadedModel) -> str:
 def recovery_run_id(loaded: LoadedModel, plan: RankPlan, settings: RecoverySettings) -> str:
     """The engine's key of the run `recover` would do for this plan and these settings (its checkpoint and stored
     result are found by it). Raises `PlanError` for a plan of another model."""
-    return run_key(model_shapes(loaded), plan, settings)[2]
+    return run_key(model_shapes(loaded), plan, settings, loaded.dtype)[2]
 
 
 def recovery_job_id(loaded: LoadedModel, run_id: str) -> str:
@@ -462,14 +479,17 @@ def session_ready(workspace: Workspace, loaded: LoadedModel, method: str) -> boo
     original model's reference on the evaluation windows are stored. A quick measurement starts by itself only
     then; preparing a method can take minutes, and that waits for a click (Apply)."""
     texts = workspace.text_settings()
-    if get_session_pool().peek(SessionKey(current_database(), loaded.fingerprint, method, texts)) is not None:
+    if get_session_pool().peek(SessionKey(current_database(), loaded.fingerprint, method, texts, loaded.device,
+                                          loaded.dtype)) is not None:
         return True
     store = current_store()
     calibration_id = calibration_key(loaded.fingerprint, text_fingerprint(texts.calibration_text),
-                                     texts.calibration_windowing, texts.n_groups) if get_method(method).needs else ""
+                                     texts.calibration_windowing, texts.n_groups, loaded.dtype) \
+        if get_method(method).needs else ""
     reference_id = reference_key(loaded.fingerprint, text_fingerprint(texts.evaluation_text),
-                                 texts.evaluation_windowing)
-    return (store.get_record(FactorizationRecord, factorization_key(loaded.fingerprint, method, calibration_id))
+                                 texts.evaluation_windowing, loaded.dtype)
+    return (store.get_record(FactorizationRecord, factorization_key(loaded.fingerprint, method, calibration_id,
+                                                                    loaded.dtype))
             is not None and store.get_record(ReferenceRecord, reference_id) is not None)
 
 
@@ -509,7 +529,7 @@ def _original_perplexity(session: SharedModelSession, job: Job, indices: list[in
     else measured here once."""
     texts = session.texts
     stored = find_baseline_evaluation(session.store, session.loaded.fingerprint, texts.evaluation_text,
-                                      texts.evaluation_windowing)
+                                      texts.evaluation_windowing, session.loaded.dtype)
     if stored is not None and len(stored.window_nll) > max(indices):
         return math.exp(sum(stored.window_nll[i] for i in indices) / len(indices))
     return session.evaluate_ranks({}, job.report, indices).perplexity
@@ -519,11 +539,12 @@ def live_estimator(workspace: Workspace, loaded: LoadedModel, method: str, pruni
                    plans: Sequence[tuple[str, dict]] = ()) -> QualityEstimator | NoEstimate:
     """The Allocate page's instant estimator for the workspace's model and texts (`stored_estimator` on the app's
     store)."""
-    return stored_estimator(current_store(), model_shapes(loaded), method, workspace.text_settings(), pruning, plans)
+    return stored_estimator(current_store(), model_shapes(loaded), method, workspace.text_settings(), pruning, plans,
+                            loaded.dtype)
 
 
 def stored_estimator(store: Store, shapes: ModelShapes, method: str, texts: TextSettings, pruning: Optional[dict],
-                     plans: Sequence[tuple[str, dict]] = ()) -> QualityEstimator | NoEstimate:
+                     plans: Sequence[tuple[str, dict]] = (), dtype: str = "float32") -> QualityEstimator | NoEstimate:
     """The instant estimator for this model, method and texts (`engine.analysis.quality_estimate`), from `store`:
     the per-type (and per-layer) sweep, the MLP sweep for `pruning` (LoRAP's l2 and 1% when None), every finished
     study of the same model, method and texts, and the measured `plans` (label, plan dict) that match them.
@@ -534,16 +555,19 @@ def stored_estimator(store: Store, shapes: ModelShapes, method: str, texts: Text
     needs = get_method(method).needs
     calibration = {"text_fingerprint": text_fingerprint(texts.calibration_text), **texts.calibration_dict()}
     calibration_id = calibration_key(fingerprint, calibration["text_fingerprint"], texts.calibration_windowing,
-                                     texts.n_groups) if needs else ""
-    reference_id = reference_key(fingerprint, text_fingerprint(texts.evaluation_text), texts.evaluation_windowing)
+                                     texts.n_groups, dtype) if needs else ""
+    reference_id = reference_key(fingerprint, text_fingerprint(texts.evaluation_text), texts.evaluation_windowing,
+                                 dtype)
     reference = store.get_record(ReferenceRecord, reference_id)
     if reference is None:
         return NoEstimate(NO_SWEEP)
     points = store.sensitivity_points(sweep_key(fingerprint, method, factorization_key(fingerprint, method,
-                                                                                      calibration_id), reference_id))
+                                                                                      calibration_id, dtype),
+                                                reference_id))
     if not points:
         return NoEstimate(NO_SWEEP)
-    mlp_points = store.sensitivity_points(mlp_sweep_id_for(fingerprint, method, texts, settings)) if shapes.mlps else []
+    mlp_points = (store.sensitivity_points(mlp_sweep_id_for(fingerprint, method, texts, settings, dtype))
+                  if shapes.mlps else [])
 
     evaluations = []
     storage = DuckDBStudyStorage(store)

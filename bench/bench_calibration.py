@@ -5,11 +5,13 @@ On the default model and the first `--windows` windows of 512 tokens of War and 
   window's `XᵀX` in float64 added to float64 sums (with a second sum for the pooled covariance), as
   RankScope 0.1.0 did;
 - engine: `engine.calibration.collect_statistics` (several windows per forward pass, one float32
-  `XᵀX` per batch into float64 sums, the pooled covariance derived from per-group-size sums).
+  `(X − s)ᵀ(X − s)` per batch into float64 sums, `s` a per-site shift, `Σ x xᵀ` recovered in float64, the pooled
+  covariance derived from per-group-size sums).
 Reports the time ratio engine / plain (target: at most 0.5) and the largest relative (Frobenius)
 difference of every statistic between the two (target: at most 1e-6).
 
-Run: `.venv/bin/python bench/bench_calibration.py [--windows 16] [--rounds 2]`.
+Run: `.venv/bin/python bench/bench_calibration.py [--windows 16] [--rounds 2]` (a quick check: `--windows 4
+--rounds 1`; the plain loop runs one window per forward pass, so this is slow on a busy machine).
 """
 
 from __future__ import annotations

@@ -9,16 +9,24 @@ For each decoder layer and input site (see `engine.models.adapters`), over all c
                    and C_g is the sample covariance of group g (Bolaco, m = 32)
 - channel L2 norm  ‖X_j‖₂ = sqrt(Σ x_j²)                    (LoRAP's activation weights)
 
-Memory is bounded by sites × d², not by tokens: per site we keep Σ xxᵀ split by group size, and
+Memory is bounded by sites × d², not by tokens: per site we keep Σ (x−s)(x−s)ᵀ split by group size, and
 per-group sums of x (m × d). Groups have one of at most two sizes (windows have a fixed length and
 groups differ by at most one window), so `Σ_g S_g/(n_g − 1)`, the pooled covariance's main term,
 is derived from the per-size sums at the end instead of being accumulated separately.
 
-Speed: several windows run through the decoder at once (`tokens_per_batch`), and each batch's
-`XᵀX` is one float32 product added into the float64 accumulators. On the default model that keeps
-the statistics within about 2e-7 (second moment) and 1.4e-6 (centred covariances; relative,
-Frobenius) of float64 products: `bench/bench_calibration.py` measures it against a plain float64
-loop, and `product_dtype=torch.float64` gives float64 products where that matters.
+Speed and precision: several windows run through the decoder at once (`tokens_per_batch`), and each batch's
+`(X − s)ᵀ(X − s)` is one float32 product added into the float64 accumulators, with `s` a per-site shift (the
+median of the site's first batch); `Σ x xᵀ` is recovered from it in float64. Shifting keeps the centred statistics
+precise where channels have large offsets (without it the float32 rounding of `Σ x xᵀ` cancels into the covariance).
+`bench/bench_calibration.py` measures both the time against a plain float64 loop (target: at most half) and the
+largest relative (Frobenius) difference of each statistic from float64 products (target: 1e-6), and writes them to
+`bench/results/calibration.json`; rerun it with `.venv/bin/python bench/bench_calibration.py`.
+`product_dtype=torch.float64` gives float64 products where that matters.
+
+Progressive: statistics are sums, so those of the windows seen so far are valid statistics too. `collect_statistics`
+can hand out `CalibrationSnapshot`s at a doubling schedule of window counts (`SNAPSHOT_WINDOWS`, each moved to the
+next group boundary so the pooled covariance is over whole groups) for previews; they are never stored, and the
+final statistics are bit for bit those of a run without them.
 
 Stored form (`CalibrationStatistics.to_tensors`): only what cannot be derived. Per site that is the
 upper triangle of `Σ x xᵀ` (the matrix is symmetric: its lower half is the upper one mirrored, and
@@ -37,7 +45,7 @@ pooled covariance, L2 norms) still load as they were written.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -46,6 +54,7 @@ import torch
 
 from engine.errors import CorpusError
 from engine.models.adapters import SITES, ArchitectureAdapter
+from engine.models.device import input_device
 from engine.progress import ProgressCallback, ProgressTracker
 
 
@@ -233,45 +242,118 @@ def group_assignment(n_windows: int, n_groups: int) -> list[int]:
 
 
 class _SiteAccumulator:
-    """Running sums for one site: Σ xxᵀ per group size and Σ x per group in float64."""
+    """Running sums for one site: Σ (x − s)(x − s)ᵀ per group size and Σ x per group, in float64.
+
+    The shift `s` (the per-channel median of the site's first batch, fixed from then on) is subtracted before each
+    float32 product: activations have large offsets in some channels, and the product's rounding is relative to the
+    size of what it sums, so summing the shifted data keeps the error relative to the covariance, not to `Σ x xᵀ`.
+    The median, not the mean: a channel with a few massive activations (thousands, on a token or two) has a mean
+    far from its typical value, and shifting by it would put that offset on every other token. `Σ x xᵀ` is
+    recovered in float64 (`_sums_of_squares`)."""
 
     def __init__(self, dim: int, group_tokens: list[int], product_dtype: torch.dtype):
         self.group_tokens, self.product_dtype = group_tokens, product_dtype
-        self.sum_xxT = {size: torch.zeros(dim, dim, dtype=torch.float64) for size in set(group_tokens)}
+        # one sum per group size, in the order the sizes first occur (the order `finish` adds them in)
+        self.shifted_sum = {size: torch.zeros(dim, dim, dtype=torch.float64) for size in dict.fromkeys(group_tokens)}
         self.group_sum_x = torch.zeros(len(group_tokens), dim, dtype=torch.float64)
+        self.shift: Optional[torch.Tensor] = None  # [d] in product_dtype: the first batch's median
         self.n_tokens = 0
 
     def add(self, x: torch.Tensor, groups: list[int]) -> None:
         # x: [B, S, d], one row of windows per entry of `groups` (the windows' group indices)
         flat = x.reshape(-1, x.shape[-1]).to(self.product_dtype)  # [B*S, d]
+        if self.shift is None:
+            self.shift = flat[::8].median(dim=0).values  # [d]; every 8th token is plenty for a median, and 8x cheaper
+        shifted = flat - self.shift  # [B*S, d]
         by_size: dict[int, list[int]] = {}
         for row, group in enumerate(groups):
             by_size.setdefault(self.group_tokens[group], []).append(row)
         for size, rows in by_size.items():
-            part = flat if len(rows) == len(groups) else x[rows].reshape(-1, x.shape[-1]).to(self.product_dtype)
-            self.sum_xxT[size] += (part.T @ part).double()  # one product per batch, into float64 [d, d]
-        window_sums = x.double().sum(dim=1)  # [B, d]
+            part = shifted if len(rows) == len(groups) else shifted.view(x.shape)[rows].reshape(-1, x.shape[-1])
+            # one product per batch, on the model's device, into the float64 [d, d] sums on the CPU
+            self.shifted_sum[size] += (part.T @ part).to("cpu", torch.float64)
+        window_sums = x.double().sum(dim=1).cpu()  # [B, d]
         self.group_sum_x.index_add_(0, torch.tensor(groups), window_sums)
         self.n_tokens += flat.shape[0]
 
+    def _sums_of_squares(self, n_groups: int) -> dict[int, torch.Tensor]:
+        """`Σ x xᵀ` per group size over the first `n_groups` groups (new tensors; the running sums are untouched):
+        `Σ (x−s)(x−s)ᵀ + s (Σx)ᵀ + (Σx) sᵀ − n s sᵀ`, each size with its own `Σ x` and token count."""
+        shift = self.shift.to("cpu", torch.float64)
+        sums = {}
+        for size in dict.fromkeys(self.group_tokens[:n_groups]):
+            members = [g for g in range(n_groups) if self.group_tokens[g] == size]
+            cross = torch.outer(shift, self.group_sum_x[members].sum(dim=0))  # s (Σx)ᵀ
+            sums[size] = (self.shifted_sum[size] + cross).add_(cross.T).sub_(
+                torch.outer(shift, shift).mul_(size * len(members)))
+        return sums
+
+    def statistics(self, n_groups: int) -> SiteStatistics:
+        """The site's statistics over its first `n_groups` groups, all of whose windows have been added (a
+        snapshot when fewer than all; with all of them, exactly what `finish` returns)."""
+        return self._derive(n_groups)[0]
+
     def finish(self) -> tuple[SiteStatistics, dict[str, torch.Tensor]]:
         """The site's statistics, and its stored form (module docstring) from which they are derived again."""
-        n, dim = self.n_tokens, self.group_sum_x.shape[1]
-        one_size = len(self.sum_xxT) == 1
-        sum_xxT = _mirrored(sum(self.sum_xxT.values()))
-        by_size = {self.group_tokens[0]: sum_xxT} if one_size else self.sum_xxT
-        mean = self.group_sum_x.sum(dim=0) / n
-        pooled = _pooled_covariance(by_size, self.group_sum_x, self.group_tokens)
-        stored = {SUM_XXT: pack_symmetric(sum_xxT), N_TOKENS: torch.tensor([n], dtype=torch.int64)}
+        site, sum_xxT, one_size, mean, pooled = self._derive(len(self.group_tokens))
+        dim = sum_xxT.shape[0]
+        stored = {SUM_XXT: pack_symmetric(sum_xxT), N_TOKENS: torch.tensor([site.n_tokens], dtype=torch.int64)}
         if _stores_group_sums(one_size, len(self.group_tokens), dim):
             stored[GROUP_SUMS] = self.group_sum_x  # the pooled covariance is derived again from these, as here
         else:
-            pooled = _mirrored(pooled)  # stored as its upper triangle: read back exactly symmetric
             stored[POOLED_UPPER], stored[MEAN] = pack_symmetric(pooled), mean
-        return _site(sum_xxT, n, mean, pooled), stored
+        return site, stored
+
+    def _derive(self, n_groups: int) -> tuple[SiteStatistics, torch.Tensor, bool, torch.Tensor, torch.Tensor]:
+        """Statistics over the first `n_groups` groups, with `Σ x xᵀ`, whether the groups have one size, the mean
+        and the pooled covariance (what the stored form is made of)."""
+        group_tokens = self.group_tokens[:n_groups]
+        group_sum_x = self.group_sum_x[:n_groups]
+        n = sum(group_tokens)
+        by_size = self._sums_of_squares(n_groups)
+        one_size = len(by_size) == 1
+        sum_xxT = _mirrored(sum(by_size.values()))
+        if one_size:
+            by_size = {group_tokens[0]: sum_xxT}
+        mean = group_sum_x.sum(dim=0) / n
+        pooled = _pooled_covariance(by_size, group_sum_x, group_tokens)
+        if not _stores_group_sums(one_size, n_groups, sum_xxT.shape[0]):
+            pooled = _mirrored(pooled)  # stored as its upper triangle: read back exactly symmetric
+        return _site(sum_xxT, n, mean, pooled), sum_xxT, one_size, mean, pooled
 
 
 TOKENS_PER_BATCH = 2048  # windows run through the decoder together: 4 of 512 tokens
+SNAPSHOT_WINDOWS: tuple[int, ...] = (8, 16, 32, 64)  # doubling: early snapshots come fast, later ones change less
+
+
+@dataclass(frozen=True)
+class CalibrationSnapshot:
+    """Statistics of the first `windows_done` of `windows_total` calibration windows: whole groups only, so the
+    pooled covariance is over the `statistics.n_groups` groups finished so far. A preview: never stored, and no
+    cached result is keyed by it (only the final statistics are)."""
+
+    statistics: CalibrationStatistics
+    windows_done: int
+    windows_total: int
+
+
+SnapshotCallback = Callable[[CalibrationSnapshot], None]
+
+
+def snapshot_points(groups: list[int], wanted: Sequence[int] = SNAPSHOT_WINDOWS) -> list[int]:
+    """Window counts after which `collect_statistics` can hand out a snapshot: for each wanted count, the first group
+    boundary at or after it, short of the last window (the final statistics are no snapshot).
+
+    Example: `snapshot_points(group_assignment(128, 32))` is `[8, 16, 32, 64]`."""
+    boundaries = [stop for stop in range(1, len(groups)) if groups[stop] != groups[stop - 1]]
+    return sorted({next(b for b in boundaries if b >= count) for count in wanted if boundaries and boundaries[-1] >= count})
+
+
+def _batches(n_windows: int, per_batch: int, cuts: Sequence[int]) -> list[tuple[int, int]]:
+    """`(start, stop)` of each batch: `per_batch` windows, also cut at `cuts`. The cuts are the snapshot points, taken
+    or not, so the batches, and so the final statistics, are the same whether or not snapshots are asked for."""
+    stops = sorted({*range(per_batch, n_windows, per_batch), *cuts, n_windows})
+    return list(zip([0, *stops[:-1]], stops))
 
 
 @torch.no_grad()
@@ -283,6 +365,8 @@ def collect_statistics(
     progress: Optional[ProgressCallback] = None,
     tokens_per_batch: int = TOKENS_PER_BATCH,
     product_dtype: torch.dtype = torch.float32,
+    snapshot: Optional[SnapshotCallback] = None,
+    snapshot_windows: Sequence[int] = SNAPSHOT_WINDOWS,
 ) -> CalibrationStatistics:
     """Run `windows` ([N, L] token ids) through `model` once and stream statistics of every site.
 
@@ -290,6 +374,12 @@ def collect_statistics(
     batches of `tokens_per_batch` tokens (at least one window). `product_dtype` is the precision of
     each batch's `XᵀX` (float32: about twice as fast; float64: exact to rounding); the sums are
     float64 either way.
+
+    `snapshot`, if given, is called with a `CalibrationSnapshot` at the window counts `snapshot_points` picks from
+    `snapshot_windows` (statistics are sums, so the windows seen so far give valid statistics). Batches end at those
+    counts whether or not snapshots are asked for, and a snapshot leaves the running sums untouched, so the result is
+    bit for bit the one without snapshots. The callback must not run the model
+    (the hooks are still in place).
     """
     n_windows, window_len = windows.shape
     groups = group_assignment(n_windows, n_groups)
@@ -315,13 +405,18 @@ def collect_statistics(
             handles.append(module.register_forward_pre_hook(make_hook((layer, site))))
     decoder = model.get_decoder()
     per_batch = max(1, tokens_per_batch // window_len)
+    points = snapshot_points(groups, snapshot_windows)
     tracker = ProgressTracker(progress, "calibration", total=n_windows, unit="windows")
     try:
-        for start in range(0, n_windows, per_batch):
-            stop = min(start + per_batch, n_windows)
+        for start, stop in _batches(n_windows, per_batch, points):
             batch_groups[:] = groups[start:stop]
-            decoder(input_ids=windows[start:stop], use_cache=False)  # [B, L] of equal length: no padding
+            ids = windows[start:stop].to(input_device(model))  # [B, L] of equal length: no padding
+            decoder(input_ids=ids, use_cache=False)
             tracker.advance(stop - start)
+            if snapshot is not None and stop in points:
+                done_groups = groups[stop - 1] + 1
+                sites = {key: accumulator.statistics(done_groups) for key, accumulator in accumulators.items()}
+                snapshot(CalibrationSnapshot(CalibrationStatistics(sites, done_groups), stop, n_windows))
     finally:
         for handle in handles:
             handle.remove()

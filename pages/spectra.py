@@ -8,11 +8,13 @@ import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
 
-from app.progress import watch_job
+from app.progress import POLL_SECONDS, watch_job
 from app.resources import current_store, get_job_board
-from app.tasks import spectra_scope, start_spectra, start_weighted_spectra, weighted_spectra_scope
+from app.tasks import spectra_preview, spectra_scope, start_spectra, start_weighted_spectra, weighted_spectra_scope
 from app.workspace import load_workspace_model, persistent, workspace_sidebar
-from engine.analysis.spectra_summary import LORAP_LEVEL, energy_curve_rows, find_spectrum, lorap_table, rank_share_grid
+from engine.analysis.spectra_summary import (
+    LORAP_LEVEL, energy_curve_rows, find_spectrum, lorap_table, rank_share_grid, weight_summary_by_type,
+)
 from engine.cache.lookups import find_calibration, stored_spectra
 from engine.energy import ENERGY_LEVELS, rank_table, summarise_by_type
 from engine.errors import RankScopeError
@@ -22,6 +24,15 @@ from engine.spectra import COVARIANCES
 st.title("Spectra")
 st.caption("Weights are high-rank, features are low-rank: the energy of a weight matrix spreads over many "
            "singular directions, while its outputs on real text live in a few. Feature-aware methods use that.")
+
+
+@st.fragment(run_every=POLL_SECONDS)
+def rerun_on_new_preview(job_id: str, windows_shown: int) -> None:
+    """Redraw the page when the calibration hands out a newer snapshot (or ends) than the one shown."""
+    preview = spectra_preview(job_id)
+    if preview is None or preview.windows_done != windows_shown:
+        st.rerun(scope="app")
+
 
 workspace = workspace_sidebar()
 loaded = load_workspace_model(workspace)
@@ -36,25 +47,45 @@ level = persistent(controls[1].radio, "Energy to keep", "spectra_level", 0.9, op
 
 try:
     calibration = find_calibration(store, loaded.fingerprint, workspace.calibration_text,
-                                   workspace.calibration_windowing, workspace.n_groups)
+                                   workspace.calibration_windowing, workspace.n_groups, loaded.dtype)
 except RankScopeError as exc:
     st.error(f"Calibration text problem: {exc}")
     st.stop()
 spectra = None if calibration is None else stored_spectra(store, loaded.fingerprint, calibration.calibration_id,
                                                           covariance)
+weighted_preview = None  # the activation-weighted spectra of a calibration snapshot, while it refines
 if spectra is None:
     scope = spectra_scope(workspace, loaded, covariance)
     jobs = get_job_board().with_prefix(scope)
-    st.info(f"Spectra for this model and calibration ({workspace.describe_calibration()}) are not computed yet. "
-            + ("The calibration is cached, so this takes seconds." if calibration is not None else
-               "This runs the calibration first."))
-    if not any(job.running for job in jobs) and st.button("Compute spectra", type="primary", key="compute_spectra"):
-        start_spectra(workspace, loaded, covariance)
-        st.rerun()
+    running = next((job for job in jobs if job.running), None)
+    preview = spectra_preview(running.job_id) if running is not None else None
+    if preview is None:
+        st.info(f"Spectra for this model and calibration ({workspace.describe_calibration()}) are not computed yet. "
+                + ("The calibration is cached, so this takes seconds." if calibration is not None else
+                   "This runs the calibration first; the weight spectra show at once, and the feature spectra from "
+                   "the first windows, refined as more arrive."))
+        if running is None and st.button("Compute spectra", type="primary", key="compute_spectra"):
+            start_spectra(workspace, loaded, covariance)
+            st.rerun()
     for job in jobs:
         watch_job(job.job_id, stoppable=True,
                   what_to_do="Check the calibration text and windows in the sidebar, then compute again.")
-    st.stop()
+    if preview is None:
+        st.stop()
+    rerun_on_new_preview(running.job_id, preview.windows_done)
+    if not preview.has_features:
+        st.caption(f"{preview.describe()}. The weights need no calibration:")
+        shares = pd.DataFrame(weight_summary_by_type(preview.spectra.weight, level))
+        weight_bars = px.bar(shares, x="type", y="weight_rank_share", range_y=[0, 1],
+                             labels={"weight_rank_share": "rank share"})
+        weight_bars.update_layout(height=300, margin=dict(t=10, b=10))
+        st.plotly_chart(weight_bars, width="stretch", key="weight_rank_share_by_type")
+        st.caption(f"Mean over layers of the rank share the weights need for {level:.0%} energy, per linear type.")
+        st.stop()
+    st.caption(f"{preview.describe()}: the feature spectra below are from the calibration windows so far, and are "
+               "refined as more arrive; the final ones are stored when the calibration ends. The weight spectra are "
+               "final.")
+    spectra, weighted_preview = preview.spectra, preview.weighted
 
 table = rank_table(spectra.weight, spectra.feature)
 weights = rank_share_grid(table, level, "weight")
@@ -91,7 +122,7 @@ st.caption(f"Mean over layers of the rank share needed for {level:.0%} energy, p
 def lorap_section() -> None:
     """LoRAP's Table 1: the share of singular values holding 80% of the energy, of W and of W·diag(‖X‖₂)."""
     st.subheader(f"Attention against MLP: singular values for {LORAP_LEVEL:.0%} of the energy (LoRAP)")
-    weighted = store.get_feature_spectra(spectra.calibration_id, ACTIVATION_WEIGHTED)
+    weighted = weighted_preview or store.get_feature_spectra(spectra.calibration_id, ACTIVATION_WEIGHTED)
     if not weighted:
         jobs = get_job_board().with_prefix(weighted_spectra_scope(workspace, loaded))
         st.info("The activation-weighted spectra (singular values of W·diag(‖X‖₂), with the calibration's input "

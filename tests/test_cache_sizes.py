@@ -130,9 +130,9 @@ def test_statistics_are_those_of_the_plain_formulas(store, tiny_model_dirs, samp
 
 @pytest.mark.parametrize("n_windows, n_groups", [(8, 4), (7, 3)], ids=["equal-groups", "two-sizes"])
 def test_collection_gives_the_numbers_the_earlier_code_gave(n_windows, n_groups):
-    """The earlier `_SiteAccumulator.finish`, verbatim, on the same sums: the statistics are the same to the bit
-    (the mirroring of Σxxᵀ changes nothing where the products are symmetric, as float32 XᵀX is here)."""
-    from engine.calibration import _SiteAccumulator, group_assignment
+    """The earlier `_SiteAccumulator.finish`, verbatim, on the same sums of x xᵀ (now recovered from shifted sums,
+    and made exactly symmetric): the statistics are the same to the bit."""
+    from engine.calibration import _mirrored, _SiteAccumulator, group_assignment
 
     torch.manual_seed(0)
     length, dim = 16, 24
@@ -143,11 +143,15 @@ def test_collection_gives_the_numbers_the_earlier_code_gave(n_windows, n_groups)
         accumulator.add(x[start:start + 2], groups[start:start + 2])
     n, m = accumulator.n_tokens, n_groups
     sizes = torch.tensor(accumulator.group_tokens, dtype=torch.float64)
-    sum_xxT = sum(accumulator.sum_xxT.values())
-    pooled_sum = sum(total / (size - 1) for size, total in accumulator.sum_xxT.items())
+    by_size = accumulator._sums_of_squares(n_groups)  # Σ x xᵀ per group size, recovered from the shifted sums
+    sum_xxT = _mirrored(sum(by_size.values()))
+    one_size = len(by_size) == 1
+    per_size = {next(iter(by_size)): sum_xxT} if one_size else by_size  # one size: the symmetric sum itself
+    pooled_sum = sum(total / (size - 1) for size, total in per_size.items())
     scaled = accumulator.group_sum_x / torch.sqrt(sizes * (sizes - 1)).unsqueeze(1)
     earlier = {"mean": accumulator.group_sum_x.sum(dim=0) / n, "second_moment": sum_xxT / n,
-               "pooled_covariance": (pooled_sum - scaled.T @ scaled) / m,
+               "pooled_covariance": (pooled_sum - scaled.T @ scaled) / m if one_size else  # stored as a triangle:
+               _mirrored((pooled_sum - scaled.T @ scaled) / m),  # exactly symmetric
                "l2_norm": torch.sqrt(torch.diagonal(sum_xxT).clone())}
     site, _ = accumulator.finish()
     for name, value in earlier.items():

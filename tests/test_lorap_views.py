@@ -45,11 +45,11 @@ def test_activation_weighted_energies_are_the_squared_singular_values_of_w_times
     values = activation_weighted_energies(torch.from_numpy(weight).float(), torch.from_numpy(norm))
     expected = np.linalg.svd(weight.astype(np.float32).astype(np.float64) @ np.diag(norm), compute_uv=False) ** 2
     assert values.dtype == torch.float64 and values.shape == (6,)
-    np.testing.assert_allclose(values.numpy(), expected, rtol=1e-10)
+    np.testing.assert_allclose(values.numpy(), expected, rtol=0, atol=1e-10 * expected.max())  # Gram-route precision
     # and they are the eigenvalues of W·D²·Wᵀ: the feature spectrum of the diagonal input weighting D²
     w = weight.astype(np.float32).astype(np.float64)
     eigen = np.sort(np.linalg.eigvalsh(w @ np.diag(norm ** 2) @ w.T))[::-1]
-    np.testing.assert_allclose(values.numpy(), eigen, rtol=1e-9)
+    np.testing.assert_allclose(values.numpy(), eigen, rtol=0, atol=1e-10 * eigen.max())
 
 
 def test_activation_weighted_spectra_of_a_tiny_model_match_a_direct_svd_and_are_stored(tiny_calibration, store,
@@ -63,7 +63,7 @@ def test_activation_weighted_spectra_of_a_tiny_model_match_a_direct_svd_and_are_
         norm = calibration.statistics.site(row.layer, ref.site).l2_norm.numpy()
         direct = np.linalg.svd(ref.module.weight.detach().double().numpy() @ np.diag(norm), compute_uv=False)
         assert (row.d_out, row.d_in) == tuple(ref.module.weight.shape) and len(row.values) == min(row.d_out, row.d_in)
-        np.testing.assert_allclose(row.values, direct ** 2, rtol=1e-9)
+        np.testing.assert_allclose(row.values, direct ** 2, rtol=0, atol=1e-10 * direct[0] ** 2)
     stored = store.get_feature_spectra(calibration.record.calibration_id, ACTIVATION_WEIGHTED)
     assert [(r.layer, r.linear_type, r.values) for r in stored] == [(r.layer, r.linear_type, r.values) for r in rows]
 

@@ -34,6 +34,19 @@ def find_spectrum(rows: Sequence[SpectrumRow], layer: int, linear_type: str) -> 
                          f"and types {', '.join(dict.fromkeys(r.linear_type for r in rows))} are stored.")
 
 
+def weight_summary_by_type(weight: Sequence[SpectrumRow], level: float) -> list[dict]:
+    """Mean over layers of the weights' rank share for `level` energy, per type: what needs no calibration.
+
+    Example row: `{"type": "q", "full_rank": 576, "weight_rank_share": 0.34}`, types in `weight`'s order."""
+    by_type: dict[str, list[float]] = {}
+    full_ranks: dict[str, int] = {}
+    for row in weight:
+        full_rank = full_ranks.setdefault(row.linear_type, min(row.d_out, row.d_in))
+        by_type.setdefault(row.linear_type, []).append(
+            rank_for_energy(row.values[:full_rank], level, squared=True) / full_rank)
+    return [{"type": t, "full_rank": full_ranks[t], "weight_rank_share": sum(v) / len(v)} for t, v in by_type.items()]
+
+
 def energy_curve_rows(weight: SpectrumRow, feature: SpectrumRow) -> list[dict]:
     """Cumulative energy against rank and rank share, for the weights and the features of one matrix.
 

@@ -4,6 +4,9 @@ What is stored is only what cannot be derived (`engine.calibration`'s stored for
 `Σ x xᵀ`, the token count, and the group sums or, for groups of two sizes, the pooled covariance's upper
 triangle and the mean); the rest is derived when it is read, bit for bit as it was collected. A
 calibration stored in the earlier full form is read as it was written.
+
+Snapshots taken while the statistics are collected (`snapshot`) are handed to the caller only: they are never
+stored, and nothing is keyed by them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Optional
 from engine.cache.artifacts import Computed, get_or_compute
 from engine.cache.keys import calibration_key
 from engine.cache.windows import ensure_windows
-from engine.calibration import CalibrationStatistics, collect_statistics
+from engine.calibration import CalibrationStatistics, SnapshotCallback, collect_statistics
 from engine.models.loading import LoadedModel
 from engine.progress import ProgressCallback
 from engine.records import CalibrationRecord
@@ -39,15 +42,20 @@ def ensure_calibration(
     windowing: Windowing = DEFAULT_CALIBRATION_WINDOWING,
     n_groups: int = DEFAULT_GROUPS,
     progress: Optional[ProgressCallback] = None,
+    snapshot: Optional[SnapshotCallback] = None,
 ) -> Calibration:
-    """Calibration statistics of `loaded` over `text_source`, from the cache or computed and stored."""
+    """Calibration statistics of `loaded` over `text_source`, from the cache or computed and stored.
+
+    `snapshot`: called with the statistics of the windows seen so far while they are computed
+    (`engine.calibration.collect_statistics`); not called when they come from the cache."""
     text_fp = text_fingerprint(text_source)
-    key = calibration_key(loaded.fingerprint, text_fp, windowing, n_groups)
+    key = calibration_key(loaded.fingerprint, text_fp, windowing, n_groups, loaded.dtype)
 
     def compute() -> Computed:
         windows = ensure_windows(store, loaded, text_source, windowing)
         start = time.perf_counter()
-        statistics = collect_statistics(loaded.model, loaded.adapter, windows, n_groups, progress)
+        statistics = collect_statistics(loaded.model, loaded.adapter, windows, n_groups, progress,
+                                        snapshot=snapshot)
         record = CalibrationRecord(
             calibration_id=key, model_fingerprint=loaded.fingerprint, text_fingerprint=text_fp,
             window_len=windowing.window_len, n_windows=windows.shape[0], n_groups=n_groups,

@@ -5,19 +5,39 @@ model fingerprint, feature spectra by the calibration and the covariance kind. A
 spectra (`σ²` of `W·diag(‖X‖₂)`, LoRAP's Table 1) are feature spectra of the diagonal input
 weighting `diag(‖X_j‖₂²)`, so they live in the same table under the covariance name
 `ACTIVATION_WEIGHTED`, keyed by the calibration whose norms they use (no table of their own).
+
+`ensure_all_spectra` is what `rankscope spectra` and the Spectra page run: weight spectra at once (they need no
+calibration), then, when the calibration is not stored yet, a `SpectraPreview` of the feature spectra of each
+calibration snapshot (shown as "refining: n/N windows", never stored), and finally the spectra of the full
+calibration, stored as above.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
-from engine.cache.calibration import Calibration
-from engine.cache.lookups import Spectra
+from engine.cache.calibration import Calibration, ensure_calibration
+from engine.calibration import CalibrationSnapshot
+from engine.cache.lookups import Spectra, find_calibration
+from engine.cache.windows import ensure_windows
 from engine.models.loading import LoadedModel
 from engine.progress import ProgressCallback
 from engine.records import ACTIVATION_WEIGHTED, SpectrumRow
 from engine.spectra import compute_activation_weighted_spectra, compute_feature_spectra, compute_weight_spectra
 from engine.store.duckdb_store import Store
+from engine.texts.windows import Windowing
+
+
+def ensure_weight_spectra(store: Store, loaded: LoadedModel, progress: Optional[ProgressCallback] = None
+                          ) -> list[SpectrumRow]:
+    """Singular values of every decoder linear's weight, from the store or computed and stored (no calibration)."""
+    weight = store.get_weight_spectra(loaded.fingerprint)
+    if not weight:
+        weight = compute_weight_spectra(loaded.linears(), progress)
+        if loaded.dtype == "float32":  # keyed by the model only: weights rounded to a half dtype are not stored
+            store.put_weight_spectra(loaded.fingerprint, weight)
+    return weight
 
 
 def ensure_spectra(
@@ -26,12 +46,11 @@ def ensure_spectra(
     calibration: Calibration,
     covariance: str = "pooled",
     progress: Optional[ProgressCallback] = None,
+    weight: Optional[list[SpectrumRow]] = None,
 ) -> Spectra:
-    """Weight and feature spectra of every decoder linear, from the store or computed and stored."""
-    weight = store.get_weight_spectra(loaded.fingerprint)
-    if not weight:
-        weight = compute_weight_spectra(loaded.linears(), progress)
-        store.put_weight_spectra(loaded.fingerprint, weight)
+    """Weight and feature spectra of every decoder linear, from the store or computed and stored (`weight`: the
+    weight spectra when the caller has them already)."""
+    weight = ensure_weight_spectra(store, loaded, progress) if weight is None else weight
     cid = calibration.record.calibration_id
     feature = store.get_feature_spectra(cid, covariance)
     if not feature:
@@ -55,3 +74,78 @@ def ensure_activation_weighted_spectra(
         rows = compute_activation_weighted_spectra(loaded.linears(), calibration.statistics, progress)
         store.put_feature_spectra(cid, ACTIVATION_WEIGHTED, rows)
     return rows
+
+
+@dataclass(frozen=True)
+class SpectraPreview:
+    """Spectra while the calibration refines: final weight spectra, and the feature and activation-weighted spectra
+    of a calibration snapshot over the first `windows_done` of `windows_total` windows (empty before the first
+    snapshot, `windows_done` 0). Never stored; `spectra.calibration_id` is empty, since no calibration is yet."""
+
+    spectra: Spectra
+    weighted: list[SpectrumRow]
+    windows_done: int
+    windows_total: int
+
+    @property
+    def has_features(self) -> bool:
+        return bool(self.spectra.feature)
+
+    def describe(self) -> str:
+        """`refining: 16/128 windows`, or what is waited for before the first snapshot."""
+        if not self.has_features:
+            return f"calibrating: feature spectra after the first windows of {self.windows_total}"
+        return f"refining: {self.windows_done}/{self.windows_total} windows"
+
+
+@dataclass(frozen=True)
+class AllSpectra:
+    """What the Spectra page and `rankscope spectra` show, for one calibration: stored (or from the store)."""
+
+    spectra: Spectra
+    weighted: list[SpectrumRow]  # σ² of W·diag(‖X‖₂), LoRAP's Table 1
+    calibration: Calibration
+
+
+SpectraPreviewCallback = Callable[[SpectraPreview], None]
+
+
+def snapshot_preview(loaded: LoadedModel, weight: list[SpectrumRow], snapshot: CalibrationSnapshot,
+                     covariance: str = "pooled") -> SpectraPreview:
+    """The feature and activation-weighted spectra of a calibration snapshot, beside the (final) weight spectra."""
+    feature = compute_feature_spectra(loaded.linears(), snapshot.statistics, covariance)
+    weighted = compute_activation_weighted_spectra(loaded.linears(), snapshot.statistics)
+    return SpectraPreview(Spectra(weight, feature, covariance, ""), weighted, snapshot.windows_done,
+                          snapshot.windows_total)
+
+
+def ensure_all_spectra(
+    store: Store,
+    loaded: LoadedModel,
+    text_source: str,
+    windowing: Windowing,
+    n_groups: int,
+    covariance: str = "pooled",
+    progress: Optional[ProgressCallback] = None,
+    preview: Optional[SpectraPreviewCallback] = None,
+) -> AllSpectra:
+    """Weight, feature and activation-weighted spectra of every decoder linear for one calibration, from the store or
+    computed and stored, the calibration first if it is not stored.
+
+    `preview`, when the calibration is computed, is called with the weight spectra at once (before any window), then
+    with the spectra of each calibration snapshot (`engine.calibration.SNAPSHOT_WINDOWS`). Snapshots are never
+    stored: what is stored, and keys every cached result, is the full calibration's, exactly as without previews.
+    """
+    weight = ensure_weight_spectra(store, loaded, progress)
+    on_snapshot = None
+    if preview is not None:
+        def on_snapshot(snapshot: CalibrationSnapshot) -> None:
+            preview(snapshot_preview(loaded, weight, snapshot, covariance))
+
+        if find_calibration(store, loaded.fingerprint, text_source, windowing, n_groups, loaded.dtype) is None:
+            n_windows = ensure_windows(store, loaded, text_source, windowing).shape[0]  # kept for the calibration
+            preview(SpectraPreview(Spectra(weight, [], covariance, ""), [], 0, n_windows))
+    calibration = ensure_calibration(store, loaded, text_source, windowing, n_groups, progress, on_snapshot)
+    spectra = ensure_spectra(store, loaded, calibration, covariance, progress, weight=weight)
+    weighted = ensure_activation_weighted_spectra(store, loaded, calibration, progress)
+    return AllSpectra(spectra, weighted, calibration)

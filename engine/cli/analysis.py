@@ -9,9 +9,10 @@ import typer
 from engine.cli import ModelOption, app, echo_json, fail
 from engine.cli.options import (
     CalibrationTextOption, CalibrationWindowsOption, EvaluationTextOption, EvaluationWindowsOption, GroupsOption,
-    JsonOption, WindowLenOption,
+    JsonOption, WindowLenOption, placement_options,
 )
 from engine.errors import RankScopeError
+from engine.models.device import Placement
 
 
 @app.command()
@@ -29,12 +30,14 @@ def prepare(model: str = ModelOption):
 
 
 @app.command()
+@placement_options
 def models(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Describe only this model (any reference)."),
     evaluate: bool = typer.Option(False, "--eval", help="Also compute (or recall) perplexity of the original model."),
     text: str = EvaluationTextOption,
     windows: int = EvaluationWindowsOption,
     window_len: int = WindowLenOption,
+    placement: Placement = Placement(),
     as_json: bool = JsonOption,
 ):
     """List the registry (or one model): architecture, parameters by type, embedding share."""
@@ -58,7 +61,7 @@ def models(
                     entry["status"] = f"not prepared: run `rankscope prepare --model {reference}`"
                     results.append(entry)
                     continue
-            loaded = load_model(reference, store, TerminalProgress())
+            loaded = load_model(reference, store, TerminalProgress(), placement)
             summary = parameter_summary(loaded)
             entry.update(
                 status="ready",
@@ -111,12 +114,14 @@ def models(
 
 
 @app.command()
+@placement_options
 def calibrate(
     model: str = ModelOption,
     text: str = CalibrationTextOption,
     windows: int = CalibrationWindowsOption,
     window_len: int = WindowLenOption,
     groups: int = GroupsOption,
+    placement: Placement = Placement(),
     as_json: bool = JsonOption,
 ):
     """Gather calibration statistics (mean, covariances, second moment, channel norms) and cache them."""
@@ -128,7 +133,7 @@ def calibrate(
 
     try:
         store = open_store()
-        loaded = load_model(model, store, TerminalProgress())
+        loaded = load_model(model, store, TerminalProgress(), placement)
         calibration = ensure_calibration(store, loaded, text, Windowing(window_len, windows), groups, TerminalProgress())
     except RankScopeError as exc:
         fail(exc)
@@ -157,6 +162,7 @@ def calibrate(
 
 
 @app.command()
+@placement_options
 def spectra(
     model: str = ModelOption,
     text: str = CalibrationTextOption,
@@ -165,6 +171,7 @@ def spectra(
     groups: int = GroupsOption,
     covariance: str = typer.Option("pooled", help="Input covariance for feature spectra: pooled or sample."),
     energy: List[float] = typer.Option([0.8, 0.9, 0.95, 0.99], help="Energy levels (repeat the option)."),
+    placement: Placement = Placement(),
     as_json: bool = typer.Option(False, "--json", help="Print JSON: ranks per layer and type."),
 ):
     """Singular-value energy of weights and features: the rank needed for each energy level.
@@ -192,18 +199,19 @@ def spectra(
         store = open_store()
         windowing = Windowing(window_len, windows)
         location = locate_model(model, store, TerminalProgress())
-        record = find_calibration(store, location.fingerprint, text, windowing, groups)
+        record = find_calibration(store, location.fingerprint, text, windowing, groups, placement.dtype)
         result = stored_spectra(store, location.fingerprint, record.calibration_id, covariance) if record else None
         weighted = store.get_feature_spectra(record.calibration_id, ACTIVATION_WEIGHTED) if record else []
         from_cache = result is not None and bool(weighted)
         if not from_cache:  # compute what is missing (imports torch only now)
-            from engine.cache.calibration import ensure_calibration
-            from engine.cache.spectra import ensure_activation_weighted_spectra, ensure_spectra
+            from engine.cache.spectra import ensure_all_spectra
 
-            loaded = load_model(model, store, TerminalProgress())
-            calibration = ensure_calibration(store, loaded, text, windowing, groups, TerminalProgress())
-            result = ensure_spectra(store, loaded, calibration, covariance, TerminalProgress())
-            weighted = ensure_activation_weighted_spectra(store, loaded, calibration, TerminalProgress())
+            loaded = load_model(model, store, TerminalProgress(), placement)
+            # text output: the weight spectra at once, then each calibration snapshot's spectra ("refining: n/N")
+            preview = None if as_json else _PreviewPrinter(model, energy)
+            computed = ensure_all_spectra(store, loaded, text, windowing, groups, covariance, TerminalProgress(),
+                                          preview)
+            result, weighted = computed.spectra, computed.weighted
     except RankScopeError as exc:
         fail(exc)
     table = rank_table(result.weight, result.feature, energy)
@@ -231,6 +239,16 @@ def spectra(
         f"Spectra of {model} ({'from the store' if from_cache else 'computed'}; features use the {covariance} "
         f"covariance of {windows} x {window_len} tokens of {text})."
     )
+    _echo_rank_shares(table, energy)
+    typer.echo(f"LoRAP Table 1, share of singular values for {LORAP_LEVEL:.0%} energy (weights | activation-weighted "
+               "W·diag(‖X‖₂)): " + ", ".join(f"{row['type']} {row['weight_share']:.1%} | {row['weighted_share']:.1%}"
+                                             for row in lorap))
+
+
+def _echo_rank_shares(table: list[dict], energy: List[float]) -> None:
+    """The mean rank share per type for each energy level, weights | features, one line per type."""
+    from engine.energy import summarise_by_type
+
     typer.echo("Mean rank share over layers needed for each energy level (weights | features):")
     typer.echo(f"{'type':>6} {'full':>6}  " + "  ".join(f"{lv:>13g}" for lv in energy))
     summaries = {lv: {row["type"]: row for row in summarise_by_type(table, lv)} for lv in energy}
@@ -240,6 +258,33 @@ def spectra(
             for lv in energy
         ]
         typer.echo(f"{linear_type:>6} {summaries[energy[0]][linear_type]['full_rank']:>6}  " + "  ".join(cells))
-    typer.echo(f"LoRAP Table 1, share of singular values for {LORAP_LEVEL:.0%} energy (weights | activation-weighted "
-               "W·diag(‖X‖₂)): " + ", ".join(f"{row['type']} {row['weight_share']:.1%} | {row['weighted_share']:.1%}"
-                                             for row in lorap))
+
+
+class _PreviewPrinter:
+    """Prints spectra while the calibration refines: the weights' rank shares at once, the first snapshot's full
+    summary, then one line per later snapshot (the final summary follows when the calibration is stored)."""
+
+    def __init__(self, model: str, energy: List[float]):
+        self.model, self.energy, self.printed_snapshot = model, energy, False
+        self.level = 0.9 if 0.9 in energy else energy[0]  # the one level of the compact lines
+
+    def __call__(self, preview) -> None:
+        from engine.analysis.spectra_summary import weight_summary_by_type
+        from engine.energy import rank_table, summarise_by_type
+
+        spectra = preview.spectra
+        if not preview.has_features:
+            typer.echo(f"Weights of {self.model} (no calibration needed), mean rank share for {self.level:.0%} energy: "
+                       + ", ".join(f"{row['type']} {row['weight_rank_share']:.1%}"
+                                   for row in weight_summary_by_type(spectra.weight, self.level))
+                       + f"; {preview.describe()}.")
+            return
+        table = rank_table(spectra.weight, spectra.feature, self.energy)
+        if not self.printed_snapshot:
+            self.printed_snapshot = True
+            typer.echo(f"Spectra of {self.model} ({preview.describe()}; features use the {spectra.covariance} "
+                       "covariance of the windows so far, and change a little as windows arrive).")
+            _echo_rank_shares(table, self.energy)
+            return
+        typer.echo(f"{preview.describe()}: feature rank share for {self.level:.0%} energy: " + ", ".join(
+            f"{row['type']} {row['feature_rank_share']:.1%}" for row in summarise_by_type(table, self.level)))
