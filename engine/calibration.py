@@ -241,6 +241,19 @@ def group_assignment(n_windows: int, n_groups: int) -> list[int]:
     return [int(g) for g, part in enumerate(np.array_split(np.arange(n_windows), n_groups)) for _ in part]
 
 
+_GRAM_BLOCK = 144  # rows of Xᵀ X per product: small enough to skip most of the lower triangle, large for fast GEMMs
+
+
+def _add_upper_gram(total: torch.Tensor, x: torch.Tensor) -> None:
+    """`total += x.T @ x` on the upper triangle and the diagonal blocks only (the rest of `total` is never read: the
+    sums are mirrored from their upper triangle before use), in row blocks: about 5/8 of a full product at d = 576 and
+    under 3/5 at d = 1536. `x`: [tokens, d] in the product dtype; `total`: [d, d] float64 on the CPU."""
+    dim = x.shape[1]
+    for start in range(0, dim, _GRAM_BLOCK):
+        stop = min(start + _GRAM_BLOCK, dim)
+        total[start:stop, start:] += (x[:, start:stop].T @ x[:, start:]).to("cpu", torch.float64)
+
+
 class _SiteAccumulator:
     """Running sums for one site: Σ (x − s)(x − s)ᵀ per group size and Σ x per group, in float64.
 
@@ -249,7 +262,8 @@ class _SiteAccumulator:
     size of what it sums, so summing the shifted data keeps the error relative to the covariance, not to `Σ x xᵀ`.
     The median, not the mean: a channel with a few massive activations (thousands, on a token or two) has a mean
     far from its typical value, and shifting by it would put that offset on every other token. `Σ x xᵀ` is
-    recovered in float64 (`_sums_of_squares`)."""
+    recovered in float64 (`_sums_of_squares`). Only the upper triangle (and the diagonal blocks) of each sum is
+    accumulated (`_add_upper_gram`): every statistic is derived from the mirrored upper triangle."""
 
     def __init__(self, dim: int, group_tokens: list[int], product_dtype: torch.dtype):
         self.group_tokens, self.product_dtype = group_tokens, product_dtype
@@ -270,8 +284,7 @@ class _SiteAccumulator:
             by_size.setdefault(self.group_tokens[group], []).append(row)
         for size, rows in by_size.items():
             part = shifted if len(rows) == len(groups) else shifted.view(x.shape)[rows].reshape(-1, x.shape[-1])
-            # one product per batch, on the model's device, into the float64 [d, d] sums on the CPU
-            self.shifted_sum[size] += (part.T @ part).to("cpu", torch.float64)
+            _add_upper_gram(self.shifted_sum[size], part)  # on the model's device, into float64 sums on the CPU
         window_sums = x.double().sum(dim=1).cpu()  # [B, d]
         self.group_sum_x.index_add_(0, torch.tensor(groups), window_sums)
         self.n_tokens += flat.shape[0]
