@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -72,3 +75,28 @@ def results_main(name: str, description: str, measure, render, doc: Path) -> Non
     path = write_json(name, measure())
     doc.write_text(render(json.loads(path.read_text())))
     print(f"wrote {path} and {doc}")
+
+
+def run_measured(command: list[str], env: dict[str, str]) -> dict:
+    """`command` as its own process (in the project folder, `env` added to this one's): wall time, its CPU time (user
+    + system, all its threads: not stretched by other work on the machine), its own peak resident set (`wait4`'s
+    rusage), its JSON output when it printed some, and the 1-minute load average before it. Child processes it
+    starts (Ray workers) are not counted. Exits with the command's output when it fails."""
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, env={**os.environ, **env},
+                                 stdout=out, stderr=err, text=True)
+        _pid, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if returncode != 0:
+        raise SystemExit(f"`{' '.join(command)}` failed ({returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    try:
+        output = json.loads(stdout) if stdout.strip() else None
+    except json.JSONDecodeError:
+        output = None
+    return {"seconds": round(seconds, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024), "load_before": round(load_before, 2), "output": output}

@@ -21,17 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, write_json  # noqa: E402
+from bench.common import RESULTS, run_measured, write_json  # noqa: E402
 from engine.paths import PROJECT_ROOT  # noqa: E402
 
 RANKSCOPE = str(Path(sys.executable).with_name("rankscope"))
@@ -83,27 +80,8 @@ def measure(model: str, trials: int, cache: Path, out: Path, recorded: dict) -> 
 
 
 def _timed_with_memory(args: list[str], cache: Path) -> dict:
-    """One command as its own process: wall time, its CPU time (user + system, all its threads: not stretched by
-    other work on the machine), its own peak resident set (`wait4`'s rusage), its JSON output when it printed some,
-    and the 1-minute load average before it. Ray workers are other processes: their CPU time is not counted."""
-    load_before = os.getloadavg()[0]
-    env = {**os.environ, "RANKSCOPE_CACHE": str(cache)}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        child = subprocess.Popen([RANKSCOPE, *args], cwd=PROJECT_ROOT, env=env, stdout=out, stderr=err, text=True)
-        _pid, status, usage = os.wait4(child.pid, 0)
-        seconds = time.perf_counter() - start
-        child.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if child.returncode != 0:
-        raise SystemExit(f"`rankscope {' '.join(args)}` failed ({child.returncode}):\n{stdout[-3000:]}\n{stderr[-3000:]}")
-    try:
-        output = json.loads(stdout) if stdout.strip() else None
-    except json.JSONDecodeError:
-        output = None
-    return {"seconds": round(seconds, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024), "load_before": round(load_before, 2), "output": output}
+    """One `rankscope` command as its own process on `cache` (`bench.common.run_measured`); exits when it fails."""
+    return run_measured([RANKSCOPE, *args], {"RANKSCOPE_CACHE": str(cache)})
 
 
 def _fmt_seconds(seconds: float) -> str:

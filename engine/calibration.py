@@ -28,6 +28,15 @@ can hand out `CalibrationSnapshot`s at a doubling schedule of window counts (`SN
 next group boundary so the pooled covariance is over whole groups) for previews; they are never stored, and the
 final statistics are bit for bit those of a run without them.
 
+Layer by layer (`by_layer`): a model whose statistics over all layers at once would take more than
+`WHOLE_MODEL_MEMORY_LIMIT` (a 0.5B-class model: about 5 GB of float64 sums, three times that while they are
+finished) is calibrated one decoder layer at a time, as GPTQ-style tools do. The windows' inputs of the current
+layer are kept (N × L × hidden floats), each batch runs that layer alone (the model's own forward with the layers
+below replaying the kept inputs, so masks and rotary embeddings are computed as always), and the layer's sums are
+finished into their stored form before the next layer starts: memory holds one layer's sums, the kept inputs and
+the stored form, never every layer's sums. Same batches, same inputs, same sums: the statistics are bit for bit
+those of a whole-model run (tests/test_calibration_by_layer.py); no snapshots are taken.
+
 Stored form (`CalibrationStatistics.to_tensors`): only what cannot be derived. Per site that is the
 upper triangle of `Σ x xᵀ` (the matrix is symmetric: its lower half is the upper one mirrored, and
 `M = Σxxᵀ/n` and `‖X_j‖₂ = sqrt((Σxxᵀ)_jj)` follow from it), the token count, and either the group sums
@@ -47,13 +56,15 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from engine.errors import CorpusError
-from engine.models.adapters import SITES, ArchitectureAdapter
+from engine.errors import CorpusError, RankScopeError
+from engine.models.adapters import CHAINED_LAYER_MODEL_TYPES, SITES, ArchitectureAdapter
 from engine.models.device import input_device
 from engine.progress import ProgressCallback, ProgressTracker
 
@@ -174,6 +185,20 @@ class CalibrationStatistics:
         return replace(self, stored_form=None)
 
     @classmethod
+    def from_file(cls, path: str | Path, n_groups: int) -> "CalibrationStatistics":
+        """Statistics in the compact stored form in a safetensors file, each site read from the file and derived when
+        it is first used (a large model's calibration need never be in memory at once). The file must stay in place
+        while the statistics are used."""
+        with safe_open(str(path), framework="pt") as handle:
+            names = list(handle.keys())
+        by_site: dict[tuple[int, str], list[str]] = {}
+        for name in names:
+            layer, site, short = name.split(".", 2)
+            by_site.setdefault((int(layer), site), []).append(short)
+        return cls(_DerivedSites({key: _FileTensors(str(path), f"{key[0]}.{key[1]}.", shorts)
+                                  for key, shorts in sorted(by_site.items())}), n_groups)
+
+    @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], n_groups: int) -> "CalibrationStatistics":
         """Statistics from either stored form. A site of the compact form is derived, exactly as
         `collect_statistics` derived it, when it is first used (a session whose factors are already stored
@@ -188,11 +213,32 @@ class CalibrationStatistics:
                 n_tokens=int(tensors[f"{layer}.{site}.{N_TOKENS}"][0]),
             ) for layer, site in keys}
             return cls(sites, n_groups)
-        return cls(_DerivedSites({key: {name.split(".", 2)[2]: t for name, t in tensors.items()
-                                        if name.startswith(f"{key[0]}.{key[1]}.")} for key in keys}), n_groups)
+        return cls(_DerivedSites(_by_site(tensors)), n_groups)
 
 
-def _derive_site(stored: dict[str, torch.Tensor]) -> SiteStatistics:
+class _FileTensors(Mapping):
+    """One site's stored tensors in a safetensors file, each read from the file when it is asked for."""
+
+    def __init__(self, path: str, prefix: str, names: list[str]):
+        self._path, self._prefix, self._names = path, prefix, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        with safe_open(self._path, framework="pt") as handle:
+            return handle.get_tensor(self._prefix + name)
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _derive_site(stored: Mapping[str, torch.Tensor]) -> SiteStatistics:
     """One site's statistics from its compact stored form (module docstring)."""
     n = int(stored[N_TOKENS][0])
     sum_xxT = unpack_symmetric(stored[SUM_XXT])
@@ -289,16 +335,18 @@ class _SiteAccumulator:
         self.group_sum_x.index_add_(0, torch.tensor(groups), window_sums)
         self.n_tokens += flat.shape[0]
 
-    def _sums_of_squares(self, n_groups: int) -> dict[int, torch.Tensor]:
-        """`Σ x xᵀ` per group size over the first `n_groups` groups (new tensors; the running sums are untouched):
-        `Σ (x−s)(x−s)ᵀ + s (Σx)ᵀ + (Σx) sᵀ − n s sᵀ`, each size with its own `Σ x` and token count."""
+    def _sums_of_squares(self, n_groups: int, in_place: bool = False) -> dict[int, torch.Tensor]:
+        """`Σ x xᵀ` per group size over the first `n_groups` groups: `Σ (x−s)(x−s)ᵀ + s (Σx)ᵀ + (Σx) sᵀ − n s sᵀ`,
+        each size with its own `Σ x` and token count. New tensors, the running sums untouched; or, `in_place`, the
+        running sums themselves turned into them (the same operations, so the same numbers, in less memory; the
+        accumulator is spent)."""
         shift = self.shift.to("cpu", torch.float64)
         sums = {}
         for size in dict.fromkeys(self.group_tokens[:n_groups]):
             members = [g for g in range(n_groups) if self.group_tokens[g] == size]
             cross = torch.outer(shift, self.group_sum_x[members].sum(dim=0))  # s (Σx)ᵀ
-            sums[size] = (self.shifted_sum[size] + cross).add_(cross.T).sub_(
-                torch.outer(shift, shift).mul_(size * len(members)))
+            total = self.shifted_sum[size] if in_place else self.shifted_sum[size].clone()
+            sums[size] = total.add_(cross).add_(cross.T).sub_(torch.outer(shift, shift).mul_(size * len(members)))
         return sums
 
     def statistics(self, n_groups: int) -> SiteStatistics:
@@ -309,30 +357,46 @@ class _SiteAccumulator:
     def finish(self) -> tuple[SiteStatistics, dict[str, torch.Tensor]]:
         """The site's statistics, and its stored form (module docstring) from which they are derived again."""
         site, sum_xxT, one_size, mean, pooled = self._derive(len(self.group_tokens))
-        dim = sum_xxT.shape[0]
-        stored = {SUM_XXT: pack_symmetric(sum_xxT), N_TOKENS: torch.tensor([site.n_tokens], dtype=torch.int64)}
-        if _stores_group_sums(one_size, len(self.group_tokens), dim):
+        return site, self._stored(sum_xxT, one_size, mean, pooled)
+
+    def stored_form(self) -> dict[str, torch.Tensor]:
+        """`finish`'s stored form alone, bit for bit, in less memory: the running sums become `Σ x xᵀ` in place (the
+        accumulator is spent), and the statistics are not derived unless the form holds them (groups of two sizes)."""
+        _site_unused, sum_xxT, one_size, mean, pooled = self._derive(len(self.group_tokens), spend=True)
+        return self._stored(sum_xxT, one_size, mean, pooled)
+
+    def _stored(self, sum_xxT: torch.Tensor, one_size: bool, mean: Optional[torch.Tensor],
+                pooled: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        stored = {SUM_XXT: pack_symmetric(sum_xxT), N_TOKENS: torch.tensor([sum(self.group_tokens)], dtype=torch.int64)}
+        if _stores_group_sums(one_size, len(self.group_tokens), sum_xxT.shape[0]):
             stored[GROUP_SUMS] = self.group_sum_x  # the pooled covariance is derived again from these, as here
         else:
             stored[POOLED_UPPER], stored[MEAN] = pack_symmetric(pooled), mean
-        return site, stored
+        return stored
 
-    def _derive(self, n_groups: int) -> tuple[SiteStatistics, torch.Tensor, bool, torch.Tensor, torch.Tensor]:
+    def _derive(self, n_groups: int, spend: bool = False) -> tuple[
+            Optional[SiteStatistics], torch.Tensor, bool, Optional[torch.Tensor], Optional[torch.Tensor]]:
         """Statistics over the first `n_groups` groups, with `Σ x xᵀ`, whether the groups have one size, the mean
-        and the pooled covariance (what the stored form is made of)."""
+        and the pooled covariance (what the stored form is made of). `spend`: for the stored form only (the running
+        sums are used up, and no statistics are returned; nor the mean and pooled covariance, if it does not hold them)."""
         group_tokens = self.group_tokens[:n_groups]
         group_sum_x = self.group_sum_x[:n_groups]
         n = sum(group_tokens)
-        by_size = self._sums_of_squares(n_groups)
+        by_size = self._sums_of_squares(n_groups, in_place=spend)
         one_size = len(by_size) == 1
         sum_xxT = _mirrored(sum(by_size.values()))
+        stores_group_sums = _stores_group_sums(one_size, n_groups, sum_xxT.shape[0])
+        if spend:
+            self.shifted_sum = {}
+            if stores_group_sums:
+                return None, sum_xxT, one_size, None, None
         if one_size:
             by_size = {group_tokens[0]: sum_xxT}
         mean = group_sum_x.sum(dim=0) / n
         pooled = _pooled_covariance(by_size, group_sum_x, group_tokens)
-        if not _stores_group_sums(one_size, n_groups, sum_xxT.shape[0]):
+        if not stores_group_sums:
             pooled = _mirrored(pooled)  # stored as its upper triangle: read back exactly symmetric
-        return _site(sum_xxT, n, mean, pooled), sum_xxT, one_size, mean, pooled
+        return (None if spend else _site(sum_xxT, n, mean, pooled)), sum_xxT, one_size, mean, pooled
 
 
 TOKENS_PER_BATCH = 2048  # windows run through the decoder together: 4 of 512 tokens
@@ -369,6 +433,39 @@ def _batches(n_windows: int, per_batch: int, cuts: Sequence[int]) -> list[tuple[
     return list(zip([0, *stops[:-1]], stops))
 
 
+WHOLE_MODEL_MEMORY_LIMIT = 4 * 2**30  # bytes of float64 sums (and their finishing) above which calibration goes by layer
+
+
+def whole_model_memory(model: torch.nn.Module, adapter: ArchitectureAdapter) -> int:
+    """Bytes a whole-model calibration holds at its peak, about: every site's float64 `d × d` sums, and while they are
+    finished, about three more `d × d` matrices per site (`Σ x xᵀ`, the pooled covariance, the second moment)."""
+    dims = [adapter.site_module(model, layer, site).in_features
+            for layer in range(adapter.num_layers(model)) for site in SITES]
+    return sum(4 * d * d * 8 for d in dims)
+
+
+def calibrates_by_layer(model: torch.nn.Module, adapter: ArchitectureAdapter, by_layer: Optional[bool] = None) -> bool:
+    """Whether `collect_statistics` goes layer by layer: as asked, or (None) when a whole-model run would hold more than
+    `WHOLE_MODEL_MEMORY_LIMIT` and the model's forward can replay a layer's inputs. Asking for it on a model whose
+    forward cannot is refused, naming the model types that can."""
+    model_type = getattr(model.config, "model_type", "")
+    if by_layer is None:
+        return model_type in CHAINED_LAYER_MODEL_TYPES and whole_model_memory(model, adapter) > WHOLE_MODEL_MEMORY_LIMIT
+    if by_layer and model_type not in CHAINED_LAYER_MODEL_TYPES:
+        raise RankScopeError(f"Calibrating layer by layer needs a decoder whose forward chains its layers; model type "
+                             f"'{model_type}' is not one of {', '.join(CHAINED_LAYER_MODEL_TYPES)}. Calibrate the "
+                             "whole model at once.")
+    return by_layer
+
+
+class _LayerOutput(Exception):
+    """Stops a forward at the layer above the one being calibrated, carrying that layer's output."""
+
+    def __init__(self, state: torch.Tensor):
+        super().__init__()
+        self.state = state
+
+
 @torch.no_grad()
 def collect_statistics(
     model: torch.nn.Module,
@@ -380,6 +477,7 @@ def collect_statistics(
     product_dtype: torch.dtype = torch.float32,
     snapshot: Optional[SnapshotCallback] = None,
     snapshot_windows: Sequence[int] = SNAPSHOT_WINDOWS,
+    by_layer: Optional[bool] = None,
 ) -> CalibrationStatistics:
     """Run `windows` ([N, L] token ids) through `model` once and stream statistics of every site.
 
@@ -393,15 +491,54 @@ def collect_statistics(
     counts whether or not snapshots are asked for, and a snapshot leaves the running sums untouched, so the result is
     bit for bit the one without snapshots. The callback must not run the model
     (the hooks are still in place).
+
+    `by_layer` (None: `calibrates_by_layer` decides from the model's size) runs one decoder layer at a time (module
+    docstring): same statistics, bounded memory, no snapshots; the result's sites are then derived from their stored
+    form when first used.
     """
     n_windows, window_len = windows.shape
     groups = group_assignment(n_windows, n_groups)
     group_tokens = [groups.count(g) * window_len for g in range(n_groups)]
     if min(group_tokens) < 2:
         raise CorpusError("Each calibration group needs at least 2 tokens; use longer windows or fewer groups.")
+    points = snapshot_points(groups, snapshot_windows)
+    batches = _batches(n_windows, max(1, tokens_per_batch // window_len), points)
+    if calibrates_by_layer(model, adapter, by_layer):
+        stored: dict[str, torch.Tensor] = {}
+        _collect_by_layer(model, adapter, windows, groups, group_tokens, batches, product_dtype, progress, stored.update)
+        return CalibrationStatistics(_DerivedSites(_by_site(stored)), n_groups, stored)
     accumulators: dict[tuple[int, str], _SiteAccumulator] = {}
     batch_groups: list[int] = []
-    handles = []
+    handles = [_hook_sites(model, adapter, layer, accumulators, group_tokens, product_dtype, batch_groups)
+               for layer in range(adapter.num_layers(model))]
+    decoder = model.get_decoder()
+    tracker = ProgressTracker(progress, "calibration", total=n_windows, unit="windows")
+    try:
+        for start, stop in batches:
+            batch_groups[:] = groups[start:stop]
+            ids = windows[start:stop].to(input_device(model))  # [B, L] of equal length: no padding
+            decoder(input_ids=ids, use_cache=False)
+            tracker.advance(stop - start)
+            if snapshot is not None and stop in points:
+                done_groups = groups[stop - 1] + 1
+                sites = {key: accumulator.statistics(done_groups) for key, accumulator in accumulators.items()}
+                snapshot(CalibrationSnapshot(CalibrationStatistics(sites, done_groups), stop, n_windows))
+    finally:
+        for layer_handles in handles:
+            for handle in layer_handles:
+                handle.remove()
+    sites, stored = {}, {}
+    for (layer, site), accumulator in accumulators.items():
+        sites[(layer, site)], site_stored = accumulator.finish()
+        stored.update({f"{layer}.{site}.{name}": tensor for name, tensor in site_stored.items()})
+    return CalibrationStatistics(sites, n_groups, stored)
+
+
+def _hook_sites(model: torch.nn.Module, adapter: ArchitectureAdapter, layer: int,
+                accumulators: dict[tuple[int, str], _SiteAccumulator], group_tokens: list[int],
+                product_dtype: torch.dtype, batch_groups: list[int]) -> list:
+    """Pre-hooks adding each input of `layer`'s sites to its accumulator (made on first use); returns their handles.
+    `batch_groups` holds the group of each window of the batch being run."""
 
     def make_hook(key: tuple[int, str]):
         def hook(_module, args):
@@ -412,29 +549,92 @@ def collect_statistics(
 
         return hook
 
-    for layer in range(adapter.num_layers(model)):
-        for site in SITES:
-            module = adapter.site_module(model, layer, site)
-            handles.append(module.register_forward_pre_hook(make_hook((layer, site))))
+    return [adapter.site_module(model, layer, site).register_forward_pre_hook(make_hook((layer, site)))
+            for site in SITES]
+
+
+@torch.no_grad()
+def write_statistics_by_layer(
+    model: torch.nn.Module,
+    adapter: ArchitectureAdapter,
+    windows: torch.Tensor,
+    n_groups: int,
+    sink: Callable[[dict[str, torch.Tensor]], None],
+    progress: Optional[ProgressCallback] = None,
+    tokens_per_batch: int = TOKENS_PER_BATCH,
+    product_dtype: torch.dtype = torch.float32,
+) -> None:
+    """`collect_statistics(by_layer=True)` without keeping anything: each finished layer's stored form
+    (`{layer}.{site}.{name}` tensors, as `to_tensors` names them) goes to `sink` and is dropped, so memory holds one
+    layer's sums whatever the model's size (a file written part by part, `engine.store.arrays.PartWriter`, is the
+    sink that makes that so; `CalibrationStatistics.from_file` reads it back)."""
+    calibrates_by_layer(model, adapter, True)  # refuses a forward that does not chain its layers
+    n_windows, window_len = windows.shape
+    groups = group_assignment(n_windows, n_groups)
+    group_tokens = [groups.count(g) * window_len for g in range(n_groups)]
+    if min(group_tokens) < 2:
+        raise CorpusError("Each calibration group needs at least 2 tokens; use longer windows or fewer groups.")
+    batches = _batches(n_windows, max(1, tokens_per_batch // window_len), snapshot_points(groups))
+    _collect_by_layer(model, adapter, windows, groups, group_tokens, batches, product_dtype, progress, sink)
+
+
+def _by_site(stored: Mapping[str, torch.Tensor]) -> dict[tuple[int, str], dict[str, torch.Tensor]]:
+    """`{layer}.{site}.{name}` tensors grouped by (layer, site), named by `name`."""
+    sites: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in stored.items():
+        layer, site, short = name.split(".", 2)
+        sites.setdefault((int(layer), site), {})[short] = tensor
+    return dict(sorted(sites.items()))
+
+
+def _collect_by_layer(model: torch.nn.Module, adapter: ArchitectureAdapter, windows: torch.Tensor, groups: list[int],
+                      group_tokens: list[int], batches: list[tuple[int, int]], product_dtype: torch.dtype,
+                      progress: Optional[ProgressCallback], sink: Callable[[dict[str, torch.Tensor]], None]) -> None:
+    """The statistics one decoder layer at a time (module docstring), over the same batches as a whole-model run;
+    each layer's stored form goes to `sink` when the layer is done."""
     decoder = model.get_decoder()
-    per_batch = max(1, tokens_per_batch // window_len)
-    points = snapshot_points(groups, snapshot_windows)
-    tracker = ProgressTracker(progress, "calibration", total=n_windows, unit="windows")
-    try:
-        for start, stop in _batches(n_windows, per_batch, points):
-            batch_groups[:] = groups[start:stop]
-            ids = windows[start:stop].to(input_device(model))  # [B, L] of equal length: no padding
-            decoder(input_ids=ids, use_cache=False)
-            tracker.advance(stop - start)
-            if snapshot is not None and stop in points:
-                done_groups = groups[stop - 1] + 1
-                sites = {key: accumulator.statistics(done_groups) for key, accumulator in accumulators.items()}
-                snapshot(CalibrationSnapshot(CalibrationStatistics(sites, done_groups), stop, n_windows))
-    finally:
-        for handle in handles:
-            handle.remove()
-    sites, stored = {}, {}
-    for (layer, site), accumulator in accumulators.items():
-        sites[(layer, site)], site_stored = accumulator.finish()
-        stored.update({f"{layer}.{site}.{name}": tensor for name, tensor in site_stored.items()})
-    return CalibrationStatistics(sites, n_groups, stored)
+    layers = model.get_submodule(adapter.layers_path)
+    n_windows = windows.shape[0]
+    tracker = ProgressTracker(progress, f"calibration by layer ({n_windows} windows)", total=len(layers), unit="layers")
+    inputs: list[torch.Tensor] = []  # per batch: the input of the current layer, [B, L, hidden]
+    replayed: dict[str, torch.Tensor] = {}
+
+    def replay(*_args, **_kwargs) -> torch.Tensor:  # a layer below the current one: its output is the kept input
+        return replayed["input"]
+
+    def stop(_module, args, kwargs):
+        raise _LayerOutput(args[0] if args else kwargs["hidden_states"])
+
+    for layer in range(len(layers)):
+        accumulators: dict[tuple[int, str], _SiteAccumulator] = {}
+        batch_groups: list[int] = []
+        handles = _hook_sites(model, adapter, layer, accumulators, group_tokens, product_dtype, batch_groups)
+        if layer + 1 < len(layers):
+            handles.append(layers[layer + 1].register_forward_pre_hook(stop, with_kwargs=True))
+        below = list(layers)[:layer]
+        outputs: list[torch.Tensor] = []
+        try:
+            for module in below:
+                module.forward = replay  # an instance attribute: the class's forward comes back on delete
+            for index, (start, stop_window) in enumerate(batches):
+                batch_groups[:] = groups[start:stop_window]
+                if layer:
+                    replayed["input"] = inputs[index]
+                try:
+                    decoder(input_ids=windows[start:stop_window].to(input_device(model)), use_cache=False)
+                except _LayerOutput as output:
+                    outputs.append(output.state)
+        finally:
+            for module in below:
+                if "forward" in module.__dict__:
+                    del module.forward
+            for handle in handles:
+                handle.remove()
+            replayed.clear()
+        inputs = outputs  # the next layer's inputs (empty after the last layer)
+        layer_stored = {}
+        for (site_layer, site), accumulator in accumulators.items():
+            layer_stored.update({f"{site_layer}.{site}.{name}": t for name, t in accumulator.stored_form().items()})
+        del accumulators
+        sink(layer_stored)
+        tracker.advance()

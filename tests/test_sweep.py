@@ -12,6 +12,7 @@ from engine.errors import RankScopeError
 from engine.models.loading import load_model
 from engine.store import open_store
 from engine.texts.windows import Windowing
+from tests.tiny_models import tiny_family_model
 
 RATIOS = (0.3, 0.6)
 SVD_LABELS = ["q", "k", "v", "o", "gate", "up", "down"]
@@ -166,26 +167,6 @@ def test_joint_svd_sweeps_the_shared_pairs(store, tiny_model_dirs, sample_text_f
 
 # -- per-layer points reuse the original layers below the compressed one ------------------------------------
 
-def _tiny_family_model(model_type: str):
-    """A tiny random model of `model_type` with 4 layers; Gemma3 mixes sliding and global layers."""
-    import torch
-    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config,
-                              Qwen3Config)
-
-    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256)
-    config = {
-        "llama": lambda: LlamaConfig(**common),
-        "mistral": lambda: MistralConfig(**common, sliding_window=8),
-        "qwen2": lambda: Qwen2Config(**common),
-        "qwen3": lambda: Qwen3Config(**common, head_dim=8),
-        "gemma3_text": lambda: Gemma3TextConfig(**common, head_dim=8, sliding_window=8, layer_types=[
-            "sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
-    }[model_type]()
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text"])
 def test_the_replayed_prefix_reproduces_the_forward_bit_for_bit(model_type):
     import torch
@@ -195,7 +176,7 @@ def test_the_replayed_prefix_reproduces_the_forward_bit_for_bit(model_type):
     from engine.models.loading import LoadedModel
 
     assert model_type in PREFIX_MODEL_TYPES
-    model = _tiny_family_model(model_type)
+    model = tiny_family_model(model_type)
     loaded = LoadedModel("tiny", "fp", None, model, None, adapter_for_model_type(model_type))
     windows = torch.randint(0, 97, (3, 24))  # longer than the sliding window
     with torch.no_grad():

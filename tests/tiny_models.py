@@ -65,3 +65,23 @@ def make_tiny_model(family: str, directory: Path, seed: int = 0) -> Path:
     model.save_pretrained(directory)
     _tokenizer(add_bos=family == "gemma3").save_pretrained(directory)
     return directory
+
+
+def tiny_family_model(model_type: str):
+    """A tiny random model of `model_type` with 4 layers; Gemma3 mixes sliding and global layers."""
+    import torch
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                              Qwen3Config)
+
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    config = {
+        "llama": lambda: LlamaConfig(**common),
+        "mistral": lambda: MistralConfig(**common, sliding_window=8),
+        "qwen2": lambda: Qwen2Config(**common),
+        "qwen3": lambda: Qwen3Config(**common, head_dim=8),
+        "gemma3_text": lambda: Gemma3TextConfig(**common, head_dim=8, sliding_window=8, layer_types=[
+            "sliding_attention", "full_attention", "sliding_attention", "full_attention"]),
+    }[model_type]()
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()

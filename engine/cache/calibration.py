@@ -7,6 +7,11 @@ calibration stored in the earlier full form is read as it was written.
 
 Snapshots taken while the statistics are collected (`snapshot`) are handed to the caller only: they are never
 stored, and nothing is keyed by them.
+
+A model too large to calibrate every layer at once (`engine.calibration.calibrates_by_layer`) is calibrated layer by
+layer, each finished layer written to the array file as it comes (`PartWriter`), and the statistics returned are
+read from that file site by site when used: memory holds one layer's sums, never the whole calibration. No snapshots
+are taken then. The statistics, the key and the file's content are those of a whole-model run.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from typing import Optional
 from engine.cache.artifacts import Computed, get_or_compute
 from engine.cache.keys import calibration_key
 from engine.cache.windows import ensure_windows
-from engine.calibration import CalibrationStatistics, SnapshotCallback, collect_statistics
+from engine.calibration import (CalibrationStatistics, SnapshotCallback, calibrates_by_layer, collect_statistics,
+                                write_statistics_by_layer)
 from engine.models.loading import LoadedModel
 from engine.progress import ProgressCallback
 from engine.records import CalibrationRecord
+from engine.store.arrays import PartWriter
 from engine.store.duckdb_store import Store
 from engine.texts.corpus import text_fingerprint
 from engine.texts.settings import DEFAULT_CALIBRATION_WINDOWING, DEFAULT_GROUPS
@@ -43,28 +50,39 @@ def ensure_calibration(
     n_groups: int = DEFAULT_GROUPS,
     progress: Optional[ProgressCallback] = None,
     snapshot: Optional[SnapshotCallback] = None,
+    by_layer: Optional[bool] = None,
 ) -> Calibration:
     """Calibration statistics of `loaded` over `text_source`, from the cache or computed and stored.
 
     `snapshot`: called with the statistics of the windows seen so far while they are computed
-    (`engine.calibration.collect_statistics`); not called when they come from the cache."""
+    (`engine.calibration.collect_statistics`); not called when they come from the cache. `by_layer`: calibrate one
+    decoder layer at a time (None: when the whole model's sums would not fit in `WHOLE_MODEL_MEMORY_LIMIT`); the
+    statistics, and so the key, are the same either way; no snapshots are taken by layer."""
     text_fp = text_fingerprint(text_source)
     key = calibration_key(loaded.fingerprint, text_fp, windowing, n_groups, loaded.dtype)
 
     def compute() -> Computed:
         windows = ensure_windows(store, loaded, text_source, windowing)
+        metadata = {"model": loaded.model_id, "text": text_source}
         start = time.perf_counter()
-        statistics = collect_statistics(loaded.model, loaded.adapter, windows, n_groups, progress,
-                                        snapshot=snapshot)
+        if calibrates_by_layer(loaded.model, loaded.adapter, by_layer):
+            # layer by layer, each layer's stored form written to the file as it is finished: memory holds one layer
+            with PartWriter(store, key, "calibration", metadata) as writer:
+                write_statistics_by_layer(loaded.model, loaded.adapter, windows, n_groups, writer.add, progress)
+                path = writer.finish()
+            statistics, tensors = CalibrationStatistics.from_file(path, n_groups), None
+        else:
+            collected = collect_statistics(loaded.model, loaded.adapter, windows, n_groups, progress,
+                                           snapshot=snapshot, by_layer=False)
+            # stored in the compact form; the value returned (and kept by sessions) drops it
+            statistics, tensors = collected.without_stored_form(), collected.to_tensors()
         record = CalibrationRecord(
             calibration_id=key, model_fingerprint=loaded.fingerprint, text_fingerprint=text_fp,
             window_len=windowing.window_len, n_windows=windows.shape[0], n_groups=n_groups,
             add_bos=tokenizer_adds_bos(loaded.tokenizer), n_tokens=windows.numel(), array_id=key,
             seconds=time.perf_counter() - start,
         )
-        # stored in the compact form; the value returned (and kept by sessions) drops it
-        return Computed(statistics.without_stored_form(), record, statistics.to_tensors(),
-                        {"model": loaded.model_id, "text": text_source})
+        return Computed(statistics, record, tensors, metadata)  # tensors None: already written, part by part
 
     cached = get_or_compute(store, "calibration", key, compute,
                             lambda record, tensors, _m: CalibrationStatistics.from_tensors(tensors, record.n_groups),

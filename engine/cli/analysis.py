@@ -121,6 +121,10 @@ def calibrate(
     windows: int = CalibrationWindowsOption,
     window_len: int = WindowLenOption,
     groups: int = GroupsOption,
+    by_layer: Optional[bool] = typer.Option(
+        None, "--by-layer/--whole-model",
+        help="Calibrate one decoder layer at a time (memory bounded by one layer), or every layer at once; the "
+             "statistics are identical. Default: by layer when every layer's sums at once would take over 4 GiB."),
     placement: Placement = Placement(),
     as_json: bool = JsonOption,
 ):
@@ -134,7 +138,8 @@ def calibrate(
     try:
         store = open_store()
         loaded = load_model(model, store, TerminalProgress(), placement)
-        calibration = ensure_calibration(store, loaded, text, Windowing(window_len, windows), groups, TerminalProgress())
+        calibration = ensure_calibration(store, loaded, text, Windowing(window_len, windows), groups, TerminalProgress(),
+                                         by_layer=by_layer)
     except RankScopeError as exc:
         fail(exc)
     record = calibration.record

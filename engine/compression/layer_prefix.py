@@ -32,11 +32,12 @@ from torch import nn
 
 from engine.compression.lowrank import compressed_paths, restore_
 from engine.errors import RankScopeError
+from engine.models.adapters import CHAINED_LAYER_MODEL_TYPES
 from engine.models.device import input_device
 from engine.models.loading import LoadedModel
 
 # model types whose decoder forward is proven (tests/test_sweep.py) to be replayed bit for bit
-PREFIX_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+PREFIX_MODEL_TYPES: tuple[str, ...] = CHAINED_LAYER_MODEL_TYPES
 
 
 def supports_prefix(loaded: LoadedModel) -> bool:

@@ -92,6 +92,11 @@ ADAPTERS: tuple[ArchitectureAdapter, ...] = (
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for a in ADAPTERS for t in a.model_types)
 
+# model types whose decoder forward chains `hidden_states = decoder_layer(hidden_states, ...)` over the layers, so a
+# forward can replay stored inputs of a layer in place of running the layers below it, bit for bit (proven per family
+# by tests/test_sweep.py and tests/test_calibration_by_layer.py)
+CHAINED_LAYER_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
 
 def adapter_for_model_type(model_type: str) -> ArchitectureAdapter:
     """The adapter for a config's `model_type`, or a clear error listing what is supported."""

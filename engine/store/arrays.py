@@ -6,12 +6,22 @@ and records it, with its size, sha256 and a fast xxh3 checksum, only after the f
 the index entry is dropped) when the entry or the file is missing, or the file was truncated or
 changed in place, so a damaged cache costs only time and never a wrong number. A file recorded
 before checksums were kept is verified once against its sha256 and then given its checksum.
+
+`PartWriter` writes one such file a part at a time, for arrays too large to hold at once (a large model's
+calibration, written layer by layer): safetensors' own writer takes every tensor in one call, so the file's
+header (names, dtypes, shapes, byte offsets, in the safetensors format) is written by hand once all parts have
+been appended to a body file, which is then copied behind it in chunks. The result is an ordinary safetensors
+file, read like any other.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
+import struct
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +47,75 @@ def save_arrays(
     os.replace(partial, path)  # atomic: readers never see a half-written file
     store.record_array(array_id, kind, str(relpath), path.stat().st_size, sha256_file(path), xxh3_file(path))
     return path
+
+
+# torch dtype -> safetensors dtype name (the format's own names)
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+class PartWriter:
+    """Writes `arrays/<kind>/<array_id>.safetensors` a part (a dict of tensors) at a time and indexes it on `finish`.
+
+    Memory holds one part; the disk holds the parts (a body file) until `finish` writes the header and copies the
+    body behind it. Nothing is indexed, and no file is left behind, unless `finish` completes (`discard` or leaving
+    the `with` block by an exception removes the body). Tensor names must be unique across parts."""
+
+    def __init__(self, store: Store, array_id: str, kind: str, metadata: Optional[dict[str, str]] = None):
+        if sys.byteorder != "little":
+            raise OSError("safetensors files are little-endian; writing them part by part needs a little-endian machine")
+        self.store, self.array_id, self.kind, self.metadata = store, array_id, kind, metadata
+        self.relpath = Path("arrays") / kind / f"{array_id}.safetensors"
+        self.path = store.cache_dir / self.relpath
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._body_path = self.path.with_suffix(".body")
+        self._body = open(self._body_path, "wb")
+        self._header: dict[str, dict] = {}
+        self._offset = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, tensor in tensors.items():
+            if name in self._header:
+                raise ValueError(f"Tensor {name!r} was already written to {self.path.name}")
+            data = tensor.detach().to("cpu").contiguous()
+            raw = data.reshape(-1).view(torch.uint8).numpy() if data.numel() else b""  # its bytes, no copy
+            self._body.write(raw)
+            size = data.numel() * data.element_size()
+            self._header[name] = {"dtype": _SAFETENSORS_DTYPES[data.dtype], "shape": list(data.shape),
+                                  "data_offsets": [self._offset, self._offset + size]}
+            self._offset += size
+
+    def finish(self) -> Path:
+        """Write the file (atomically, as `save_arrays` does) and index it. Returns its path."""
+        self._body.close()
+        header = dict(self._header)
+        if self.metadata:
+            header["__metadata__"] = dict(self.metadata)
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the format pads the header with spaces to 8-byte alignment
+        partial = self.path.with_suffix(".partial")
+        with open(partial, "wb") as out, open(self._body_path, "rb") as body:
+            out.write(struct.pack("<Q", len(encoded)))
+            out.write(encoded)
+            shutil.copyfileobj(body, out, 16 * 2**20)
+        self._body_path.unlink()
+        os.replace(partial, self.path)
+        self.store.record_array(self.array_id, self.kind, str(self.relpath), self.path.stat().st_size,
+                                sha256_file(self.path), xxh3_file(self.path))
+        return self.path
+
+    def discard(self) -> None:
+        self._body.close()
+        self._body_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "PartWriter":
+        return self
+
+    def __exit__(self, exc_type, *_exc) -> None:
+        if exc_type is not None:
+            self.discard()
 
 
 def load_arrays(store: Store, array_id: str) -> Optional[dict[str, torch.Tensor]]:
