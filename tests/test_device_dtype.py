@@ -127,6 +127,12 @@ def test_cli_evaluate_in_bfloat16(isolated_cache, tiny_model_dirs, sample_text_f
     assert f32.exit_code == 0 and bf16.exit_code == 0, (f32.output, bf16.output)
     ppl32, ppl16 = json.loads(f32.stdout)["perplexity"], json.loads(bf16.stdout)["perplexity"]
     assert ppl16 == pytest.approx(ppl32, rel=0.05) and ppl16 != ppl32
+    # the JSON says where and in which dtype its numbers were measured ("auto" is the CPU here)
+    assert (json.loads(f32.stdout)["device"], json.loads(f32.stdout)["dtype"]) == ("cpu", "float32")
+    assert (json.loads(bf16.stdout)["device"], json.loads(bf16.stdout)["dtype"]) == ("cpu", "bfloat16")
+    compressed = runner.invoke(app, ["compress", *args[1:], "--uniform", "0.5", "--method", "svd", "--dtype", "bfloat16"])
+    assert compressed.exit_code == 0, compressed.output
+    assert (json.loads(compressed.stdout)["device"], json.loads(compressed.stdout)["dtype"]) == ("cpu", "bfloat16")
 
 
 def test_study_settings_record_a_half_dtype_only():

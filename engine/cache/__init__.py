@@ -9,7 +9,7 @@
 | `calibration` | calibration statistics per input site | record + array |
 | `spectra` | weight and feature spectra of every decoder linear | rows |
 | `evaluation` | the original model's perplexity on an evaluation set | record |
-| `factorization` | a method's full factorisation of every decoder linear | record + array |
+| `factorization` | a method's factors of every decoder linear, up to the largest rank that saves parameters | record + array |
 | `reference` | the original model's next-token distribution on evaluation windows | record + array |
 
 Every artifact is keyed by content (model fingerprint, text fingerprint, windowing, method, versions),

@@ -127,7 +127,8 @@ def compress(
     if as_json:
         echo_json({"model": model, "method": evaluated.method, "parameters": evaluated.parameters,
                    "original": original, "compressed": metrics, "plan_file": str(save_plan) if save_plan else None,
-                   "texts": session.texts.to_dict(), "notes": list(notes)})
+                   "texts": session.texts.to_dict(), "device": session.loaded.device, "dtype": session.loaded.dtype,
+                   "notes": list(notes)})
         return
     typer.echo(f"{model} compressed with {evaluated.method}:")
     for line in _parameters_lines(evaluated.parameters):
@@ -159,22 +160,25 @@ def evaluate(
             used, notes = settings.texts, settings.notes
             session = open_session(model, settings.method, used, given, placement)
             metrics = session.evaluate(given, TerminalProgress()).metrics
+            device, dtype = session.loaded.device, session.loaded.dtype
         else:
             model, used = model or DEFAULT_MODEL, texts.settings()
-            metrics = _original_metrics(model, used, placement)
+            metrics, device, dtype = _original_metrics(model, used, placement)
     except RankScopeError as exc:
         fail(exc)
     result = {"model": model, "plan": str(plan) if plan else None, "evaluation_text": used.evaluation_text,
               "windows": used.evaluation_windowing.n_windows, "window_len": used.evaluation_windowing.window_len,
-              **{k: metrics[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")}, "notes": list(notes)}
+              **{k: metrics[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens")}, "device": device,
+              "dtype": dtype, "notes": list(notes)}
     if as_json:
         echo_json(result)
     else:
         typer.echo(_quality_line("plan" if plan else "original", metrics) + f"   ({metrics['tokens']:,} predicted tokens)")
 
 
-def _original_metrics(model: str, texts: TextSettings, placement: Placement = Placement()) -> dict:
-    """Perplexity of the original model (KL against itself is 0), from the store when cached."""
+def _original_metrics(model: str, texts: TextSettings, placement: Placement = Placement()) -> tuple[dict, str, str]:
+    """Perplexity of the original model (KL against itself is 0), from the store when cached; with the device and
+    dtype it was loaded on."""
     from engine.models.loading import load_model
     from engine.progress import TerminalProgress
     from engine.store import open_store
@@ -184,7 +188,8 @@ def _original_metrics(model: str, texts: TextSettings, placement: Placement = Pl
     loaded = load_model(model, store, TerminalProgress(), placement)
     record = ensure_baseline_evaluation(store, loaded, texts.evaluation_text, texts.evaluation_windowing,
                                         TerminalProgress())
-    return {"perplexity": record.perplexity, "kl_forward": 0.0, "kl_reverse": 0.0, "tokens": record.n_tokens}
+    return ({"perplexity": record.perplexity, "kl_forward": 0.0, "kl_reverse": 0.0, "tokens": record.n_tokens},
+            loaded.device, loaded.dtype)
 
 
 @app.command()

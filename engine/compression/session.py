@@ -1,8 +1,8 @@
 """A compression session: one model, one method, its cached factors and the evaluation set.
 
 `CompressionSession.open(...)` gathers through `engine.cache` (from the store, or by computing and
-storing) everything a trial needs: calibration statistics if the method uses data, the method's full factorisation of
-every decoder linear, the evaluation windows and the original model's reference distribution.
+storing) everything a trial needs: calibration statistics if the method uses data, the method's factors of every
+decoder linear (up to the largest rank that saves parameters), the evaluation windows and the original model's reference distribution.
 After that, `evaluate(plan)` costs one pass of the compressed model: it slices factors into the
 model in place (`compress_`), evaluates, and restores the original modules.
 """
