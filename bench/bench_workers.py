@@ -115,6 +115,16 @@ def render(result: dict) -> str:
         "The studies differ by design: a batch of 2 is not the serial sequence (the suite's Ray test shows that the "
         "same asked points give the same stored trials on any number of workers).",
         "",
+        "What this says: " + (
+            f"on this {result['cpus']}-core machine one process already keeps both cores busy through torch's threads, "
+            "so 2 workers of one thread each add no compute; they add Ray's start and a model load per worker, and "
+            f"that overhead ({ray['sweep_s'] - serial['sweep_s']:+.1f} s on the sweep, "
+            f"{ray['study_s'] - serial['study_s']:+.1f} s on the study) is what the table shows. Workers pay where "
+            "there are more cores (or GPUs) than one process's threads use well, or a cluster (`--ray-address`)."
+            if result["sweep_speedup"] < 1 and result["study_speedup"] < 1 else
+            f"2 workers finished the sweep {1 / result['sweep_speedup']:.2f}x and the study "
+            f"{1 / result['study_speedup']:.2f}x as fast as one process on this {result['cpus']}-core machine."),
+        "",
     ])
 
 
