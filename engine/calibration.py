@@ -66,6 +66,7 @@ from safetensors import safe_open
 from engine.errors import CorpusError, RankScopeError
 from engine.models.adapters import CHAINED_LAYER_MODEL_TYPES, SITES, ArchitectureAdapter
 from engine.models.device import input_device
+from engine.models.replay import replaced_forwards
 from engine.progress import ProgressCallback, ProgressTracker
 
 
@@ -611,23 +612,18 @@ def _collect_by_layer(model: torch.nn.Module, adapter: ArchitectureAdapter, wind
         handles = _hook_sites(model, adapter, layer, accumulators, group_tokens, product_dtype, batch_groups)
         if layer + 1 < len(layers):
             handles.append(layers[layer + 1].register_forward_pre_hook(stop, with_kwargs=True))
-        below = list(layers)[:layer]
         outputs: list[torch.Tensor] = []
         try:
-            for module in below:
-                module.forward = replay  # an instance attribute: the class's forward comes back on delete
-            for index, (start, stop_window) in enumerate(batches):
-                batch_groups[:] = groups[start:stop_window]
-                if layer:
-                    replayed["input"] = inputs[index]
-                try:
-                    decoder(input_ids=windows[start:stop_window].to(input_device(model)), use_cache=False)
-                except _LayerOutput as output:
-                    outputs.append(output.state)
+            with replaced_forwards(list(layers)[:layer], replay):
+                for index, (start, stop_window) in enumerate(batches):
+                    batch_groups[:] = groups[start:stop_window]
+                    if layer:
+                        replayed["input"] = inputs[index]
+                    try:
+                        decoder(input_ids=windows[start:stop_window].to(input_device(model)), use_cache=False)
+                    except _LayerOutput as output:
+                        outputs.append(output.state)
         finally:
-            for module in below:
-                if "forward" in module.__dict__:
-                    del module.forward
             for handle in handles:
                 handle.remove()
             replayed.clear()

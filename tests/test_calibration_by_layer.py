@@ -117,3 +117,21 @@ def test_ensure_calibration_by_layer_writes_the_whole_model_file_and_reads_sites
     again = ensure_calibration(store, loaded, str(sample_text_file), Windowing(16, 8), 4)
     assert again.from_cache
     _assert_same(again.statistics, whole.statistics, stored_forms=False)
+
+
+def test_replaced_forwards_give_back_a_forward_another_library_set_on_the_instance():
+    from torch import nn
+
+    from engine.models.replay import replaced_forwards
+
+    plain, hooked = nn.Linear(2, 2), nn.Linear(2, 2)
+    wrapped = hooked.forward
+    hooked.forward = lambda x: wrapped(x) * 0  # as accelerate's device hooks set it
+    own = hooked.forward
+    with replaced_forwards([plain, hooked], lambda *_a, **_k: "replayed"):
+        assert plain(torch.zeros(2)) == "replayed" and hooked(torch.zeros(2)) == "replayed"
+    assert "forward" not in plain.__dict__ and hooked.forward is own
+    with pytest.raises(RuntimeError):
+        with replaced_forwards([plain], lambda *_a: None):
+            raise RuntimeError("a failing forward")
+    assert "forward" not in plain.__dict__

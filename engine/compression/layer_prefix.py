@@ -34,6 +34,7 @@ from engine.compression.lowrank import compressed_paths, restore_
 from engine.errors import RankScopeError
 from engine.models.adapters import CHAINED_LAYER_MODEL_TYPES
 from engine.models.device import input_device
+from engine.models.replay import replaced_forwards
 from engine.models.loading import LoadedModel
 
 # model types whose decoder forward is proven (tests/test_sweep.py) to be replayed bit for bit
@@ -164,13 +165,8 @@ class LayerPrefixCache:
             return current["states"]
 
         handle = self.embedding.register_forward_pre_hook(recognise, with_kwargs=True)
-        skipped = list(self.decoder_layers)[:layer]
         try:
-            for module in skipped:
-                module.forward = replay  # an instance attribute: the class's forward comes back on delete
-            yield
+            with replaced_forwards(list(self.decoder_layers)[:layer], replay):
+                yield
         finally:
-            for module in skipped:
-                if "forward" in module.__dict__:
-                    del module.forward
             handle.remove()
