@@ -12,6 +12,11 @@ distribution is its LM head applied to its final hidden states: `compute_referen
 hidden states (`[N, L−1, D]`, smaller than any top-k of a 49k vocabulary), and
 `ReferenceDistribution.logprobs` turns them back into log-probabilities, keeping as many windows
 in memory as its budget allows, so the trials of a search reuse them.
+
+`evaluate_quality` takes each window's logits straight into `window_quality`, which computes the
+log-softmax, the NLL and both KLs a few positions at a time, so each chunk is read while it is in
+cache, and P comes kept with the reference's log-probabilities instead of being exponentiated again
+for every window of every trial.
 """
 
 from __future__ import annotations
@@ -55,14 +60,27 @@ def next_token_logprobs(
     Progress is reported to `progress` as stage `stage`, counted in windows: a window counts as done
     once the consumer has finished with it (asked for the next one).
     """
+    for index, targets, logits in next_token_logits(model, windows, window_indices, progress, stage):
+        with torch.no_grad():
+            logp = F.log_softmax(logits, dim=-1)  # [L-1, V]
+        yield WindowLogProbs(index, targets, logp)
+
+
+def next_token_logits(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    window_indices: Optional[Sequence[int]] = None,
+    progress: Optional[ProgressCallback] = None,
+    stage: str = "evaluation",
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """`next_token_logprobs` before the log-softmax: per window `(index, targets [L-1], logits [L-1, V] float32)`."""
     chosen = range(windows.shape[0]) if window_indices is None else list(window_indices)
     tracker = ProgressTracker(progress, stage, total=len(chosen), unit="windows")
     for index in chosen:
         ids = windows[index : index + 1].to(input_device(model))  # [1, L], where the model computes
         with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False).logits  # [1, L, V]
-            logp = F.log_softmax(logits[0, :-1].float(), dim=-1)  # [L-1, V]
-        yield WindowLogProbs(index, ids[0, 1:], logp)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()  # [L-1, V]
+        yield index, ids[0, 1:], logits
         tracker.advance()
 
 
@@ -102,6 +120,28 @@ def exact_kl(logp: torch.Tensor, logq: torch.Tensor) -> tuple[float, float]:
         sums[1] -= (q_log.exp() * difference).sum()
     forward, reverse = sums.tolist()
     return forward, reverse
+
+
+def window_quality(logits: torch.Tensor, targets: torch.Tensor, ref_logp: torch.Tensor,
+                   ref_p: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """One window's per-token NLL `[T]` and its summed (forward, reverse) KL, from the evaluated model's `logits`
+    `[T, V]` (float32) and the reference's log-probabilities and probabilities `[T, V]`.
+
+    The same quantities as `token_nll(log_softmax(logits))` and `exact_kl(ref_logp, log_softmax(logits))` (the
+    log-softmax is row by row, so taking it a chunk at a time gives the same numbers), a few positions at a time
+    while each chunk is in cache, with P kept by the reference rather than exponentiated again per window."""
+    sums = torch.zeros(2, dtype=torch.float64, device=logits.device)  # (forward, reverse)
+    nll = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    for start in range(0, logits.shape[0], _KL_ROWS):
+        rows = slice(start, start + _KL_ROWS)
+        log_q = F.log_softmax(logits[rows], dim=1)  # [rows, V]
+        q = log_q.exp()
+        nll[rows] = -log_q.gather(1, targets[rows, None]).squeeze(1)
+        difference = log_q.neg_().add_(ref_logp[rows])  # log P − log Q, in log Q's place (no longer needed)
+        sums[0] += torch.mul(ref_p[rows], difference).sum()
+        sums[1] -= q.mul_(difference).sum()
+    forward, reverse = sums.tolist()
+    return nll, forward, reverse
 
 
 class _NllTally:
@@ -156,7 +196,7 @@ def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-REFERENCE_MEMORY_BYTES = 1 << 30  # log-probabilities kept in memory per reference (about 10 windows of 512 at 49k)
+REFERENCE_MEMORY_BYTES = 2 << 30  # log-probabilities and probabilities kept per reference (10 windows of 512 at 49k)
 
 
 @dataclass
@@ -165,16 +205,21 @@ class ReferenceDistribution:
 
     `hidden`: `[N, L−1, D]` float32, the LM head's input at every predicted position of every window.
     `logprobs(model, i)` gives window i's `[L−1, V]` log-probabilities through the (never compressed)
-    head; the first windows that fit `memory_bytes` are kept after their first use.
+    head, `distribution(model, i)` them and the probabilities; the first windows whose pair fits
+    `memory_bytes` are kept after their first use.
     """
 
     hidden: torch.Tensor  # [N, L-1, D] float32
     perplexity: float
     memory_bytes: int = REFERENCE_MEMORY_BYTES
-    _kept: dict[int, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
+    _kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False, compare=False)
 
     def logprobs(self, model: torch.nn.Module, index: int) -> torch.Tensor:
         """log P_orig for window `index`: `[L−1, V]` float32."""
+        return self.distribution(model, index)[0]
+
+    def distribution(self, model: torch.nn.Module, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log P_orig, P_orig) for window `index`: `[L−1, V]` float32 each."""
         kept = self._kept.get(index)
         if kept is not None:
             return kept
@@ -182,9 +227,10 @@ class ReferenceDistribution:
             head = model.get_output_embeddings()
             hidden = self.hidden[index].to(model_device(head), head.weight.dtype)  # [L-1, D] on the head's device
             logp = F.log_softmax(head_logits(model, hidden).float(), dim=-1)  # [L-1, V]
-        if (len(self._kept) + 1) * logp.numel() * logp.element_size() <= self.memory_bytes:
-            self._kept[index] = logp
-        return logp
+            pair = (logp, logp.exp())
+        if (len(self._kept) + 1) * 2 * logp.numel() * logp.element_size() <= self.memory_bytes:
+            self._kept[index] = pair
+        return pair
 
 
 @torch.no_grad()
@@ -237,10 +283,9 @@ def evaluate_quality(
     """
     tally = _NllTally()
     fwd_sum = rev_sum = 0.0
-    for window in next_token_logprobs(model, windows, window_indices, progress, stage="evaluation"):
-        i, logq = window.index, window.logp  # logq: [L-1, V]
-        tally.add(token_nll(logq, window.targets))  # [L-1]
-        forward, reverse = exact_kl(reference.logprobs(model, i), logq)  # [L-1, V] each
+    for index, targets, logits in next_token_logits(model, windows, window_indices, progress, stage="evaluation"):
+        nll, forward, reverse = window_quality(logits, targets, *reference.distribution(model, index))
+        tally.add(nll)  # [L-1]
         fwd_sum += forward
         rev_sum += reverse
     n_tokens = tally.n_tokens

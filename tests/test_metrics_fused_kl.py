@@ -1,10 +1,11 @@
-"""`exact_kl`'s one-pass, chunked form against the plain formula `Σ P·(log P − log Q)` both ways."""
+"""`exact_kl`'s one-pass, chunked form against the plain formula `Σ P·(log P − log Q)` both ways, and
+`window_quality` (log-softmax, NLL and both KLs from the logits in one chunked pass) against them."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.metrics import _KL_ROWS, exact_kl
+from engine.metrics import _KL_ROWS, exact_kl, token_nll, window_quality
 
 
 def _plain_kl(logp: torch.Tensor, logq: torch.Tensor) -> tuple[float, float]:
@@ -33,3 +34,30 @@ def test_exact_kl_equals_the_plain_formula_both_ways(positions, spread):
 def test_exact_kl_of_a_distribution_with_itself_is_zero():
     logp = F.log_softmax(torch.randn(2 * _KL_ROWS + 1, 500, generator=torch.Generator().manual_seed(1)), dim=-1)
     assert exact_kl(logp, logp.clone()) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("positions", [1, _KL_ROWS, 3 * _KL_ROWS + 5])
+@pytest.mark.parametrize("spread", [1e-4, 0.3, 3.0])
+def test_window_quality_equals_log_softmax_then_nll_and_exact_kl(positions, spread):
+    generator = torch.Generator().manual_seed(positions + 7)
+    reference_logits = 4 * torch.randn(positions, 1000, generator=generator)
+    logits = reference_logits + spread * torch.randn(positions, 1000, generator=generator)
+    targets = torch.randint(0, 1000, (positions,), generator=generator)
+    logp = F.log_softmax(reference_logits, dim=-1)
+    logq = F.log_softmax(logits, dim=-1)
+    nll, forward, reverse = window_quality(logits.clone(), targets, logp, logp.exp())
+    assert torch.allclose(nll, token_nll(logq, targets), rtol=1e-6, atol=1e-6)
+    expected_forward, expected_reverse = _plain_kl(logp, logq)
+    assert forward == pytest.approx(expected_forward, rel=1e-5, abs=1e-6 * positions)
+    assert reverse == pytest.approx(expected_reverse, rel=1e-5, abs=1e-6 * positions)
+    same_forward, same_reverse = exact_kl(logp, logq)  # what evaluations computed before, to float rounding
+    assert forward == pytest.approx(same_forward, rel=1e-5, abs=1e-6 * positions)
+    assert reverse == pytest.approx(same_reverse, rel=1e-5, abs=1e-6 * positions)
+
+
+def test_window_quality_of_the_reference_itself_is_zero_kl():
+    logits = torch.randn(2 * _KL_ROWS + 3, 500, generator=torch.Generator().manual_seed(3))
+    logp = F.log_softmax(logits, dim=-1)
+    _nll, forward, reverse = window_quality(logits.clone(), torch.zeros(logits.shape[0], dtype=torch.long), logp,
+                                            logp.exp())
+    assert abs(forward) < 1e-5 and abs(reverse) < 1e-5
