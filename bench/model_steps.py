@@ -13,8 +13,8 @@ before it: the machine is shared, so a step that ran beside other work says so.
 The run resumes: steps already in the JSON are not run again (`--cache DIR` keeps the same cache folder across
 runs; without it a fresh temporary folder is used and removed at the end).
 
-Run: `.venv/bin/python bench/model_steps.py --model gemma3-270m --trials 20` (the default model: `--model
-smollm2-135m --trials 50`); `--render-only` rewrites the docs from the stored JSON.
+Run: `.venv/bin/python bench/model_steps.py --model gemma3-270m --trials 20 --sweep-ratios 0.4` (the default model:
+`--model smollm2-135m --trials 50`); `--render-only` rewrites the docs from the stored JSON.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ OTHER_METHODS = ("svd", "awsvd", "whiten")
 SWEEP_RATIOS = "0.2,0.4,0.6"
 
 
-def steps(model: str, trials: int, out: Path) -> list[tuple[str, str, list[str]]]:
+def steps(model: str, trials: int, out: Path, sweep_ratios: str = SWEEP_RATIOS) -> list[tuple[str, str, list[str]]]:
     """(name, what it does, command arguments) in order."""
     m = ["--model", model]
     plan, best, export_dir = out / "uniform-20.json", out / "best-20.json", out / "export"
@@ -53,8 +53,8 @@ def steps(model: str, trials: int, out: Path) -> list[tuple[str, str, list[str]]
         ("evaluate original", "one evaluation: 16 x 512 tokens of Sherlock Holmes", ["evaluate", *m, "--json"]),
         *[(f"compress {method} 20%", f"{method} factors, then one evaluation",
            ["compress", *m, "--method", method, "--uniform", "0.2", "--json"]) for method in OTHER_METHODS],
-        ("sweep by type", f"feature-pca, 7 types x ratios {SWEEP_RATIOS}, 16 windows each",
-         ["sweep", *m, "--method", "feature-pca", "--by", "type", "--ratios", SWEEP_RATIOS, "--json"]),
+        ("sweep by type", f"feature-pca, 7 types x ratios {sweep_ratios}, 16 windows each",
+         ["sweep", *m, "--method", "feature-pca", "--by", "type", "--ratios", sweep_ratios, "--json"]),
         (f"study {trials} trials", f"5x1 search at 20%, {trials} trials, priors and the full-text re-measurement",
          ["search", "start", *m, "--method", "feature-pca", "--grouping", "5x1", "--budget", "0.2",
           "--trials", str(trials), "--name", study, "--json"]),
@@ -66,8 +66,8 @@ def steps(model: str, trials: int, out: Path) -> list[tuple[str, str, list[str]]
     ]
 
 
-def measure(model: str, trials: int, cache: Path, out: Path, recorded: dict) -> dict:
-    for name, what, args in steps(model, trials, out):
+def measure(model: str, trials: int, cache: Path, out: Path, recorded: dict, sweep_ratios: str = SWEEP_RATIOS) -> dict:
+    for name, what, args in steps(model, trials, out, sweep_ratios):
         if name in recorded["steps"]:
             continue
         print(f"{model}: {name} ...", flush=True)
@@ -154,17 +154,24 @@ def render(result: dict) -> str:
 
 def readme_table(results: list[dict]) -> str:
     """The README's table: one row per step, one column per model (every stored steps JSON)."""
+    def row(name: str) -> str:  # the study's row is one row whatever its trial count (each cell says it)
+        return "search study" if name.startswith("study ") else name
+
     names: list[str] = []
     for result in results:
-        names += [n for n in result["steps"] if n not in names]
+        names += [row(n) for n in result["steps"] if row(n) not in names]
     header = "| step | " + " | ".join(f"{r['model']} ({r['environment']['measured_at'][:10]})" for r in results) + " |"
     lines = [TABLE_START, header, "|---|" + "---|" * len(results)]
     for name in names:
         cells = []
         for result in results:
-            step = result["steps"].get(name)
-            cells.append("–" if step is None else
-                         f"{_fmt_seconds(step['seconds'])}, {step['peak_rss_mib'] / 1024:.1f} GiB")
+            found = [(n, step) for n, step in result["steps"].items() if row(n) == name]
+            if not found:
+                cells.append("–")
+                continue
+            step_name, step = found[0]
+            trials = f" ({step_name.split(' ', 1)[1]})" if name == "search study" else ""
+            cells.append(f"{_fmt_seconds(step['seconds'])}{trials}, {step['peak_rss_mib'] / 1024:.1f} GiB")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append(TABLE_END)
     return "\n".join(lines)
@@ -188,6 +195,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--sweep-ratios", default=SWEEP_RATIOS, help="ratios of the per-type sweep")
     parser.add_argument("--cache", type=Path, help="cache folder to use and keep (resumes); default: a fresh one")
     parser.add_argument("--render-only", action="store_true", help="rewrite the docs from the stored JSON")
     args = parser.parse_args()
@@ -202,7 +210,7 @@ def main() -> None:
     out = cache / "steps-files"
     out.mkdir(exist_ok=True)
     try:
-        measure(args.model, args.trials, cache, out, recorded)
+        measure(args.model, args.trials, cache, out, recorded, args.sweep_ratios)
     finally:
         if args.cache is None:
             shutil.rmtree(cache, ignore_errors=True)
