@@ -137,9 +137,9 @@ def window_quality(logits: torch.Tensor, targets: torch.Tensor, ref_logp: torch.
         log_q = F.log_softmax(logits[rows], dim=1)  # [rows, V]
         q = log_q.exp()
         nll[rows] = -log_q.gather(1, targets[rows, None]).squeeze(1)
-        difference = log_q.neg_().add_(ref_logp[rows])  # log P − log Q, in log Q's place (no longer needed)
-        sums[0] += torch.mul(ref_p[rows], difference).sum()
-        sums[1] -= q.mul_(difference).sum()
+        difference = torch.sub(ref_logp[rows], log_q, out=log_q)  # log P − log Q, in log Q's place
+        sums[1] -= q.mul_(difference).sum()  # in place: no temporaries, one pass each
+        sums[0] += difference.mul_(ref_p[rows]).sum()
     forward, reverse = sums.tolist()
     return nll, forward, reverse
 
