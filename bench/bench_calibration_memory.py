@@ -14,8 +14,8 @@ Peak memory is each process's own maximum resident set (`wait4`'s rusage). Both 
 statistics: their array files are compared tensor by tensor (`torch.equal`). Target: the layer-by-layer run peaks at
 or under 4 GiB.
 
-Run: `.venv/bin/python bench/bench_calibration_memory.py [--windows 16] [--groups 4]` (about 10 minutes here, most of
-it the whole-model run, which needs about 12 GiB free). `--layers N` makes a smaller model for a quick check.
+Run: `.venv/bin/python bench/bench_calibration_memory.py [--windows 16] [--groups 4]` (4 minutes here on 2026-12-01;
+the whole-model run needs about 19 GiB free: it peaked at 19.0 GiB). `--layers N` makes a smaller model for a quick check.
 """
 
 from __future__ import annotations

@@ -497,13 +497,8 @@ def collect_statistics(
     docstring): same statistics, bounded memory, no snapshots; the result's sites are then derived from their stored
     form when first used.
     """
-    n_windows, window_len = windows.shape
-    groups = group_assignment(n_windows, n_groups)
-    group_tokens = [groups.count(g) * window_len for g in range(n_groups)]
-    if min(group_tokens) < 2:
-        raise CorpusError("Each calibration group needs at least 2 tokens; use longer windows or fewer groups.")
-    points = snapshot_points(groups, snapshot_windows)
-    batches = _batches(n_windows, max(1, tokens_per_batch // window_len), points)
+    n_windows = windows.shape[0]
+    groups, group_tokens, points, batches = _windows_plan(windows, n_groups, tokens_per_batch, snapshot_windows)
     if calibrates_by_layer(model, adapter, by_layer):
         stored: dict[str, torch.Tensor] = {}
         _collect_by_layer(model, adapter, windows, groups, group_tokens, batches, product_dtype, progress, stored.update)
@@ -570,13 +565,22 @@ def write_statistics_by_layer(
     layer's sums whatever the model's size (a file written part by part, `engine.store.arrays.PartWriter`, is the
     sink that makes that so; `CalibrationStatistics.from_file` reads it back)."""
     calibrates_by_layer(model, adapter, True)  # refuses a forward that does not chain its layers
+    groups, group_tokens, _points, batches = _windows_plan(windows, n_groups, tokens_per_batch, SNAPSHOT_WINDOWS)
+    _collect_by_layer(model, adapter, windows, groups, group_tokens, batches, product_dtype, progress, sink)
+
+
+def _windows_plan(windows: torch.Tensor, n_groups: int, tokens_per_batch: int, snapshot_windows: Sequence[int]
+                  ) -> tuple[list[int], list[int], list[int], list[tuple[int, int]]]:
+    """How a calibration goes through `windows` ([N, L]): each window's group, each group's token count, the snapshot
+    points and the batches (cut at those points whether or not snapshots are taken, so every way of collecting adds
+    the same products)."""
     n_windows, window_len = windows.shape
     groups = group_assignment(n_windows, n_groups)
     group_tokens = [groups.count(g) * window_len for g in range(n_groups)]
     if min(group_tokens) < 2:
         raise CorpusError("Each calibration group needs at least 2 tokens; use longer windows or fewer groups.")
-    batches = _batches(n_windows, max(1, tokens_per_batch // window_len), snapshot_points(groups))
-    _collect_by_layer(model, adapter, windows, groups, group_tokens, batches, product_dtype, progress, sink)
+    points = snapshot_points(groups, snapshot_windows)
+    return groups, group_tokens, points, _batches(n_windows, max(1, tokens_per_batch // window_len), points)
 
 
 def _by_site(stored: Mapping[str, torch.Tensor]) -> dict[tuple[int, str], dict[str, torch.Tensor]]:

@@ -115,11 +115,16 @@ def exact_kl(logp: torch.Tensor, logq: torch.Tensor) -> tuple[float, float]:
     sums = torch.zeros(2, dtype=torch.float64, device=logq.device)  # (forward, reverse): one sync at the end
     for start in range(0, logp.shape[0], _KL_ROWS):
         p_log, q_log = logp[start : start + _KL_ROWS], logq[start : start + _KL_ROWS]  # [rows, V]
-        difference = p_log - q_log
-        sums[0] += (p_log.exp() * difference).sum()
-        sums[1] -= (q_log.exp() * difference).sum()
+        _add_kl_terms(sums, p_log - q_log, p_log.exp(), q_log.exp())
     forward, reverse = sums.tolist()
     return forward, reverse
+
+
+def _add_kl_terms(sums: torch.Tensor, difference: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> None:
+    """Add one chunk's forward `Σ P·d` and reverse `−Σ Q·d` (`d = log P − log Q`) to `sums`, in place: `difference`
+    and `q` are overwritten (no temporaries, one pass each)."""
+    sums[1] -= q.mul_(difference).sum()
+    sums[0] += difference.mul_(p).sum()
 
 
 def window_quality(logits: torch.Tensor, targets: torch.Tensor, ref_logp: torch.Tensor,
@@ -137,9 +142,7 @@ def window_quality(logits: torch.Tensor, targets: torch.Tensor, ref_logp: torch.
         log_q = F.log_softmax(logits[rows], dim=1)  # [rows, V]
         q = log_q.exp()
         nll[rows] = -log_q.gather(1, targets[rows, None]).squeeze(1)
-        difference = torch.sub(ref_logp[rows], log_q, out=log_q)  # log P − log Q, in log Q's place
-        sums[1] -= q.mul_(difference).sum()  # in place: no temporaries, one pass each
-        sums[0] += difference.mul_(ref_p[rows]).sum()
+        _add_kl_terms(sums, torch.sub(ref_logp[rows], log_q, out=log_q), ref_p[rows], q)  # d in log Q's place
     forward, reverse = sums.tolist()
     return nll, forward, reverse
 

@@ -135,3 +135,21 @@ def test_replaced_forwards_give_back_a_forward_another_library_set_on_the_instan
         with replaced_forwards([plain], lambda *_a: None):
             raise RuntimeError("a failing forward")
     assert "forward" not in plain.__dict__
+
+
+def test_spectra_of_a_model_calibrated_by_layer_say_no_preview_comes_and_match_a_whole_model_run(
+        tiny_model_dirs, sample_text_file, store, monkeypatch, tmp_path):
+    from engine.cache.spectra import ensure_all_spectra
+    from engine.store import open_store
+
+    text, windowing = str(sample_text_file), Windowing(8, 16)
+    whole_store = open_store(tmp_path / "whole" / "rankscope.duckdb")
+    whole = ensure_all_spectra(whole_store, load_model(str(tiny_model_dirs["llama"]), whole_store), text, windowing, 8)
+    monkeypatch.setattr("engine.calibration.WHOLE_MODEL_MEMORY_LIMIT", 0)  # every model is "too large" now
+    loaded = load_model(str(tiny_model_dirs["llama"]), store)
+    previews = []
+    layered = ensure_all_spectra(store, loaded, text, windowing, 8, preview=previews.append)
+    assert len(previews) == 1 and not previews[0].has_features and previews[0].by_layer  # weights only, no snapshots
+    assert previews[0].describe().startswith("calibrating layer by layer") and "16 windows" in previews[0].describe()
+    assert not isinstance(layered.calibration.statistics.sites, dict)  # read from the file written by layer
+    assert layered.spectra.feature == whole.spectra.feature and layered.weighted == whole.weighted

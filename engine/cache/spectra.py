@@ -8,8 +8,8 @@ weighting `diag(‖X_j‖₂²)`, so they live in the same table under the covar
 
 `ensure_all_spectra` is what `rankscope spectra` and the Spectra page run: weight spectra at once (they need no
 calibration), then, when the calibration is not stored yet, a `SpectraPreview` of the feature spectra of each
-calibration snapshot (shown as "refining: n/N windows", never stored), and finally the spectra of the full
-calibration, stored as above.
+calibration snapshot (shown as "refining: n/N windows", never stored; none for a model calibrated layer by layer,
+whose preview says so), and finally the spectra of the full calibration, stored as above.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from engine.cache.calibration import Calibration, ensure_calibration
-from engine.calibration import CalibrationSnapshot
+from engine.calibration import CalibrationSnapshot, calibrates_by_layer
 from engine.cache.lookups import Spectra, find_calibration
 from engine.cache.windows import ensure_windows
 from engine.models.loading import LoadedModel
@@ -86,13 +86,17 @@ class SpectraPreview:
     weighted: list[SpectrumRow]
     windows_done: int
     windows_total: int
+    by_layer: bool = False  # the calibration goes layer by layer: no snapshot will come
 
     @property
     def has_features(self) -> bool:
         return bool(self.spectra.feature)
 
     def describe(self) -> str:
-        """`refining: 16/128 windows`, or what is waited for before the first snapshot."""
+        """`refining: 16/128 windows`, or what is waited for before the first snapshot (or, by layer, the end)."""
+        if not self.has_features and self.by_layer:
+            return (f"calibrating layer by layer (too large for every layer at once): feature spectra when all "
+                    f"{self.windows_total} windows have been through every layer")
         if not self.has_features:
             return f"calibrating: feature spectra after the first windows of {self.windows_total}"
         return f"refining: {self.windows_done}/{self.windows_total} windows"
@@ -144,7 +148,8 @@ def ensure_all_spectra(
 
         if find_calibration(store, loaded.fingerprint, text_source, windowing, n_groups, loaded.dtype) is None:
             n_windows = ensure_windows(store, loaded, text_source, windowing).shape[0]  # kept for the calibration
-            preview(SpectraPreview(Spectra(weight, [], covariance, ""), [], 0, n_windows))
+            preview(SpectraPreview(Spectra(weight, [], covariance, ""), [], 0, n_windows,
+                                   by_layer=calibrates_by_layer(loaded.model, loaded.adapter)))
     calibration = ensure_calibration(store, loaded, text_source, windowing, n_groups, progress, on_snapshot)
     spectra = ensure_spectra(store, loaded, calibration, covariance, progress, weight=weight)
     weighted = ensure_activation_weighted_spectra(store, loaded, calibration, progress)
