@@ -48,8 +48,10 @@ prepare: setup
 app: prepare
 	RANKSCOPE_SHARE=$(if $(SHARING),1,0) $(BIN)/streamlit run app/main.py --server.headless true --server.address $(ADDRESS) --server.port $(PORT) --browser.gatherUsageStats false$(if $(SHARING), --client.showErrorDetails type)
 
+# The suite runs in one worker per core (pytest-xdist; a file's tests stay in one worker, so its module fixtures
+# are built once); each worker uses one torch thread (tests/conftest.py), so N cores run N tests at a time.
 test: prepare $(CHROMIUM)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" -n auto --dist loadfile
 
 test-slow: prepare
 	$(BIN)/python -m pytest -m slow
