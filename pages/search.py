@@ -14,7 +14,8 @@ from app.tasks import model_scope, start_study, start_study_plan, study_job_id, 
 from app.workspace import choose_method, load_workspace_model, persistent, set_persistent, workspace_sidebar
 from engine.analysis import METRIC_LABELS
 from engine.analysis.search_summary import (
-    INTERRUPTED, achieved_ratios, baseline_marks, best_so_far_rows, full_text_rows, study_rows, study_state, trial_rows,
+    INTERRUPTED, achieved_ratios, baseline_marks, best_so_far_rows, full_text_rows, selection_rows, study_rows, study_state,
+    trial_rows,
 )
 from engine.compression.grouping import Grouping
 from engine.compression.plan import RankPlan
@@ -93,6 +94,11 @@ with st.expander("New study", expanded=not studies):
                                "Gaussian process first; after the random points, expected improvement looks around "
                                "the best plan two trials in three and anywhere every third (docs/search.md). bo: "
                                "scikit-optimize's ask/tell loop, told only the warm start.")
+    select_top = persistent(st.number_input, "Final selection: best plans re-measured on every candidate window",
+                            "search_select_top", DEFAULTS.select_top, min_value=1, max_value=100, step=1,
+                            help="After the search, this many of the best plans by validation objective are measured "
+                                 "on every candidate window, and the best there is the study's choice (a few subset "
+                                 "windows overrate their own winner). 1: the best by the validation objective.")
     grouping_label = {"5xG": f"5x{int(blocks)}", "curve": f"curve{int(blocks)}"}.get(kind, kind)
     try:
         grouping = Grouping.parse(grouping_label, search_v)
@@ -135,7 +141,7 @@ with st.expander("New study", expanded=not studies):
                 model=workspace.model_reference, method=method, grouping=grouping_label, search_v=search_v,
                 budget=float(budget), beta=float(beta), kl=kl, n_trials=int(n_trials), n_initial_points=int(n_initial),
                 seed=int(seed), subset=subset, subset_size=int(subset_size), subset_candidates=int(candidates),
-                subset_probe_plans=int(probes), warm_start=warm, texts=workspace.text_settings(), mlp=mlp,
+                subset_probe_plans=int(probes), select_top=int(select_top), warm_start=warm, texts=workspace.text_settings(), mlp=mlp,
                 strategy=strategy)
             if name and storage.get_study(name) is not None:
                 raise RankScopeError(f"A study named '{name}' already exists; choose another name or leave it empty.")
@@ -294,6 +300,12 @@ def draw_study() -> None:
                                     "perplexity_vs_best": st.column_config.NumberColumn("vs best", format="percent")})
         st.caption(f"The best plan and the baselines on {settings.texts.describe_evaluation()}: the honest comparison, "
                    "since validation scores favour what the search optimised.")
+    if summary["selection"]:
+        st.markdown("**Final selection** (the study's choice is the first row)")
+        st.dataframe(pd.DataFrame(selection_rows(summary["selection"])).rename(columns=METRIC_LABELS), hide_index=True,
+                     width="stretch", key="selection_table")
+        st.caption("The best plans by validation objective, each measured on every candidate validation window (still "
+                   "none of the evaluation windows); the best there is the plan re-measured above and exported.")
 
 
 st.subheader("Trials")

@@ -31,7 +31,7 @@ from engine.compression.units import RANK_STEP, ModelShapes, count_parameters
 from engine.errors import RankScopeError
 from engine.models.loading import load_model
 from engine.search.baselines import greedy_ratios, lord_ratios, uniform_ratios
-from engine.search.records import InMemoryStudyStorage, StudyState, TrialKind
+from engine.search.records import SELECTION, InMemoryStudyStorage, StudyState, TrialKind
 from engine.search.runner import StudyRunner, create_study
 from engine.search.settings import StudySettings
 from engine.search.subset import choose_subset, objective
@@ -283,7 +283,11 @@ def test_killed_study_resumes_to_the_same_trials_and_result(session, store, tiny
     assert again.validation == whole.get_study("whole").validation
     assert best_trial(resumed_storage, "killed").number == best_trial(whole, "whole").number
     full, full_expected = resumed_storage.results("killed"), whole.results("whole")
-    assert set(full) == set(full_expected) == {"best", "uniform", "lord"}
+    assert set(full) == set(full_expected) == {"best", "uniform", "lord", SELECTION}
+    selection, selection_expected = full.pop(SELECTION), full_expected.pop(SELECTION)
+    assert [c["number"] for c in selection["candidates"]] == [c["number"] for c in selection_expected["candidates"]]
+    for a, b in zip(selection["candidates"], selection_expected["candidates"]):
+        assert a["objective"] == pytest.approx(b["objective"], abs=1e-9)
     for label, result in full_expected.items():
         assert full[label]["trial"] == result["trial"] and full[label]["tokens"] == result["tokens"] == TOKENS
         for name in ("perplexity", "kl_forward", "kl_reverse"):
@@ -382,7 +386,7 @@ def test_validation_subset_is_stored_and_follows_the_evaluation_windows(session,
 
     session.evaluate_ranks = recording
     storage = InMemoryStudyStorage()
-    record = _run(storage, session, _settings(session, n_trials=2), "subset")
+    record = _run(storage, session, _settings(session, n_trials=2, select_top=1), "subset")  # no final selection
     validation = record.validation
     assert validation["kind"] == "sensitive" and len(validation["windows"]) == 4
     assert len(set(validation["windows"])) == 4 and all(0 <= w < 8 for w in validation["windows"])
@@ -587,7 +591,11 @@ def test_cli_search_start_status_best_export_and_resume(runner, options, tmp_pat
     storage = DuckDBStudyStorage(open_store())
     trials = storage.trials("cli")
     assert len(trials) == 7
-    assert min(t.objective for t in trials if t.kind is TrialKind.SEARCH) == out["best"]["objective"]
+    finalists = out["selection"]["candidates"]  # the best 4 distinct plans by validation objective, on all 8 windows
+    distinct = {json.dumps(t.ranks, sort_keys=True) for t in trials if t.kind is not TrialKind.BASELINE}
+    assert len(finalists) == min(4, len(distinct)) and out["selection"]["windows"] == 8
+    assert min(t.objective for t in trials if t.kind is TrialKind.SEARCH) == finalists[0]["validation_objective"]
+    assert out["best"]["number"] == min(finalists, key=lambda c: c["objective"])["number"]
 
     listed = _json(runner.invoke(app, ["search", "status", "--json"]))
     assert [s["study_id"] for s in listed] == ["cli"] and listed[0]["state"] == "finished"

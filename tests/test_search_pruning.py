@@ -23,7 +23,7 @@ from engine.compression.units import RANK_STEP, count_parameters
 from engine.errors import RankScopeError
 from engine.search.duckdb_storage import DuckDBStudyStorage
 from engine.search.mirror import StudyMirror
-from engine.search.records import InMemoryStudyStorage, StudyState, TrialKind
+from engine.search.records import SELECTION, InMemoryStudyStorage, StudyState, TrialKind
 from engine.search.runner import StudyRunner, study_groups
 from engine.search.settings import StudySettings
 from engine.search.summary import study_summary, trial_plan
@@ -187,7 +187,7 @@ def test_killed_pruning_study_resumes_to_the_same_trials(session, store, tiny_mo
     for a, b in zip(expected, resumed):
         _same_trial(a, b)
         assert a.channels == b.channels, a.label
-    assert set(resumed_storage.results("killed")) == {"best", "uniform", "lorap"}
+    assert set(resumed_storage.results("killed")) == {"best", "uniform", "lorap", SELECTION}
 
 
 def test_a_study_without_pruning_is_unchanged(session, store):

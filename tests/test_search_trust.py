@@ -16,9 +16,12 @@ from engine.compression.units import RANK_STEP, count_parameters
 from engine.records import SensitivityPoint
 from engine.search import proposals
 from engine.search.baselines import global_allocation
-from engine.search.records import InMemoryStudyStorage, TrialKind
+from engine.analysis.search_summary import selection_rows
+from engine.errors import RankScopeError
+from engine.search.records import SELECTION, InMemoryStudyStorage, TrialKind
 from engine.search.runner import StudyRunner, create_study, factor_energies
-from engine.search.summary import study_summary, trial_plan
+from engine.search.settings import StudySettings
+from engine.search.summary import best_trial, study_summary, trial_plan
 from tests.test_search import (  # noqa: F401  (fixtures)
     GROUPS_5X1, METHOD, MAX_STEP, Killed, _assert_meets_budget, killed_after, _run, _same_trial, _settings, long_text, session,
 )
@@ -210,3 +213,50 @@ def test_remeasure_reuses_a_plan_another_study_measured(session, monkeypatch):
     uniform_ranks = next(t.ranks for t in storage.trials("second") if t.label == "uniform")
     assert all(c != uniform_ranks for c in calls)
     assert len(calls) <= 1  # only the best plan, when it is new
+
+
+# -- the final selection -----------------------------------------------------------------------------------
+def test_final_selection_measures_the_best_plans_on_every_candidate_window_and_chooses_there(session):
+    storage = InMemoryStudyStorage()
+    settings = _settings(session, n_trials=6, n_initial_points=3, subset_size=2, select_top=3)
+    assert settings.to_dict()["select_top"] == 3
+    _run(storage, session, settings, "selected")
+    results = storage.results("selected")
+    selection = results[SELECTION]
+    searched = sorted((t for t in storage.trials("selected") if t.kind is not TrialKind.BASELINE),
+                      key=lambda t: (t.objective, t.number))
+    distinct = []
+    for trial in searched:
+        if all(trial.ranks != other.ranks for other in distinct):
+            distinct.append(trial)
+    assert [c["number"] for c in selection["candidates"]] == [t.number for t in distinct[:3]]
+    windows, reference = StudyRunner(storage, session, "selected").validation_reference()
+    assert selection["windows"] == len(windows) == 8
+    by_number = {t.number: t for t in searched}
+    for candidate in selection["candidates"]:  # each finalist measured again, independently, on all 8 windows
+        trial = by_number[candidate["number"]]
+        assert candidate["validation_objective"] == trial.objective
+        again = session.evaluate_ranks(trial.ranks, windows=windows, reference=reference)
+        assert candidate["perplexity"] == pytest.approx(again.perplexity, rel=1e-6)
+        assert candidate["objective"] == pytest.approx(math.log(again.perplexity) + again.kl_reverse, rel=1e-6)
+    chosen = min(selection["candidates"], key=lambda c: c["objective"])["number"]
+    assert best_trial(storage, "selected").number == chosen == results["best"]["trial"]
+    summary = study_summary(storage, "selected")
+    assert SELECTION not in summary["full_text"] and summary["selection"] == selection
+    assert summary["best"]["number"] == chosen
+    rows = selection_rows(selection)
+    assert rows[0]["trial"] == chosen and len(rows) == 3
+
+
+def test_without_a_final_selection_the_best_is_the_lowest_validation_objective_and_old_settings_read_so(session):
+    storage = InMemoryStudyStorage()
+    settings = _settings(session, n_trials=4, n_initial_points=2, select_top=1)
+    assert "select_top" not in settings.to_dict()  # a study without selection keeps the settings dict it always had
+    _run(storage, session, settings, "plain")
+    assert SELECTION not in storage.results("plain")
+    searched = [t for t in storage.trials("plain") if t.kind is not TrialKind.BASELINE]
+    assert best_trial(storage, "plain").number == min(searched, key=lambda t: t.objective).number
+    old = {k: v for k, v in _settings(session).to_dict().items() if k != "select_top"}
+    assert StudySettings.from_dict(old).select_top == 1
+    with pytest.raises(RankScopeError, match="select_top"):
+        _settings(session, select_top=0)

@@ -101,6 +101,18 @@ def full_text_rows(results: Mapping[str, dict], trials: Sequence[TrialRecord]) -
     return rows
 
 
+def selection_rows(selection: Optional[Mapping]) -> list[dict]:
+    """The final selection (`engine.search.runner.StudyRunner._select`), the study's choice first: each finalist's
+    validation objective and its objective and metrics on every candidate window."""
+    if not selection:
+        return []
+    rows = [{"trial": c["number"], "validation objective": c["validation_objective"],
+             f"objective ({selection['windows']} windows)": c["objective"], "perplexity": c["perplexity"],
+             "kl_forward": c["kl_forward"], "kl_reverse": c["kl_reverse"]} for c in selection["candidates"]]
+    key = f"objective ({selection['windows']} windows)"
+    return sorted(rows, key=lambda r: r[key])
+
+
 def study_state(record: StudyRecord, running_here: bool) -> str:
     """The state to show: the stored one, or `interrupted` for a study stored as running that nothing runs."""
     if record.state == StudyState.RUNNING and not running_here:

@@ -91,6 +91,12 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     if summary["best"]:
         b = summary["best"]
         typer.echo(f"  best: {b['label']} objective {b['objective']:.4f} (validation perplexity {b['perplexity']:.3f})")
+    if summary.get("selection"):
+        chosen = summary["selection"]
+        typer.echo(f"  final selection on {chosen['windows']} candidate windows (objective there, validation "
+                   "objective):")
+        for c in sorted(chosen["candidates"], key=lambda c: c["objective"]):
+            typer.echo(f"    trial {c['number']:>4}: {c['objective']:.4f}  ({c['validation_objective']:.4f})")
     full = summary["full_text"]
     if full:
         typer.echo("  on the full evaluation text (never seen by the search):")
@@ -133,6 +139,9 @@ def start(
     subset_size: int = typer.Option(8, "--subset-size"),
     subset_candidates: int = typer.Option(24, "--subset-candidates", help="Candidate windows, after the evaluation windows."),
     probe_plans: int = typer.Option(6, "--probe-plans", help="Random plans used to find sensitive windows."),
+    select_top: int = typer.Option(4, "--select-top", help="Final selection: the best K plans by validation "
+                                   "objective are measured on every candidate window and the best there is the "
+                                   "study's choice (1: the best by the validation objective)."),
     warm_start: Optional[Path] = typer.Option(None, "--warm-start", help="Seed with a rank plan JSON; the study then "
                                               "uses the plan's model, method and texts unless options say otherwise."),
     warm_start_study: Optional[str] = typer.Option(None, "--warm-start-study", help="Seed with another study's best plan."),
@@ -165,7 +174,8 @@ def start(
         settings = StudySettings(model=model, method=method, grouping=grouping, search_v=search_v, budget=budget,
                                  beta=beta, kl=kl, n_trials=trials, n_initial_points=initial_points, seed=seed,
                                  subset=subset, subset_size=subset_size, subset_candidates=subset_candidates,
-                                 subset_probe_plans=probe_plans, texts=study_texts, mlp=mlp, strategy=strategy,
+                                 subset_probe_plans=probe_plans, select_top=select_top, texts=study_texts, mlp=mlp,
+                                 strategy=strategy,
                                  batch=batch if batch is not None else (workers if strategy == "trust" else 1),
                                  dtype=placement.dtype)
         storage = _storage()

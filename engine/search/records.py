@@ -34,6 +34,11 @@ class TrialKind(str, Enum):
     BASELINE = "baseline"  # uniform, LoRD, greedy: evaluated for comparison, not told
 
 
+# The study result (beside the full-text re-measurements, keyed by plan label) that holds the final selection: the
+# best plans by validation objective measured on every candidate window; the study's choice is the best there.
+SELECTION = "selection"
+
+
 @dataclass(frozen=True)
 class StudyRecord:
     study_id: str

@@ -16,8 +16,10 @@ Two strategies (`StudySettings.strategy`):
   Each proposal depends only on the stored trials, so a resumed study goes on exactly as it would have.
 - `bo` (studies made before strategies existed): scikit-optimize's ask/tell loop told only the warm start; a
   study resumes by replaying its stored trials through a fresh optimiser with the same seed.
-At the end the best plan and the baselines are re-measured on the full evaluation windows; a plan another
-study of the same model, method and texts already measured there is not measured again.
+At the end the best `select_top` distinct plans by validation objective are measured on every candidate validation
+window (the final selection: a few subset windows overrate their own winner) and the best there is the study's choice;
+it and the baselines are re-measured on the full evaluation windows; a plan another study of the same model, method
+and texts already measured there is not measured again.
 """
 
 from __future__ import annotations
@@ -46,10 +48,12 @@ from engine.hashing import sha256_json
 from engine.progress import ProgressCallback, ProgressTracker
 from engine.search import proposals
 from engine.search.baselines import achieved_values, global_allocation, greedy_ratios, lord_ratios, uniform_ratios
-from engine.search.records import StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord, this_process
+from engine.search.records import (
+    SELECTION, StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord, this_process,
+)
 from engine.search.settings import EXACT_KL_SINCE, StudySettings
 from engine.search.subset import choose_subset, objective
-from engine.search.summary import is_complete, trial_values
+from engine.search.summary import best_trial, is_complete, trial_values
 from engine.texts.settings import TextSettings
 from engine.texts.windows import Windowing
 
@@ -355,6 +359,7 @@ class StudyRunner:
             search = self._search_trust if self.settings.strategy == "trust" else self._search_bo
             if not search(stored, baselines, (windows, reference, subset), tracker):
                 return self.storage.get_study(sid)
+            self._select(windows, reference, subset)
             self._remeasure()
             self.storage.set_state(sid, StudyState.FINISHED)
         except KeyboardInterrupt:
@@ -544,12 +549,42 @@ class StudyRunner:
                 baselines["global"] = (values, None, (ranks, None))
         return baselines
 
+    def _select(self, windows, reference, subset) -> None:
+        """The final selection: the best `select_top` distinct plans by validation objective, each measured on every
+        candidate window (the subset's and the rest), stored as the study's `selection` result; `best_trial` is then
+        the best of them. Nothing to do with `select_top` 1, when the subset is every candidate, or once stored."""
+        sid, k = self.record.study_id, self.settings.select_top
+        if k <= 1 or len(subset) >= len(windows) or SELECTION in self.storage.results(sid):
+            return
+        searched = sorted((t for t in self.storage.trials(sid) if t.kind != TrialKind.BASELINE),
+                          key=lambda t: (t.objective, t.number))
+        finalists, seen = [], set()
+        for trial in searched:  # the same plan proposed twice is measured once
+            key = sha256_json([trial.ranks, trial.channels or None])
+            if key not in seen:
+                seen.add(key)
+                finalists.append(trial)
+            if len(finalists) == k:
+                break
+        tracker = ProgressTracker(self.progress, f"final selection on {len(windows)} windows", total=len(finalists),
+                                  unit="plans")
+        candidates = []
+        for trial in finalists:
+            result = self._measure(trial.ranks, trial.channels, windows=windows, reference=reference)
+            kl = result.kl_reverse if self.settings.kl == "reverse" else result.kl_forward
+            candidates.append({"number": trial.number, "validation_objective": trial.objective,
+                               "objective": objective(result.perplexity, kl, self.settings.beta),
+                               "perplexity": result.perplexity, "kl_forward": result.kl_forward,
+                               "kl_reverse": result.kl_reverse})
+            tracker.advance()
+        self.storage.put_result(sid, SELECTION, {"windows": len(windows), "candidates": candidates})
+
     def _remeasure(self) -> None:
-        """Best plan and baselines on the full evaluation windows, which the search never saw."""
+        """The study's choice (`best_trial`) and the baselines on the full evaluation windows, which the search never
+        saw."""
         trials = self.storage.trials(self.record.study_id)
         done = self.storage.results(self.record.study_id)
-        searched = [t for t in trials if t.kind != TrialKind.BASELINE]
-        best = min(searched, key=lambda t: t.objective)
+        best = best_trial(self.storage, self.record.study_id)
         chosen = [("best", best)] + [(t.label, t) for t in trials if t.kind == TrialKind.BASELINE]
         for label, trial in chosen:
             if label in done and done[label].get("trial") == trial.number:

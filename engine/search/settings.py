@@ -17,6 +17,8 @@ from engine.texts.settings import TextSettings
 # factorise it keep exactly the settings dict they had; an older RankScope refuses a pruning study by name
 # 3: `strategy` (the `trust` search: priors told, trust region; `engine.search.proposals`); settings without it
 # are read as the plain scikit-optimize loop they were run with (`bo`), so older studies resume exactly
+# `select_top` (the final selection among the best plans on every candidate window) is written only when it selects
+# (> 1): settings without it are read as 1, the best by the validation objective, as every study had before
 SETTINGS_VERSION = 3
 EXACT_KL_SINCE = 2
 STRATEGIES = ("trust", "bo")
@@ -51,6 +53,9 @@ class StudySettings:
     pruning: Optional[dict] = None  # with mlp="prune": {"aggregation", "retention"}, LoRAP's l2 and 1% by default
     strategy: str = "trust"  # trust: priors told, random phase, GP-EI local/global; bo: the plain ask/tell loop
     batch: int = 1  # trust: points proposed at once (constant liar), so that many workers stay busy
+    # after the search, the best `select_top` distinct plans by validation objective are measured on every candidate
+    # window and the best there is the study's choice (a few noisy subset windows overrate their own winner)
+    select_top: int = 4
     # forward dtype of every trial; written only when not float32, so float32 studies keep their settings dict and an
     # older RankScope refuses a bfloat16 study by name
     dtype: str = "float32"
@@ -93,6 +98,9 @@ class StudySettings:
         if self.batch > 1 and self.strategy != "trust":
             raise RankScopeError("The plain loop (strategy bo) asks for one point at a time; batches of points (for "
                                  "several workers) need the trust strategy.")
+        if self.select_top < 1:
+            raise RankScopeError(f"The final selection compares at least one plan (select_top >= 1; 1: the best by the "
+                                 f"validation objective), got {self.select_top}.")
         from engine.models.device import DTYPE_CHOICES
 
         if self.dtype not in DTYPE_CHOICES:
@@ -116,6 +124,8 @@ class StudySettings:
             del data["mlp"], data["pruning"]
         if self.dtype == "float32":
             del data["dtype"]
+        if self.select_top == 1:
+            del data["select_top"]
         return {**data, "texts": self.texts.to_dict(), "version": SETTINGS_VERSION}
 
     @classmethod
@@ -129,7 +139,8 @@ class StudySettings:
         if unknown:
             raise RankScopeError(f"Unknown study setting(s): {', '.join(sorted(unknown))}.")
         values = {**data, "texts": TextSettings.from_dict(data.get("texts")), "version": SETTINGS_VERSION,
-                  "strategy": data.get("strategy", "bo")}  # written before strategies existed: the plain loop
+                  "strategy": data.get("strategy", "bo"),  # written before strategies existed: the plain loop
+                  "select_top": data.get("select_top", 1)}  # written before the final selection: none
         return cls(**values)
 
     def length_scale(self, group: str) -> float:

@@ -9,7 +9,9 @@ from engine.compression.plan import RankPlan
 from engine.compression.units import ModelShapes
 from engine.errors import RankScopeError
 from engine.progress import ProgressCallback
-from engine.search.records import StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord, is_interrupted
+from engine.search.records import (
+    SELECTION, StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord, is_interrupted,
+)
 from engine.search.baselines import skipped_baselines
 from engine.search.settings import StudySettings
 
@@ -49,8 +51,21 @@ def trial_values(shapes: ModelShapes, method: str, grouping: Grouping, ranks: di
 
 
 def best_trial(storage: StudyStorage, study_id: str) -> Optional[TrialRecord]:
+    """The study's choice: the best plan of its final selection (the best few re-measured on every candidate
+    window) once it has one, else the trial with the lowest validation objective."""
     searched = [t for t in storage.trials(study_id) if t.kind != TrialKind.BASELINE]
-    return min(searched, key=lambda t: t.objective) if searched else None
+    if not searched:
+        return None
+    selection = storage.results(study_id).get(SELECTION)
+    if selection:
+        chosen = min(selection["candidates"], key=lambda c: c["objective"])["number"]
+        return next(t for t in searched if t.number == chosen)
+    return min(searched, key=lambda t: t.objective)
+
+
+def full_text_results(storage: StudyStorage, study_id: str) -> dict[str, dict]:
+    """Label -> the plan's re-measurement on the full evaluation windows (the final selection left out)."""
+    return {label: result for label, result in storage.results(study_id).items() if label != SELECTION}
 
 
 def is_complete(storage: StudyStorage, record: StudyRecord) -> bool:
@@ -95,7 +110,8 @@ def study_summary(storage: StudyStorage, study_id: str) -> dict:
         "best": None if best is None else brief(best),
         "baselines": [brief(t) for t in trials if t.kind == TrialKind.BASELINE],
         **({"skipped_baselines": skipped} if (skipped := skipped_baselines(record.settings)) else {}),
-        "full_text": storage.results(study_id),
+        "full_text": full_text_results(storage, study_id),
+        "selection": storage.results(study_id).get(SELECTION),
         "mean_trial_seconds": sum(t.seconds for t in searched) / len(searched) if searched else None,
     }
 
