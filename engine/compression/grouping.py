@@ -279,25 +279,31 @@ def top_up_to_target(shapes: ModelShapes, method: str, ranks: dict, target: int)
     return _top_up(shapes, method, {"all": list(shapes.units(method))}, dict(ranks), target)
 
 
+def _rank_steps(units, ranks: dict, total: int, target: int) -> tuple[int, bool]:
+    """One pass over `units` in order, each raised one rank step (to dense past break-even) where the step still fits
+    under the target; (the new total, whether anything changed). `ranks` is changed in place."""
+    changed = False
+    for unit in units:
+        rank = ranks[unit.paths[0]]
+        if rank is None:
+            continue
+        new_rank = rank + RANK_STEP
+        new = None if unit.keeps_dense(new_rank) or new_rank > unit.max_rank else new_rank
+        delta = unit.params(new) - unit.params(rank)
+        if total + delta <= target:
+            for path in unit.paths:
+                ranks[path] = new
+            total += delta
+            changed = True
+    return total, changed
+
+
 def _top_up(shapes, method, groups, ranks: dict, target: int) -> dict:
     """Spend what is left under the target one rank step at a time, unit by unit in layer order."""
     units = [u for members in groups.values() for u in members if ranks.get(u.paths[0]) is not None]
-    total = _params(shapes, method, ranks)
-    changed = True
+    total, changed = _params(shapes, method, ranks), True
     while changed:
-        changed = False
-        for unit in units:
-            rank = ranks[unit.paths[0]]
-            if rank is None:
-                continue
-            new_rank = rank + RANK_STEP
-            new = None if unit.keeps_dense(new_rank) or new_rank > unit.max_rank else new_rank
-            delta = unit.params(new) - unit.params(rank)
-            if total + delta <= target:
-                for path in unit.paths:
-                    ranks[path] = new
-                total += delta
-                changed = True
+        total, changed = _rank_steps(units, ranks, total, target)
     return ranks
 
 
@@ -405,19 +411,7 @@ def _top_up_mixed(shapes, method, rank_groups, prune_groups, ranks: dict, channe
     total = count_parameters(shapes, method, ranks, channels).decoder_compressed
     changed = True
     while changed:
-        changed = False
-        for unit in units:
-            rank = ranks[unit.paths[0]]
-            if rank is None:
-                continue
-            new_rank = rank + RANK_STEP
-            new = None if unit.keeps_dense(new_rank) or new_rank > unit.max_rank else new_rank
-            delta = unit.params(new) - unit.params(rank)
-            if total + delta <= target:
-                for path in unit.paths:
-                    ranks[path] = new
-                total += delta
-                changed = True
+        total, changed = _rank_steps(units, ranks, total, target)
         for mlp in mlps:
             kept = channels[mlp.path]
             if kept is None:
