@@ -91,8 +91,8 @@ def main(groupings: tuple[str, ...]) -> None:
     # earlier entries only for studies this cache still holds (a fresh cache reruns them all) of the groupings run
     studies = {name: study for name, study in studies.items() if storage.get_study(name) is not None
                and any(name == study_name(g, seed) for g in groupings for seed in SEEDS)}
-    for seed in SEEDS:
-        for grouping in groupings:
+    for grouping in groupings:  # every seed of the first grouping (5x1, the goal against greedy) first
+        for seed in SEEDS:
             studies[study_name(grouping, seed)] = _run(storage, session, grouping, seed)
             path = write_json(NAME, {"original": session.original_quality(), "groupings": list(groupings),
                                      "sweep_ratios": list(SWEEP_RATIOS), "studies": studies})
