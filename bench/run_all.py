@@ -1,7 +1,7 @@
 """Run every benchmark in bench/ in turn; each writes its JSON under bench/results/.
 
-The results pages (`*_results.py`, `search_goals.py` then `search_ceiling.py`, `model_steps.py`) take from tens of minutes to hours and are run
-on their own; `bench_gpu.py` says "nothing measured" where no GPU is visible.
+The results pages (`*_results.py`, `search_goals.py` then `search_ceiling.py`, `model_steps.py`) take from tens of
+minutes to hours and are run on their own; `bench_gpu.py` says "nothing measured" where no GPU is visible.
 """
 
 import subprocess
