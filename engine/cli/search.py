@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from engine.analysis.search_summary import selection_rows
 from engine.cli import app, echo_json, fail
 from engine.cli.compression import DEFAULT_MODEL, PlanMethodOption, PlanModelOption, open_session, read_plan
 from engine.cli.options import (
@@ -90,13 +91,15 @@ def _print_summary(summary: dict, as_json: bool) -> None:
         typer.echo(f"  validation windows ({v['kind']}): {v['windows']} - {v['reason']}")
     if summary["best"]:
         b = summary["best"]
-        typer.echo(f"  best: {b['label']} objective {b['objective']:.4f} (validation perplexity {b['perplexity']:.3f})")
+        typer.echo(f"  best: {b['label']} (#{b['number']}) objective {b['objective']:.4f} (validation perplexity "
+                   f"{b['perplexity']:.3f})")
     if summary.get("selection"):
         chosen = summary["selection"]
-        typer.echo(f"  final selection on {chosen['windows']} candidate windows (objective there, validation "
-                   "objective):")
-        for c in sorted(chosen["candidates"], key=lambda c: c["objective"]):
-            typer.echo(f"    trial {c['number']:>4}: {c['objective']:.4f}  ({c['validation_objective']:.4f})")
+        typer.echo(f"  final selection on {chosen['windows']} candidate windows (#stored number: objective there, "
+                   "validation objective):")
+        there = f"objective ({chosen['windows']} windows)"
+        for row in selection_rows(chosen):  # the study's choice first
+            typer.echo(f"    #{row['trial']:>4}: {row[there]:.4f}  ({row['validation objective']:.4f})")
     full = summary["full_text"]
     if full:
         typer.echo("  on the full evaluation text (never seen by the search):")

@@ -63,11 +63,6 @@ def best_trial(storage: StudyStorage, study_id: str) -> Optional[TrialRecord]:
     return min(searched, key=lambda t: t.objective)
 
 
-def full_text_results(storage: StudyStorage, study_id: str) -> dict[str, dict]:
-    """Label -> the plan's re-measurement on the full evaluation windows (the final selection left out)."""
-    return {label: result for label, result in storage.results(study_id).items() if label != SELECTION}
-
-
 def is_complete(storage: StudyStorage, record: StudyRecord) -> bool:
     """Finished, with all its trials and its best plan re-measured on the full evaluation text: resuming adds nothing."""
     if record.state != StudyState.FINISHED:
@@ -86,6 +81,7 @@ def study_summary(storage: StudyStorage, study_id: str) -> dict:
     if record is None:
         raise RankScopeError(f"No study with id '{study_id}'. `rankscope search status` lists the studies.")
     trials = storage.trials(study_id)
+    results = storage.results(study_id)
     best = best_trial(storage, study_id)
 
     def brief(t: TrialRecord) -> dict:
@@ -110,8 +106,9 @@ def study_summary(storage: StudyStorage, study_id: str) -> dict:
         "best": None if best is None else brief(best),
         "baselines": [brief(t) for t in trials if t.kind == TrialKind.BASELINE],
         **({"skipped_baselines": skipped} if (skipped := skipped_baselines(record.settings)) else {}),
-        "full_text": full_text_results(storage, study_id),
-        "selection": storage.results(study_id).get(SELECTION),
+        # label -> the plan re-measured on the full evaluation windows; the final selection is kept apart
+        "full_text": {label: result for label, result in results.items() if label != SELECTION},
+        "selection": results.get(SELECTION),
         "mean_trial_seconds": sum(t.seconds for t in searched) / len(searched) if searched else None,
     }
 
