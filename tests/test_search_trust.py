@@ -15,7 +15,7 @@ from engine.compression.sweep import sweep_by_type
 from engine.compression.units import RANK_STEP, count_parameters
 from engine.records import SensitivityPoint
 from engine.search import proposals
-from engine.search.baselines import global_allocation
+from engine.search.baselines import global_allocation, layer_shares
 from engine.analysis.search_summary import selection_rows
 from engine.errors import RankScopeError
 from engine.search.records import SELECTION, InMemoryStudyStorage, TrialKind
@@ -90,6 +90,42 @@ def test_global_allocation_spends_the_budget_where_the_measured_loss_is_small(se
     # nothing measured: no allocation; a swept range that cannot reach the budget: none either
     assert global_allocation(shapes, METHOD, 0.25, [], 10.0, energies) is None
     assert global_allocation(shapes, METHOD, 0.6, _points(losses), 10.0, energies) is None
+
+
+def _layer_points(linear_type: str, losses: dict[int, float], ratio: float = 0.4) -> list[SensitivityPoint]:
+    """Per-layer points of one type at one ratio: layer -> its log-perplexity rise."""
+    return [SensitivityPoint("s", linear_type, layer, ratio, 0, 10.0 * math.exp(loss), 0.0, 0.0, 0.0)
+            for layer, loss in losses.items()]
+
+
+def test_layer_shares_need_every_layer_and_ignore_gains():
+    points = [*_layer_points("up", {0: 0.3, 1: 0.1}), *_layer_points("up", {0: 0.2, 1: -0.05}, ratio=0.6),
+              *_layer_points("gate", {0: 0.5}), *_layer_points("down", {0: -0.1, 1: -0.2})]
+    shares = layer_shares(points, 10.0, {"up": {0, 1}, "gate": {0, 1}, "down": {0, 1}})
+    # up: 0.75/0.25 at 0.4, 1/0 at 0.6 (a gain counts as no loss), averaged
+    assert shares["up"] == pytest.approx({0: 0.875, 1: 0.125})
+    assert "gate" not in shares  # layer 1 not measured: cannot share the type out
+    assert "down" not in shares  # no layer loses anything: nothing to share
+
+
+def test_global_allocation_follows_measured_layer_sensitivity(session):
+    shapes, energies = session.shapes, factor_energies(session.factorization)
+    losses = {"q": 0.05, "k": 0.05, "v": 5.0, "o": 0.05, "gate": 0.05, "up": 0.05, "down": 3.0}
+    by_energy = global_allocation(shapes, METHOD, 0.25, _points(losses), 10.0, energies)
+    # layer 0's MLP measured far more sensitive than layer 1's: layer 1 carries more of the MLP's share
+    layered = [*_points(losses), *_layer_points("gate", {0: 0.4, 1: 0.001}), *_layer_points("up", {0: 0.4, 1: 0.001})]
+    ranks = global_allocation(shapes, METHOD, 0.25, layered, 10.0, energies)
+    target = budget_target(shapes, 0.25)
+    assert target - MAX_STEP <= count_parameters(shapes, METHOD, ranks).decoder_compressed <= target
+    assert ranks != by_energy
+
+    def rank(layer: int, name: str) -> float:  # dense counts as the largest rank
+        found = [r for p, r in ranks.items() if f".{layer}.mlp.{name}" in p]
+        return math.inf if found[0] is None else found[0]
+
+    for name in ("gate_proj", "up_proj"):
+        assert rank(1, name) <= rank(0, name)
+    assert any(rank(1, name) < rank(0, name) for name in ("gate_proj", "up_proj"))
 
 
 def test_factor_energies_are_squared_singular_values_for_svd(session):

@@ -6,8 +6,10 @@
   step costs the least log-perplexity per parameter saved, until the budget is met;
 - global: the budget spent matrix by matrix (the idea behind allocators such as LEMS and ZS-SVD): each
   matrix's loss at a ratio is its type's measured sensitivity at that ratio, shared among the type's
-  layers in proportion to the energy each layer's discarded components carry; repeatedly compress
-  further the matrix whose next step costs the least loss per parameter saved.
+  layers in proportion to each layer's own measured sensitivity where a per-layer sweep covers every layer
+  of the type (as the Allocate page's estimate shares it), else to the energy each layer's discarded
+  components carry; repeatedly compress further the matrix whose next step costs the least loss per
+  parameter saved.
 uniform, lord and greedy return group ratios for the study's grouping (before projection onto the
 budget); global returns ranks per matrix (it is finer than any grouping).
 
@@ -122,14 +124,40 @@ def type_curves(points: list[SensitivityPoint], original_perplexity: float) -> d
     return curves
 
 
+def layer_shares(points: list[SensitivityPoint], original_perplexity: float,
+                 layers: dict[str, set[int]]) -> dict[str, dict[int, float]]:
+    """Each type's per-layer shares of its loss, from per-layer points (layer >= 0): at each ratio measured at
+    every layer of the type (`layers`: type label -> its layers), layer ℓ's share is max(Δ_ℓ, 0) / Σ max(Δ, 0)
+    (Δ = log PPL − log PPL of the original); shares are averaged over such ratios. Types with no such ratio, or
+    whose every layer's Δ is at most 0, are left out."""
+    measured: dict[str, dict[float, dict[int, float]]] = {}
+    for p in points:
+        if p.layer >= 0 and p.linear_type in layers and p.perplexity > 0 and math.isfinite(p.perplexity):
+            loss = math.log(p.perplexity) - math.log(original_perplexity)
+            measured.setdefault(p.linear_type, {}).setdefault(round(p.ratio, 6), {})[p.layer] = loss
+    shares: dict[str, dict[int, float]] = {}
+    for label, by_ratio in measured.items():
+        wanted, per_ratio = layers[label], []
+        for losses in by_ratio.values():
+            if wanted <= set(losses):
+                sensitivity = {layer: max(losses[layer], 0.0) for layer in wanted}
+                total = sum(sensitivity.values())
+                if total > 0:
+                    per_ratio.append({layer: s / total for layer, s in sensitivity.items()})
+        if per_ratio:
+            shares[label] = {layer: sum(s[layer] for s in per_ratio) / len(per_ratio) for layer in wanted}
+    return shares
+
+
 def global_allocation(shapes: ModelShapes, method: str, budget: float, points: list[SensitivityPoint],
                       original_perplexity: float, energies: dict[str, np.ndarray]) -> Optional[dict]:
     """Ranks per matrix spending the budget on the measured marginal loss (module docstring), or None when a type
     has no sensitivity curve or a unit has no energies (joint units, whose layers share one basis, included).
 
     `energies`: module path -> per-component energies of its factors (any order of magnitude; only shares count).
-    A matrix's cost at ratio ρ is Δ_t(ρ) / n_t · f_m(ρ) / f̄_t(ρ): Δ_t the type's measured loss (linear between
-    swept ratios, 0 at 0), n_t its number of layers, f_m the share of the matrix's energy its discarded
+    A matrix's cost at ratio ρ is Δ_t(ρ) · w_ℓ: Δ_t the type's measured loss (linear between swept ratios, 0 at
+    0), w_ℓ its layer's measured share of it (`layer_shares`) where a per-layer sweep covers the type, else
+    f_m(ρ) / (n_t · f̄_t(ρ)): n_t the type's number of layers, f_m the share of the matrix's energy its discarded
     components carry at that ratio's rank, f̄_t the mean of that share over the type's layers. Ratios stop at the
     largest swept one, since nothing beyond it was measured."""
     curves = type_curves(points, original_perplexity)
@@ -149,6 +177,8 @@ def global_allocation(shapes: ModelShapes, method: str, budget: float, points: l
         return 0.0 if rank is None else float(e[rank:].sum() / max(e.sum(), 1e-30))
 
     shares = {u.paths: [discarded(u, r) for r in grid] for u in chosen}
+    measured = layer_shares(points, original_perplexity,
+                            {label: {u.layer for u in chosen if labels[u.paths] == label} for label in curves})
     cost, params = {}, {}
     for label in {labels[u.paths] for u in chosen}:
         members = [u for u in chosen if labels[u.paths] == label]
@@ -157,8 +187,11 @@ def global_allocation(shapes: ModelShapes, method: str, budget: float, points: l
         for i, _ in enumerate(grid):
             mean = sum(shares[u.paths][i] for u in members) / len(members)
             for u in members:
-                share = shares[u.paths][i] / mean if mean > 0 else 1.0
-                cost.setdefault(u.paths, []).append(float(loss[i]) / len(members) * share)
+                if label in measured:
+                    weight = measured[label][u.layer]
+                else:
+                    weight = (shares[u.paths][i] / mean if mean > 0 else 1.0) / len(members)
+                cost.setdefault(u.paths, []).append(float(loss[i]) * weight)
     for u in chosen:
         params[u.paths] = [u.params(u.rank_for_ratio(r) if r > 0 else None) for r in grid]
     target = budget_target(shapes, budget)
