@@ -37,18 +37,21 @@ QWEN_05B_SHAPES = dict(hidden_size=896, intermediate_size=4864, num_attention_he
                        max_position_embeddings=4096, tie_word_embeddings=True)
 
 
-def build_model(directory: Path, layers: int) -> dict:
-    """A random-weight Qwen2 of Qwen2.5-0.5B's shapes with the default model's tokenizer, saved in `directory`."""
+def build_model(directory: Path, layers: int, vocab_size: int | None = None) -> dict:
+    """A random-weight Qwen2 of Qwen2.5-0.5B's shapes with the default model's tokenizer, saved in `directory`.
+    `vocab_size` above the tokenizer's gives the model more output rows than tokens (Qwen2.5's own 151,936 makes the
+    LM head, and so an evaluation, cost what the real model's does); default: the tokenizer's 49,152."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
 
     tokenizer = AutoTokenizer.from_pretrained(PROJECT_ROOT / "cache" / "models" / "smollm2-135m")
-    config = Qwen2Config(vocab_size=len(tokenizer), num_hidden_layers=layers, **QWEN_05B_SHAPES)
+    vocab_size = vocab_size or len(tokenizer)
+    config = Qwen2Config(vocab_size=vocab_size, num_hidden_layers=layers, **QWEN_05B_SHAPES)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    return {"layers": layers, **QWEN_05B_SHAPES, "vocab_size": len(tokenizer),
+    return {"layers": layers, **QWEN_05B_SHAPES, "vocab_size": vocab_size, "tokenizer_size": len(tokenizer),
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
