@@ -54,6 +54,8 @@ pooled covariance, L2 norms) still load as they were written.
 from __future__ import annotations
 
 import functools
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,6 +64,7 @@ from typing import Optional
 import numpy as np
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from engine.errors import CorpusError, RankScopeError
 from engine.models.adapters import CHAINED_LAYER_MODEL_TYPES, SITES, ArchitectureAdapter
@@ -192,6 +195,8 @@ class CalibrationStatistics:
         while the statistics are used."""
         with safe_open(str(path), framework="pt") as handle:
             names = list(handle.keys())
+        if any(name.endswith(".second_moment") for name in names):  # the legacy full form: nothing to derive
+            return cls.from_tensors(load_file(str(path)), n_groups)
         by_site: dict[tuple[int, str], list[str]] = {}
         for name in names:
             layer, site, short = name.split(".", 2)
@@ -255,20 +260,35 @@ def _derive_site(stored: Mapping[str, torch.Tensor]) -> SiteStatistics:
     return _site(sum_xxT, n, mean, pooled)
 
 
+DERIVED_SITES_MEMORY_BYTES = 2 << 30  # derived sites kept at once (the default model's 120 sites: about 1.6 GB)
+
+
 class _DerivedSites(Mapping):
-    """(layer, site) -> `SiteStatistics`, each derived from its stored form on first use and then kept.
+    """(layer, site) -> `SiteStatistics`, each derived from its stored form on first use and then kept while the
+    sites kept take at most `memory_bytes` (the least recently used ones are let go first; the newest is always
+    kept), so a large model's factorisation, which goes site by site, holds a few layers' statistics, never all.
 
     Safe to read from several threads (the factorisation's workers): two that derive one site at once get
     the same numbers, and the first one kept is returned to both."""
 
-    def __init__(self, stored: dict[tuple[int, str], dict[str, torch.Tensor]]):
+    def __init__(self, stored: dict[tuple[int, str], Mapping[str, torch.Tensor]], memory_bytes: Optional[int] = None):
         self._stored = stored
-        self._derived: dict[tuple[int, str], SiteStatistics] = {}
+        self._memory_bytes = DERIVED_SITES_MEMORY_BYTES if memory_bytes is None else memory_bytes
+        self._derived: OrderedDict[tuple[int, str], SiteStatistics] = OrderedDict()
+        self._lock = threading.Lock()
 
     def __getitem__(self, key: tuple[int, str]) -> SiteStatistics:
-        site = self._derived.get(key)
-        if site is None:
-            site = self._derived.setdefault(key, _derive_site(self._stored[key]))
+        with self._lock:
+            site = self._derived.get(key)
+            if site is not None:
+                self._derived.move_to_end(key)
+                return site
+        site = _derive_site(self._stored[key])  # outside the lock: workers derive different sites at once
+        with self._lock:
+            site = self._derived.setdefault(key, site)
+            self._derived.move_to_end(key)
+            while len(self._derived) > 1 and sum(map(_site_bytes, self._derived.values())) > self._memory_bytes:
+                self._derived.popitem(last=False)
         return site
 
     def __iter__(self) -> Iterator[tuple[int, str]]:
@@ -276,6 +296,11 @@ class _DerivedSites(Mapping):
 
     def __len__(self) -> int:
         return len(self._stored)
+
+
+def _site_bytes(site: SiteStatistics) -> int:
+    return sum(t.numel() * t.element_size() for t in (site.mean, site.second_moment, site.pooled_covariance,
+                                                        site.l2_norm))
 
 
 def group_assignment(n_windows: int, n_groups: int) -> list[int]:

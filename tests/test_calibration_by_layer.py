@@ -119,6 +119,29 @@ def test_ensure_calibration_by_layer_writes_the_whole_model_file_and_reads_sites
     _assert_same(again.statistics, whole.statistics, stored_forms=False)
 
 
+def test_a_large_stored_calibration_is_read_site_by_site_and_keeps_few_sites_derived(
+        tiny_model_dirs, sample_text_file, store, monkeypatch):
+    import engine.cache.calibration as cached_calibration
+    import engine.calibration as calibration
+
+    loaded = load_model(str(tiny_model_dirs["qwen2"]), store)
+    whole = ensure_calibration(store, loaded, str(sample_text_file), Windowing(16, 8), 4, by_layer=False)
+    read_whole = ensure_calibration(store, loaded, str(sample_text_file), Windowing(16, 8), 4)
+    # a small file is read whole: its sites' stored tensors are in memory
+    assert read_whole.from_cache and isinstance(next(iter(read_whole.statistics.sites._stored.values())), dict)
+    monkeypatch.setattr(cached_calibration, "FILE_READ_BY_SITE_BYTES", 0)
+    one_site = calibration._site_bytes(whole.statistics.site(0, "mlp_in"))
+    monkeypatch.setattr(calibration, "DERIVED_SITES_MEMORY_BYTES", 2 * one_site)
+    by_site = ensure_calibration(store, loaded, str(sample_text_file), Windowing(16, 8), 4)
+    assert by_site.from_cache
+    sites = by_site.statistics.sites
+    assert isinstance(next(iter(sites._stored.values())), calibration._FileTensors)  # nothing read until used
+    _assert_same(by_site.statistics, whole.statistics, stored_forms=False)  # every site, derived again after eviction
+    kept = sites._derived
+    assert 1 <= len(kept) < len(sites) and sum(map(calibration._site_bytes, kept.values())) <= 2 * one_site
+    assert list(kept)[-1] == list(sites)[-1]  # the most recently used are the ones kept
+
+
 def test_replaced_forwards_give_back_a_forward_another_library_set_on_the_instance():
     from torch import nn
 

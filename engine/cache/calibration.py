@@ -11,13 +11,17 @@ stored, and nothing is keyed by them.
 A model too large to calibrate every layer at once (`engine.calibration.calibrates_by_layer`) is calibrated layer by
 layer, each finished layer written to the array file as it comes (`PartWriter`), and the statistics returned are
 read from that file site by site when used: memory holds one layer's sums, never the whole calibration. No snapshots
-are taken then. The statistics, the key and the file's content are those of a whole-model run.
+are taken then. The statistics, the key and the file's content are those of a whole-model run. A stored calibration
+over `FILE_READ_BY_SITE_BYTES` is read back the same way, site by site, and the derived sites kept in memory are
+bounded (`engine.calibration.DERIVED_SITES_MEMORY_BYTES`), so spectra and factorisations of a large model hold a few
+layers' statistics at a time.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from engine.cache.artifacts import Computed, get_or_compute
@@ -33,6 +37,8 @@ from engine.store.duckdb_store import Store
 from engine.texts.corpus import text_fingerprint
 from engine.texts.settings import DEFAULT_CALIBRATION_WINDOWING, DEFAULT_GROUPS
 from engine.texts.windows import Windowing, tokenizer_adds_bos
+
+FILE_READ_BY_SITE_BYTES = 1 << 30  # a stored calibration larger than this is read site by site (the default model's: 0.4 GB)
 
 
 @dataclass(frozen=True)
@@ -86,5 +92,14 @@ def ensure_calibration(
 
     cached = get_or_compute(store, "calibration", key, compute,
                             lambda record, tensors, _m: CalibrationStatistics.from_tensors(tensors, record.n_groups),
-                            record_type=CalibrationRecord)
+                            record_type=CalibrationRecord, load_from_file=_read_large_file_by_site)
     return Calibration(cached.record, cached.value, cached.from_cache)
+
+
+def _read_large_file_by_site(record: CalibrationRecord, path: Path) -> Optional[CalibrationStatistics]:
+    """A stored calibration over `FILE_READ_BY_SITE_BYTES` read site by site from its file as the sites are used
+    (a 0.5B-class model's is over 2 GB); a smaller one is read whole (None), so it does not depend on the file
+    staying in place."""
+    if path.stat().st_size <= FILE_READ_BY_SITE_BYTES:
+        return None
+    return CalibrationStatistics.from_file(path, record.n_groups)

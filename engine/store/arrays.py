@@ -124,8 +124,9 @@ def load_arrays(store: Store, array_id: str) -> Optional[dict[str, torch.Tensor]
     return None if loaded is None else loaded[0]
 
 
-def load_arrays_with_metadata(store: Store, array_id: str) -> Optional[tuple[dict[str, torch.Tensor], dict[str, str]]]:
-    """(tensors, metadata) saved under `array_id`, or None when they are not (or no longer, or not intact) cached."""
+def intact_array_path(store: Store, array_id: str) -> Optional[Path]:
+    """The file saved under `array_id` when it is there and matches its recorded size and checksum, else None (and
+    the entry is forgotten, so it is computed again)."""
     entry = store.array_entry(array_id)
     if entry is None:
         return None
@@ -137,6 +138,14 @@ def load_arrays_with_metadata(store: Store, array_id: str) -> Optional[tuple[dic
         logger.warning("Cached array %s (%s) does not match the checksum recorded when it was written; it will be "
                        "recomputed.", path, entry["kind"])
         store.forget_array(array_id)
+        return None
+    return path
+
+
+def load_arrays_with_metadata(store: Store, array_id: str) -> Optional[tuple[dict[str, torch.Tensor], dict[str, str]]]:
+    """(tensors, metadata) saved under `array_id`, or None when they are not (or no longer, or not intact) cached."""
+    path = intact_array_path(store, array_id)
+    if path is None:
         return None
     try:
         with safe_open(str(path), framework="pt") as handle:
