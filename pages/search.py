@@ -222,7 +222,7 @@ def draw_study() -> None:
     top = st.columns(4)
     top[0].metric("Trials", f"{summary['trials_done']}/{summary['trials_planned']}",
                   help="Optimiser trials (warm start included); baselines are extra.")
-    top[1].metric("Best objective", "–" if best is None else f"{best['objective']:.4f}",
+    top[1].metric("Chosen plan's objective", "–" if best is None else f"{best['objective']:.4f}",
                   help="The validation objective of the study's choice: the lowest one until the study finishes, then "
                        "the finalist that scores best on every candidate window (the final selection below).")
     top[2].metric("Best perplexity (validation)", "–" if best is None else f"{best['perplexity']:.3f}")

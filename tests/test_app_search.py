@@ -56,7 +56,7 @@ def test_search_page_runs_a_study_live_and_shows_the_stored_numbers(workbench):
     assert summary["state"] == "finished" and summary["trials_done"] == 4
     assert [t.label for t in trials if t.kind == TrialKind.BASELINE] == ["uniform", "lord"]  # no sweep: no greedy
     assert metric_value(at, "Trials") == "4/4"
-    assert metric_value(at, "Best objective") == f"{best.objective:.4f}"
+    assert metric_value(at, "Chosen plan's objective") == f"{best.objective:.4f}"
     assert metric_value(at, "Best perplexity (validation)") == f"{best.perplexity:.3f}"
     assert metric_value(at, "Best perplexity (full text)") == f"{summary['full_text']['best']['perplexity']:.3f}"
     assert {"best_so_far", "perplexity_vs_parameters", "group_values"} <= chart_keys(at)
@@ -74,7 +74,7 @@ def test_search_page_runs_a_study_live_and_shows_the_stored_numbers(workbench):
     # another tab on the same study sees the same trials: everything is read from the store
     other = open_app("search")
     assert other.selectbox(key="search_study").value == STUDY
-    assert metric_value(other, "Trials") == "4/4" and metric_value(other, "Best objective") == f"{best.objective:.4f}"
+    assert metric_value(other, "Trials") == "4/4" and metric_value(other, "Chosen plan's objective") == f"{best.objective:.4f}"
 
     at.button(key="use_best_plan").click().run()
     run_until(at, lambda a: bool(a.success))
