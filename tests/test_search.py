@@ -31,7 +31,7 @@ from engine.compression.units import RANK_STEP, ModelShapes, count_parameters
 from engine.errors import RankScopeError
 from engine.models.loading import load_model
 from engine.search.baselines import greedy_ratios, lord_ratios, uniform_ratios
-from engine.search.records import SELECTION, InMemoryStudyStorage, StudyState, TrialKind
+from engine.search.records import SELECTABLE_BASELINES, SELECTION, InMemoryStudyStorage, StudyState, TrialKind
 from engine.search.runner import StudyRunner, create_study
 from engine.search.settings import StudySettings
 from engine.search.subset import choose_subset, objective
@@ -591,10 +591,13 @@ def test_cli_search_start_status_best_export_and_resume(runner, options, tmp_pat
     storage = DuckDBStudyStorage(open_store())
     trials = storage.trials("cli")
     assert len(trials) == 7
-    finalists = out["selection"]["candidates"]  # the best 4 distinct plans by validation objective, on all 8 windows
-    distinct = {json.dumps(t.ranks, sort_keys=True) for t in trials if t.kind is not TrialKind.BASELINE}
+    # the best 4 distinct plans by validation objective (trials, and LoRD among the baselines), on all 8 windows
+    finalists = out["selection"]["candidates"]
+    pool = [t for t in trials if t.kind is not TrialKind.BASELINE or t.label in SELECTABLE_BASELINES]
+    assert "lord" in {t.label for t in pool} and "uniform" not in {t.label for t in pool}
+    distinct = {json.dumps(t.ranks, sort_keys=True) for t in pool}
     assert len(finalists) == min(4, len(distinct)) and out["selection"]["windows"] == 8
-    assert min(t.objective for t in trials if t.kind is TrialKind.SEARCH) == finalists[0]["validation_objective"]
+    assert min(t.objective for t in pool) == finalists[0]["validation_objective"]
     assert out["best"]["number"] == min(finalists, key=lambda c: c["objective"])["number"]
 
     listed = _json(runner.invoke(app, ["search", "status", "--json"]))

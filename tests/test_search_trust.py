@@ -18,7 +18,7 @@ from engine.search import proposals
 from engine.search.baselines import global_allocation, layer_shares
 from engine.analysis.search_summary import selection_rows
 from engine.errors import RankScopeError
-from engine.search.records import SELECTION, InMemoryStudyStorage, TrialKind
+from engine.search.records import SELECTABLE_BASELINES, SELECTION, InMemoryStudyStorage, TrialKind
 from engine.search.runner import StudyRunner, create_study, factor_energies
 from engine.search.settings import StudySettings
 from engine.search.summary import best_trial, study_summary, trial_plan
@@ -259,8 +259,11 @@ def test_final_selection_measures_the_best_plans_on_every_candidate_window_and_c
     _run(storage, session, settings, "selected")
     results = storage.results("selected")
     selection = results[SELECTION]
-    searched = sorted((t for t in storage.trials("selected") if t.kind is not TrialKind.BASELINE),
+    searched = sorted((t for t in storage.trials("selected")
+                       if t.kind is not TrialKind.BASELINE or t.label in SELECTABLE_BASELINES),
                       key=lambda t: (t.objective, t.number))
+    assert any(t.kind is TrialKind.BASELINE for t in searched)  # the informed baselines compete too
+    assert "uniform" not in {t.label for t in searched}
     distinct = []
     for trial in searched:
         if all(trial.ranks != other.ranks for other in distinct):
@@ -282,6 +285,37 @@ def test_final_selection_measures_the_best_plans_on_every_candidate_window_and_c
     assert summary["best"]["number"] == chosen
     rows = selection_rows(selection)
     assert rows[0]["trial"] == chosen and len(rows) == 3
+
+
+def test_a_baseline_the_selection_chooses_is_the_best_plan_and_is_measured_once(session, monkeypatch):
+    storage = InMemoryStudyStorage()
+    measured = []
+    original_measure = StudyRunner._measure
+
+    def counting(self, ranks, channels=None, **kwargs):
+        if "windows" not in kwargs:  # the full evaluation windows
+            measured.append(sorted(ranks.items(), key=lambda kv: kv[0]))
+        return original_measure(self, ranks, channels, **kwargs)
+
+    def lord_wins(self, windows, reference, subset):  # a selection whose best on every candidate window is LoRD
+        lord = next(t for t in self.storage.trials(self.record.study_id) if t.label == "lord")
+        other = next(t for t in self.storage.trials(self.record.study_id) if t.kind is not TrialKind.BASELINE)
+        self.storage.put_result(self.record.study_id, SELECTION, {"windows": len(windows), "candidates": [
+            {"number": other.number, "validation_objective": other.objective, "objective": 2.0},
+            {"number": lord.number, "validation_objective": lord.objective, "objective": 1.0}]})
+
+    monkeypatch.setattr(StudyRunner, "_measure", counting)
+    monkeypatch.setattr(StudyRunner, "_select", lord_wins)
+    _run(storage, session, _settings(session, n_trials=3, n_initial_points=2, subset_size=2, select_top=2), "prior")
+    lord = next(t for t in storage.trials("prior") if t.label == "lord")
+    assert best_trial(storage, "prior").number == lord.number
+    results = storage.results("prior")
+    assert results["best"]["trial"] == results["lord"]["trial"] == lord.number
+    assert results["best"]["perplexity"] == results["lord"]["perplexity"]
+    lord_plan = sorted(lord.ranks.items(), key=lambda kv: kv[0])
+    assert measured.count(lord_plan) == 1  # the same plan under two labels: one full-text evaluation
+    summary = study_summary(storage, "prior")
+    assert summary["best"]["label"] == "lord" and summary["trials_done"] == 3
 
 
 def test_without_a_final_selection_the_best_is_the_lowest_validation_objective_and_old_settings_read_so(session):

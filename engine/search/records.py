@@ -37,6 +37,9 @@ class TrialKind(str, Enum):
 # The study result (beside the full-text re-measurements, keyed by plan label) that holds the final selection: the
 # best plans by validation objective measured on every candidate window; the study's choice is the best there.
 SELECTION = "selection"
+# Baselines the final selection may choose besides the trials: the informed ones, made in the study's own grouping or
+# as exact plans (uniform, every linear at one ratio and v included, is the naive reference, never a candidate).
+SELECTABLE_BASELINES = frozenset({"global", "lorap", "greedy", "lord"})
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from engine.progress import ProgressCallback, ProgressTracker
 from engine.search import proposals
 from engine.search.baselines import achieved_values, global_allocation, greedy_ratios, lord_ratios, uniform_ratios
 from engine.search.records import (
-    SELECTION, StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord, this_process,
+    SELECTABLE_BASELINES, SELECTION, StudyRecord, StudyState, StudyStorage, TrialKind, TrialRecord, this_process,
 )
 from engine.search.settings import EXACT_KL_SINCE, StudySettings
 from engine.search.subset import choose_subset, objective
@@ -552,11 +552,15 @@ class StudyRunner:
     def _select(self, windows, reference, subset) -> None:
         """The final selection: the best `select_top` distinct plans by validation objective, each measured on every
         candidate window (the subset's and the rest), stored as the study's `selection` result; `best_trial` is then
-        the best of them. Nothing to do with `select_top` 1, when the subset is every candidate, or once stored."""
+        the best of them. The plans are the study's trials and its informed baselines (`SELECTABLE_BASELINES`: the
+        global allocation's exact plan, LoRAP's, greedy's, LoRD's), so the study's choice is never a plan that one
+        of its priors beats on the candidate windows. Nothing to do with `select_top` 1, when the subset is every
+        candidate, or once stored."""
         sid, k = self.record.study_id, self.settings.select_top
         if k <= 1 or len(subset) >= len(windows) or SELECTION in self.storage.results(sid):
             return
-        searched = sorted((t for t in self.storage.trials(sid) if t.kind != TrialKind.BASELINE),
+        searched = sorted((t for t in self.storage.trials(sid)
+                           if t.kind != TrialKind.BASELINE or t.label in SELECTABLE_BASELINES),
                           key=lambda t: (t.objective, t.number))
         finalists, seen = [], set()
         for trial in searched:  # the same plan proposed twice is measured once
@@ -589,7 +593,7 @@ class StudyRunner:
         for label, trial in chosen:
             if label in done and done[label].get("trial") == trial.number:
                 continue
-            known = self._measured_elsewhere(trial)
+            known = self._measured_here(trial) or self._measured_elsewhere(trial)
             if known is None:
                 result = self._measure(trial.ranks, trial.channels)
                 known = {"perplexity": result.perplexity, "kl_forward": result.kl_forward,
@@ -598,6 +602,13 @@ class StudyRunner:
                 "trial": trial.number, **known, "decoder_params": trial.decoder_params,
                 "total_params": trial.total_params,
             })
+
+    def _measured_here(self, trial: TrialRecord) -> Optional[dict]:
+        """This study's full-window measurement of `trial` under another label (its choice may be a baseline)."""
+        for label, result in self.storage.results(self.record.study_id).items():
+            if label != SELECTION and result.get("trial") == trial.number:
+                return {k: result[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens") if k in result}
+        return None
 
     def _measured_elsewhere(self, trial: TrialRecord) -> Optional[dict]:
         """The full-window measurement of the same plan (ranks and kept channels) by another study of this model,

@@ -52,14 +52,16 @@ def trial_values(shapes: ModelShapes, method: str, grouping: Grouping, ranks: di
 
 def best_trial(storage: StudyStorage, study_id: str) -> Optional[TrialRecord]:
     """The study's choice: the best plan of its final selection (the best few re-measured on every candidate
-    window) once it has one, else the trial with the lowest validation objective."""
-    searched = [t for t in storage.trials(study_id) if t.kind != TrialKind.BASELINE]
+    window, an informed baseline among them possibly) once it has one, else the trial with the lowest validation
+    objective."""
+    trials = storage.trials(study_id)
+    searched = [t for t in trials if t.kind != TrialKind.BASELINE]
     if not searched:
         return None
     selection = storage.results(study_id).get(SELECTION)
     if selection:
         chosen = min(selection["candidates"], key=lambda c: c["objective"])["number"]
-        return next(t for t in searched if t.number == chosen)
+        return next(t for t in trials if t.number == chosen)
     return min(searched, key=lambda t: t.objective)
 
 
