@@ -591,13 +591,14 @@ def test_cli_search_start_status_best_export_and_resume(runner, options, tmp_pat
     storage = DuckDBStudyStorage(open_store())
     trials = storage.trials("cli")
     assert len(trials) == 7
-    # the best 4 distinct plans by validation objective (trials, and LoRD among the baselines), on all 8 windows
+    # the best 4 distinct trials by validation objective and the informed baselines (LoRD here), on all 8 windows
     finalists = out["selection"]["candidates"]
-    pool = [t for t in trials if t.kind is not TrialKind.BASELINE or t.label in SELECTABLE_BASELINES]
-    assert "lord" in {t.label for t in pool} and "uniform" not in {t.label for t in pool}
-    distinct = {json.dumps(t.ranks, sort_keys=True) for t in pool}
-    assert len(finalists) == min(4, len(distinct)) and out["selection"]["windows"] == 8
-    assert min(t.objective for t in pool) == finalists[0]["validation_objective"]
+    searched = [t for t in trials if t.kind is not TrialKind.BASELINE]
+    distinct = {json.dumps(t.ranks, sort_keys=True) for t in searched}
+    lord = next(t for t in trials if t.label == "lord")
+    assert [c["number"] for c in finalists][-1] == lord.number and "uniform" not in SELECTABLE_BASELINES
+    assert len(finalists) == min(4, len(distinct)) + 1 and out["selection"]["windows"] == 8
+    assert min(t.objective for t in searched) == finalists[0]["validation_objective"]
     assert out["best"]["number"] == min(finalists, key=lambda c: c["objective"])["number"]
 
     listed = _json(runner.invoke(app, ["search", "status", "--json"]))

@@ -550,26 +550,24 @@ class StudyRunner:
         return baselines
 
     def _select(self, windows, reference, subset) -> None:
-        """The final selection: the best `select_top` distinct plans by validation objective, each measured on every
-        candidate window (the subset's and the rest), stored as the study's `selection` result; `best_trial` is then
-        the best of them. The plans are the study's trials and its informed baselines (`SELECTABLE_BASELINES`: the
-        global allocation's exact plan, LoRAP's, greedy's, LoRD's), so the study's choice is never a plan that one
-        of its priors beats on the candidate windows. Nothing to do with `select_top` 1, when the subset is every
-        candidate, or once stored."""
+        """The final selection: the best `select_top` distinct trials by validation objective and the study's informed
+        baselines (`SELECTABLE_BASELINES`: the global allocation's exact plan, LoRAP's, greedy's, LoRD's), each
+        measured on every candidate window (the subset's and the rest), stored as the study's `selection` result;
+        `best_trial` is then the best of them, so the study's choice is never a plan that one of its own priors beats
+        on the candidate windows. Nothing to do with `select_top` 1, when the subset is every candidate, or once
+        stored."""
         sid, k = self.record.study_id, self.settings.select_top
         if k <= 1 or len(subset) >= len(windows) or SELECTION in self.storage.results(sid):
             return
-        searched = sorted((t for t in self.storage.trials(sid)
-                           if t.kind != TrialKind.BASELINE or t.label in SELECTABLE_BASELINES),
-                          key=lambda t: (t.objective, t.number))
+        trials = sorted(self.storage.trials(sid), key=lambda t: (t.objective, t.number))
+        searched = [t for t in trials if t.kind != TrialKind.BASELINE]
+        informed = [t for t in trials if t.kind == TrialKind.BASELINE and t.label in SELECTABLE_BASELINES]
         finalists, seen = [], set()
-        for trial in searched:  # the same plan proposed twice is measured once
+        for trial in searched + informed:  # the same plan twice is measured once
             key = sha256_json([trial.ranks, trial.channels or None])
-            if key not in seen:
+            if key not in seen and (trial.kind == TrialKind.BASELINE or len(finalists) < k):
                 seen.add(key)
                 finalists.append(trial)
-            if len(finalists) == k:
-                break
         tracker = ProgressTracker(self.progress, f"final selection on {len(windows)} windows", total=len(finalists),
                                   unit="plans")
         candidates = []
