@@ -195,9 +195,15 @@ def readme_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _model_size(result: dict) -> tuple[int, str]:
+    """Smallest model first (all its parameters, as its compress step counted them), then by name."""
+    output = result["steps"].get("compress feature-pca 20%", {}).get("output") or {}
+    return output.get("parameters", {}).get("total", {}).get("dense", 0), result["model"]
+
+
 def render_all() -> None:
     """Every docs/steps-<model>.md and the README table, from the stored JSON."""
-    results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("steps-*.json"))]
+    results = sorted((json.loads(p.read_text()) for p in RESULTS.glob("steps-*.json")), key=_model_size)
     for result in results:
         doc = DOCS / f"steps-{result['model']}.md"
         doc.write_text(render(result) + "\n")
