@@ -11,7 +11,10 @@ the full evaluation text, beside greedy's 5x1 plan, all at the budget of bench/s
    the layers from its own up on the original's cached states; stored points are reused, and the time of the points
    measured in this run is recorded);
 3. the global allocation from the per-type points only (energy shares) and from all points (measured shares), and
-   greedy's 5x1 plan, each evaluated on the 16 evaluation windows (perplexity and both exact KLs).
+   greedy's 5x1 plan, each evaluated on the 16 evaluation windows (perplexity and both exact KLs);
+4. a 5x4 `trust` study (seed 0, 80 trials, the settings of bench/search_goals.py) now that the store holds the
+   per-layer sweep: it is told the measured-shares global plan's nearest 5x4 point as a prior, and the final selection
+   weighs the exact plan against its best trials on the 24 candidate windows (a stored study of that name is read).
 
 Run: `.venv/bin/python bench/global_allocation.py [--layer-ratio 0.4]` (the per-layer sweep is most of it: about
 half an hour here); writes bench/results/global_allocation.json and docs/global-allocation.md (`--render-only`
@@ -29,12 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import rendered_from_stored, write_json  # noqa: E402
-from bench.search_goals import COMMON, GREEDY_MARGIN, SWEEP_RATIOS  # noqa: E402
+from bench.search_goals import COMMON, GREEDY_MARGIN, SETTINGS, SWEEP_RATIOS  # noqa: E402
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "global-allocation.md"
 NAME = "global_allocation"
 TYPES = ("q", "k", "v", "o", "gate", "up", "down")
 ANY_GROUPING_GOAL = 40.0
+STUDY = "prior-5x4-s0"
 
 
 def measure(layer_ratio: float) -> dict:
@@ -86,7 +90,7 @@ def measure(layer_ratio: float) -> dict:
         print(f"{label}: perplexity {result.perplexity:.3f}", flush=True)
     layers = {t: set(range(shapes.num_layers)) for t in TYPES}
     shares = layer_shares(points, original, layers)
-    return {"budget": budget, "method": method, "sweep_ratios": list(SWEEP_RATIOS), "layer_ratio": layer_ratio,
+    return {"study": _study(store, session),"budget": budget, "method": method, "sweep_ratios": list(SWEEP_RATIOS), "layer_ratio": layer_ratio,
             "original_perplexity": original, "plans": evaluated,
             "layer_sweep": {"points": len(layer_points), "measured_now": len(new_points),
                             "seconds_now": round(time.perf_counter() - start, 1) if new_points else None,
@@ -94,6 +98,31 @@ def measure(layer_ratio: float) -> dict:
             "layer_losses": {t: {p.layer: math.log(p.perplexity / original) for p in layer_points if p.linear_type == t}
                              for t in TYPES},
             "layer_shares": {t: shares.get(t) for t in TYPES}}
+
+
+def _study(store, session) -> dict:
+    """The 5x4 study told the measured-shares global plan (run, or resumed, or read): its choice and its finalists."""
+    from engine.progress import TerminalProgress
+    from engine.search.duckdb_storage import DuckDBStudyStorage
+    from engine.search.records import StudyState
+    from engine.search.runner import StudyRunner, create_study
+    from engine.search.settings import StudySettings
+    from engine.search.summary import study_summary
+
+    storage = DuckDBStudyStorage(store)
+    if storage.get_study(STUDY) is None:
+        create_study(storage, session, StudySettings(**COMMON, **SETTINGS["5x4"], seed=0), name=STUDY)
+    if storage.get_study(STUDY).state != StudyState.FINISHED:
+        StudyRunner(storage, session, STUDY, progress=TerminalProgress()).run()
+    summary = study_summary(storage, STUDY)
+    labels = {t.number: (t.label if t.label else t.kind.value) for t in storage.trials(STUDY)}
+    kinds = {t.number: t.kind.value for t in storage.trials(STUDY)}
+    priors = [{"number": t.number, "label": t.label, "validation_objective": t.objective}
+              for t in storage.trials(STUDY) if t.kind.value == "prior"]
+    return {"name": STUDY, "settings": summary["settings"], "best": summary["best"], "priors": priors,
+            "full_text": summary["full_text"], "selection": [
+                {**c, "label": labels[c["number"]], "kind": kinds[c["number"]]}
+                for c in summary["selection"]["candidates"]]}
 
 
 def _type_reduction(shapes, method, ranks) -> dict[str, float]:
@@ -158,6 +187,37 @@ def render(p: dict) -> str:
         top = sorted(losses.items(), key=lambda kv: -kv[1])[:3]
         lines.append(f"| {t} | " + ", ".join(f"{layer}: {loss:.4f}" for layer, loss in top) +
                      f" | {sum(losses.values()):.4f} |")
+    study = p.get("study")
+    if study:
+        best, full = study["best"], study["full_text"]
+        lines += ["", "## A 5x4 study told this prior", "",
+                  f"Study `{study['name']}`: 5x4 grouping, `trust` strategy, seed {study['settings']['seed']}, "
+                  f"{study['settings']['n_trials']} trials, as in [search-goals.md](search-goals.md), run with the "
+                  "per-layer sweep stored, so its global baseline is the measured-shares plan above and that plan's "
+                  "nearest 5x4 point is told to the optimiser. Its final selection (every finalist on the 24 "
+                  "candidate windows, none of them evaluation windows):", "",
+                  "| finalist | kind | validation objective | objective on 24 windows | perplexity on 24 windows |",
+                  "|---|---|---|---|---|"]
+        for c in sorted(study["selection"], key=lambda c: c["objective"]):
+            lines.append(f"| #{c['number']} {c['label']} | {c['kind']} | {c['validation_objective']:.4f} | "
+                         f"{c['objective']:.4f} | {c['perplexity']:.2f} |")
+        searched = [c for c in study["selection"] if c["kind"] != "baseline"]
+        lines += ["", f"The study's choice: #{best['number']} ({best['label'] or best['kind']}), "
+                      f"{full['best']['perplexity']:.2f} on the evaluation text."]
+        exact = {c["label"]: c["validation_objective"] for c in study["selection"] if c["kind"] == "baseline"}
+        for prior in study.get("priors", []):
+            if prior["label"].startswith("global") and "global" in exact:
+                greedy = f" and {exact['greedy']:.4f} for greedy" if "greedy" in exact else ""
+                lines.append(f"The global plan's nearest 5x4 point (#{prior['number']}, told as a prior) scores "
+                             f"{prior['validation_objective']:.4f} on the validation windows, against "
+                             f"{exact['global']:.4f} for the exact plan{greedy}: what the per-layer shares gain does "
+                             "not survive averaging the ranks over blocks of layers.")
+        if searched:
+            top = min(searched, key=lambda c: c["objective"])
+            lines.append(f"Its best searched plan (#{top['number']}) measures {top['perplexity']:.2f} on the candidate "
+                         "windows, where the chosen plan measures "
+                         f"{min(study['selection'], key=lambda c: c['objective'])['perplexity']:.2f}.")
+    lines.append("")
     sweep = p["layer_sweep"]
     lines.append(f"The per-layer sweep: {sweep['points']} points ({sweep['measured_now']} measured in the run that wrote "
                  "this page, the rest read from the store). Its cost against full evaluations is measured by "
