@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -90,11 +91,11 @@ def measure(layer_ratio: float) -> dict:
         print(f"{label}: perplexity {result.perplexity:.3f}", flush=True)
     layers = {t: set(range(shapes.num_layers)) for t in TYPES}
     shares = layer_shares(points, original, layers)
-    return {"study": _study(store, session),"budget": budget, "method": method, "sweep_ratios": list(SWEEP_RATIOS), "layer_ratio": layer_ratio,
-            "original_perplexity": original, "plans": evaluated,
+    return {"budget": budget, "method": method, "sweep_ratios": list(SWEEP_RATIOS), "layer_ratio": layer_ratio,
+            "original_perplexity": original, "plans": evaluated, "study": _study(store, session),
             "layer_sweep": {"points": len(layer_points), "measured_now": len(new_points),
                             "seconds_now": round(time.perf_counter() - start, 1) if new_points else None,
-                            "point_seconds_median": _median([p.seconds for p in new_points]) if new_points else None},
+                            "point_seconds_median": statistics.median(p.seconds for p in new_points) if new_points else None},
             "layer_losses": {t: {p.layer: math.log(p.perplexity / original) for p in layer_points if p.linear_type == t}
                              for t in TYPES},
             "layer_shares": {t: shares.get(t) for t in TYPES}}
@@ -134,12 +135,6 @@ def _type_reduction(shapes, method, ranks) -> dict[str, float]:
             dense[label] += unit.dense_params
             removed[label] += unit.dense_params - unit.params(ranks.get(unit.paths[0]))
     return {t: removed[t] / dense[t] for t in TYPES if dense[t]}
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def render(p: dict) -> str:
