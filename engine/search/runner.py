@@ -583,30 +583,27 @@ class StudyRunner:
 
     def _remeasure(self) -> None:
         """The study's choice (`best_trial`) and the baselines on the full evaluation windows, which the search never
-        saw."""
+        saw. The choice may be a baseline: a trial measured under one label is not measured again for another."""
         trials = self.storage.trials(self.record.study_id)
         done = self.storage.results(self.record.study_id)
+        metrics = ("perplexity", "kl_forward", "kl_reverse", "tokens")
+        measured = {result["trial"]: {k: result[k] for k in metrics if k in result}  # trial number -> full-text metrics
+                    for label, result in done.items() if label != SELECTION and "trial" in result}
         best = best_trial(self.storage, self.record.study_id)
         chosen = [("best", best)] + [(t.label, t) for t in trials if t.kind == TrialKind.BASELINE]
         for label, trial in chosen:
             if label in done and done[label].get("trial") == trial.number:
                 continue
-            known = self._measured_here(trial) or self._measured_elsewhere(trial)
+            known = measured.get(trial.number) or self._measured_elsewhere(trial)
             if known is None:
                 result = self._measure(trial.ranks, trial.channels)
                 known = {"perplexity": result.perplexity, "kl_forward": result.kl_forward,
                          "kl_reverse": result.kl_reverse, "tokens": result.n_tokens}
+            measured[trial.number] = known
             self.storage.put_result(self.record.study_id, label, {
                 "trial": trial.number, **known, "decoder_params": trial.decoder_params,
                 "total_params": trial.total_params,
             })
-
-    def _measured_here(self, trial: TrialRecord) -> Optional[dict]:
-        """This study's full-window measurement of `trial` under another label (its choice may be a baseline)."""
-        for label, result in self.storage.results(self.record.study_id).items():
-            if label != SELECTION and result.get("trial") == trial.number:
-                return {k: result[k] for k in ("perplexity", "kl_forward", "kl_reverse", "tokens") if k in result}
-        return None
 
     def _measured_elsewhere(self, trial: TrialRecord) -> Optional[dict]:
         """The full-window measurement of the same plan (ranks and kept channels) by another study of this model,
